@@ -1,0 +1,2 @@
+"""SaliencyTrust engine: can this saliency map be trusted?"""
+__version__ = "0.1.0"

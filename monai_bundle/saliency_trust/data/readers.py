@@ -1,0 +1,308 @@
+"""Readers for the RSNA, SIIM and a generic layout; each gives the same records.
+
+Layouts, recognized in this order:
+
+(a) RSNA Pneumonia: ``stage_2_train_labels.csv`` (or ``stage_1_...``) with
+    ``patientId,x,y,width,height,Target`` and DICOMs in ``stage_2_train_images/<patientId>.dcm``.
+(b) SIIM-ACR Pneumothorax: ``train-rle.csv`` (``ImageId, EncodedPixels``; ``-1`` for
+    negatives; one row per lesion) and DICOMs named ``<ImageId>.dcm`` anywhere below the root.
+(c) Generic: ``images/`` plus ``labels.csv`` with ``file`` and either ``x,y,w,h`` (boxes, one row
+    per box; empty coordinates mean a negative) or ``mask`` (a mask image, nonzero = lesion).
+    An optional ``label`` column overrides the label.
+
+An optional ``split.csv`` (``id,split``) beside the labels assigns train/val/test.
+
+Bad files never stop a load: each becomes a :class:`DataError` (naming the file or row and
+the problem) in ``Dataset.errors`` and is logged, and the other files load as usual.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from saliency_trust.data.dicom import read_dicom
+from saliency_trust.data.errors import DataError
+from saliency_trust.data.groundtruth import rasterize_boxes, resize_image, resize_mask
+from saliency_trust.data.rle import decode_siim_rle
+
+log = logging.getLogger(__name__)
+
+RSNA_LABELS = ("stage_2_train_labels.csv", "stage_1_train_labels.csv")
+RSNA_IMAGES = ("stage_2_train_images", "stage_1_train_images")
+SIIM_LABELS = "train-rle.csv"
+GENERIC_LABELS = "labels.csv"
+
+
+@dataclass
+class Record:
+    """One image: pixels in [0, 1], the lesion mask on the same grid (None for negatives)."""
+
+    id: str
+    image: np.ndarray  # float32, H x W, in [0, 1]
+    mask: np.ndarray | None  # bool, H x W
+    label: int
+    path: str
+    split: str | None = None
+    spacing: tuple[float, float] = (1.0, 1.0)  # mm per pixel on this grid (row, col)
+
+
+@dataclass
+class Dataset:
+    """The records that loaded, the errors of those that did not, and the layout seen."""
+
+    root: Path
+    layout: str
+    records: list[Record] = field(default_factory=list)
+    errors: list[DataError] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[i]
+
+    def split(self, name: str) -> list[Record]:
+        """Records of one split (``train``, ``val`` or ``test``)."""
+        return [r for r in self.records if r.split == name]
+
+
+def detect_layout(root: str | Path) -> str:
+    """Return ``"rsna"``, ``"siim"`` or ``"generic"`` for a dataset folder, or raise DataError."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(str(root), "dataset folder does not exist")
+    if any((root / n).is_file() for n in RSNA_LABELS):
+        return "rsna"
+    if (root / SIIM_LABELS).is_file():
+        return "siim"
+    if (root / GENERIC_LABELS).is_file():
+        return "generic"
+    raise DataError(
+        str(root),
+        f"no known layout: expected {RSNA_LABELS[0]} (RSNA), {SIIM_LABELS} (SIIM) or images/ + {GENERIC_LABELS}",
+    )
+
+
+def load_dataset(root: str | Path, image_size: int | None = None, layout: str | None = None) -> Dataset:
+    """Load every image of an RSNA, SIIM or generic dataset folder.
+
+    ``image_size`` resizes images (antialiased bilinear) and ground truth (boxes by the
+    paper's rule, masks bilinear + 0.5 threshold) to a square grid; ``None`` keeps the native
+    grid. Files that fail land in ``Dataset.errors``; the rest load.
+    """
+    root = Path(root)
+    layout = layout or detect_layout(root)
+    readers = {"rsna": _read_rsna, "siim": _read_siim, "generic": _read_generic}
+    if layout not in readers:
+        raise ValueError(f"unknown layout {layout!r}")
+    ds = Dataset(root=root, layout=layout)
+    splits = _read_splits(root)
+    for item in readers[layout](root, image_size):
+        if isinstance(item, DataError):
+            log.warning("skipped: %s", item)
+            ds.errors.append(item)
+        else:
+            item.split = splits.get(item.id)
+            ds.records.append(item)
+    return ds
+
+
+def _read_splits(root: Path) -> dict[str, str]:
+    path = root / "split.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {row["id"]: row["split"] for row in _dict_rows(f)}
+
+
+def _dict_rows(f) -> Iterator[dict[str, str]]:
+    reader = csv.DictReader(f)
+    reader.fieldnames = [n.strip() for n in (reader.fieldnames or [])]
+    for row in reader:
+        yield {k: (v or "").strip() for k, v in row.items() if k is not None}
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
+    """Read a DICOM or an 8/16-bit PNG/JPEG/TIFF as float32 in [0, 1]; returns image and spacing."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "image file is missing")
+    if path.suffix.lower() in (".dcm", ".dicom", "") or _is_dicom(path):
+        img, geo = read_dicom(path)
+        return img, geo["spacing"]
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+    except Exception as exc:
+        raise DataError(str(path), f"not a readable image ({type(exc).__name__}: {exc})") from None
+    if arr.ndim == 3:
+        if arr.shape[2] == 4:
+            arr = arr[..., :3]
+        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise DataError(str(path), "colour image; a radiograph must be grayscale")
+        arr = arr[..., 0]
+    if arr.ndim != 2 or arr.size == 0:
+        raise DataError(str(path), f"expected a 2-D grayscale image, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        img = arr.astype(np.float32) / 255.0
+    elif arr.dtype in (np.uint16, np.int32, np.int16) or arr.dtype.kind in "iu":
+        img = arr.astype(np.float32) / 65535.0
+    else:
+        img = np.clip(arr.astype(np.float32), 0, 1)
+    return img, (1.0, 1.0)
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _finish(rid: str, path: Path, img: np.ndarray, spacing, mask, label: int, image_size) -> Record:
+    if image_size is not None:
+        size = (int(image_size), int(image_size))
+        spacing = (spacing[0] * img.shape[0] / size[0], spacing[1] * img.shape[1] / size[1])
+        img = resize_image(img, size)
+        mask = resize_mask(mask, size) if mask is not None else None
+    return Record(id=rid, image=img, mask=mask, label=label, path=str(path), spacing=spacing)
+
+
+def _read_rsna(root: Path, image_size: int | None) -> Iterator[Record | DataError]:
+    labels = next(root / n for n in RSNA_LABELS if (root / n).is_file())
+    img_dir = next((root / n for n in RSNA_IMAGES if (root / n).is_dir()), root)
+    boxes: dict[str, list[tuple[int, tuple[float, float, float, float]]]] = {}
+    targets: dict[str, int] = {}
+    bad: dict[str, DataError] = {}
+    with labels.open(newline="") as f:
+        for lineno, row in enumerate(_dict_rows(f), start=2):
+            pid = row.get("patientId", "")
+            where = f"{labels}:{lineno} (patientId {pid})"
+            try:
+                target = int(float(row.get("Target", "1") or 0))
+                coords = [row.get(k, "") for k in ("x", "y", "width", "height")]
+                if target and all(coords):
+                    box = tuple(float(c) for c in coords)
+                    boxes.setdefault(pid, []).append((lineno, box))
+                elif target:
+                    raise DataError(where, "Target=1 but the box coordinates are empty")
+            except ValueError as exc:
+                bad.setdefault(pid, DataError(where, f"malformed row ({exc})"))
+                continue
+            targets[pid] = max(targets.get(pid, 0), target)
+    for pid in dict.fromkeys([*targets, *bad]):
+        if pid in bad:
+            yield bad[pid]
+            continue
+        path = img_dir / f"{pid}.dcm"
+        try:
+            img, spacing = read_image(path)
+            dst = (int(image_size), int(image_size)) if image_size is not None else None
+            mask = None
+            if targets[pid]:
+                # Boxes go through the paper's rule straight onto the target grid.
+                mask = np.zeros(dst or img.shape, bool)
+                for lineno, box in boxes.get(pid, []):
+                    mask |= rasterize_boxes([box], img.shape, dst, f"{labels}:{lineno} (patientId {pid})")
+            rec = _finish(pid, path, img, spacing, None, targets[pid], image_size)
+            rec.mask = mask
+            yield rec
+        except DataError as err:
+            yield err
+
+
+def _read_siim(root: Path, image_size: int | None) -> Iterator[Record | DataError]:
+    labels = root / SIIM_LABELS
+    rles: dict[str, list[tuple[int, str]]] = {}
+    with labels.open(newline="") as f:
+        for lineno, row in enumerate(_dict_rows(f), start=2):
+            rles.setdefault(row.get("ImageId", ""), []).append((lineno, row.get("EncodedPixels", "")))
+    files = {p.stem: p for p in root.rglob("*.dcm")}
+    for image_id, rows in rles.items():
+        path = files.get(image_id, root / f"{image_id}.dcm")
+        try:
+            img, spacing = read_image(path)
+            mask = np.zeros(img.shape, bool)
+            for lineno, rle in rows:
+                mask |= decode_siim_rle(rle, img.shape, source=f"{labels}:{lineno} (ImageId {image_id})")
+            positive = any(r.strip() != "-1" for _, r in rows)
+            yield _finish(image_id, path, img, spacing, mask if positive else None, int(positive), image_size)
+        except DataError as err:
+            yield err
+
+
+def _read_generic(root: Path, image_size: int | None) -> Iterator[Record | DataError]:
+    labels = root / GENERIC_LABELS
+    groups: dict[str, list[tuple[int, dict[str, str]]]] = {}
+    with labels.open(newline="") as f:
+        rows = list(_dict_rows(f))
+    if not rows or "file" not in rows[0]:
+        yield DataError(str(labels), "a generic labels.csv needs a 'file' column")
+        return
+    mode = "mask" if "mask" in rows[0] else ("box" if {"x", "y", "w", "h"} <= rows[0].keys() else "label")
+    for lineno, row in enumerate(rows, start=2):
+        groups.setdefault(row["file"], []).append((lineno, row))
+    for rel, items in groups.items():
+        path = root / rel
+        rid = Path(rel).stem
+        try:
+            img, spacing = read_image(path)
+            mask = None
+            if mode == "mask":
+                mask = np.zeros(img.shape, bool)
+                for lineno, row in items:
+                    if row.get("mask"):
+                        mask |= _read_mask(root / row["mask"], img.shape, f"{labels}:{lineno}")
+            elif mode == "box":
+                boxes = []
+                for lineno, row in items:
+                    coords = [row.get(k, "") for k in ("x", "y", "w", "h")]
+                    if any(coords):
+                        try:
+                            boxes.append((lineno, tuple(float(c) for c in coords)))
+                        except ValueError:
+                            raise DataError(f"{labels}:{lineno}", f"malformed box {coords}") from None
+                if boxes:
+                    dst = (int(image_size), int(image_size)) if image_size is not None else None
+                    mask = np.zeros(dst or img.shape, bool)
+                    for lineno, box in boxes:
+                        mask |= rasterize_boxes([box], img.shape, dst, source=f"{labels}:{lineno} ({rel})")
+            label_txt = items[0][1].get("label", "")
+            label = int(float(label_txt)) if label_txt else int(mask is not None and bool(mask.any()))
+            if mask is not None and not mask.any():
+                mask = None
+            # Box masks are already on the target grid; mask images are resized with the image.
+            rec = _finish(rid, path, img, spacing, mask if mode == "mask" else None, label, image_size)
+            if mode == "box":
+                rec.mask = mask
+            yield rec
+        except DataError as err:
+            yield err
+
+
+def _read_mask(path: Path, shape: tuple[int, ...], where: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(str(path), f"mask file is missing (named in {where})")
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+    except Exception as exc:
+        raise DataError(str(path), f"not a readable mask image ({exc})") from None
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    if arr.shape != tuple(shape):
+        raise DataError(str(path), f"mask is {arr.shape[1]}x{arr.shape[0]}, image is {shape[1]}x{shape[0]}")
+    return arr > 0
+
