@@ -1,0 +1,23 @@
+"""Networks: registry of classifiers and the localization baseline, with randomization blocks."""
+
+from saliency_trust.networks.registry import (
+    CAM_LAYERS,
+    CLASSIFIERS,
+    RANDOMIZATION_BLOCKS,
+    file_sha256,
+    get_network,
+    load_weights,
+    randomization_blocks,
+    to_network_input,
+)
+
+__all__ = [
+    "CAM_LAYERS",
+    "CLASSIFIERS",
+    "RANDOMIZATION_BLOCKS",
+    "file_sha256",
+    "get_network",
+    "load_weights",
+    "randomization_blocks",
+    "to_network_input",
+]

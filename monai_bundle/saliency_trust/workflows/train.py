@@ -1,0 +1,180 @@
+"""What the bundle's training configs call: data lists, the best-model saver, the metrics file.
+
+``configs/train.json`` (classifiers) and ``configs/train_baseline.json`` (localization network)
+build a MONAI ``SupervisedTrainer`` / ``SupervisedEvaluator`` pair from these pieces; the
+configs own the wiring, this module owns the logic that JSON cannot express.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from saliency_trust.data import Dataset, load_dataset
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(root: str, image_size: int | None) -> Dataset:
+    ds = load_dataset(root, image_size=image_size)
+    if ds.errors:
+        log.warning("%d file(s) of %s could not be read; first: %s", len(ds.errors), root, ds.errors[0])
+    if not ds.records:
+        raise ValueError(f"{root}: no image could be read")
+    return ds
+
+
+def split_of(record_id: str, split: str | None) -> str:
+    """The record's split, or a stable 70/15/15 split from a hash of its id when none is given."""
+    if split:
+        return split
+    u = int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "little") / 2**64
+    return "train" if u < 0.7 else ("val" if u < 0.85 else "test")
+
+
+def data_list(
+    dataset_dir: str | Path,
+    split: str,
+    image_size: int | None = None,
+    with_mask: bool = False,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Items ``{"image": [1, H, W] float32 in [0, 1], "label": int, "id": str}`` of one split.
+
+    ``with_mask`` adds ``"mask"`` ([1, H, W] float32, zeros for negatives) for the localization
+    network. ``limit`` keeps the first ``limit`` items (quick runs).
+    """
+    ds = _cached_dataset(str(dataset_dir), image_size)
+    items = []
+    for r in ds.records:
+        if split_of(r.id, r.split) != split:
+            continue
+        item: dict[str, Any] = {"image": r.image[None].astype(np.float32), "label": int(r.label), "id": r.id}
+        if with_mask:
+            m = r.mask if r.mask is not None else np.zeros(r.image.shape, bool)
+            item["mask"] = m[None].astype(np.float32)
+        items.append(item)
+        if limit is not None and len(items) >= limit:
+            break
+    if not items:
+        raise ValueError(f"{dataset_dir}: the {split!r} split is empty")
+    return items
+
+
+def to_input(x: torch.Tensor) -> torch.Tensor:
+    """Batch of [B, 1, H, W] images in [0, 1] -> the classifiers' [B, 3, H, W] input in [-1, 1]."""
+    from saliency_trust.networks import to_network_input
+
+    return to_network_input(x)
+
+
+def prepare_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+    """``prepare_batch`` for the engines: network-scale 3-channel image and the class label."""
+    x = to_input(batchdata["image"].to(device=device, non_blocking=non_blocking))
+    y = batchdata["label"].to(device=device, non_blocking=non_blocking).long()
+    return x, y
+
+
+def prepare_seg_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+    """``prepare_batch`` for the localization network: image and lesion mask."""
+    x = to_input(batchdata["image"].to(device=device, non_blocking=non_blocking))
+    return x, batchdata["mask"].to(device=device, non_blocking=non_blocking)
+
+
+def unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    """The module under DistributedDataParallel / DataParallel, if any."""
+    return net.module if hasattr(net, "module") else net
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def atomic_save_state(net: torch.nn.Module, path: str | Path) -> str:
+    """Save a plain state_dict atomically; returns its SHA-256."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()}, buf)
+    data = buf.getvalue()
+    atomic_write_bytes(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide the results."""
+    import monai
+    import torchvision
+
+    import saliency_trust
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "monai": monai.__version__,
+            "numpy": np.__version__, "saliency_trust": saliency_trust.__version__}
+
+
+class BestModelSaver:
+    """Ignite handler: after each validation, keep the best model and write its metrics file.
+
+    The state_dict goes to ``model_file`` and the metrics to ``model_file`` with a
+    ``.metrics.json`` suffix, both atomically, on rank 0 only.
+    """
+
+    def __init__(self, evaluator: Engine, model: torch.nn.Module, model_file: str | Path,
+                 metric: str, info: dict[str, Any] | None = None) -> None:
+        self.evaluator = evaluator
+        self.model = model
+        self.model_file = Path(model_file)
+        self.metric = metric
+        self.info = dict(info or {})
+        self.best = -float("inf")
+        self.best_epoch = 0
+        self.history: list[float] = []
+
+    def attach(self, trainer: Engine) -> None:
+        """Hook into the trainer (after validation) and the evaluator."""
+        self.trainer = trainer
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._after_validation)
+        trainer.add_event_handler(Events.COMPLETED, self._write_metrics)
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.model_file.with_suffix(".metrics.json")
+
+    def _rank0(self) -> bool:
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+            torch.distributed.get_rank() == 0
+
+    def _after_validation(self, engine: Engine) -> None:
+        value = float(engine.state.metrics[self.metric])
+        self.history.append(value)
+        epoch = self.trainer.state.epoch
+        if value > self.best:
+            self.best, self.best_epoch = value, epoch
+            if self._rank0():
+                self.info["sha256"] = atomic_save_state(self.model, self.model_file)
+        log.info("epoch %d: %s = %.4f (best %.4f at epoch %d)", epoch, self.metric, value, self.best, self.best_epoch)
+        if self._rank0():
+            self._write_metrics()
+
+    def _write_metrics(self, *_: Any) -> None:
+        if not self._rank0():
+            return
+        payload = {self.metric: self.best, "best_epoch": self.best_epoch, "history": self.history,
+                   "model_file": self.model_file.name, "versions": versions(), **self.info}
+        atomic_write_bytes(self.metrics_file, json.dumps(payload, indent=2).encode())
