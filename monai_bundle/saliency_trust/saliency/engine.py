@@ -1,0 +1,139 @@
+"""The gradient engine: input-only gradients over images x samples x steps, in memory-sized chunks.
+
+Every gradient method of the paper is a path integral of input gradients:
+
+    attribution(image b) = mean_j  finalize( sum_k w_k * grad( Z_bj + alpha_k * (P_bj - Z_bj) ) )
+
+with ``j`` over noise samples (or baselines) and ``k`` over integration steps: GRAD and GBP
+(one sample, one step), IG (steps), SG (samples), SIG (samples x steps) and XRAI's IG
+(two baselines x steps). :func:`integrate` flattens all (b, j, k) rows, feeds them through the
+model in chunks of ``max_rows`` rows, accumulates each (b, j) group with ``index_add_`` and
+folds a group into its image as soon as its last step is done, so memory stays at one chunk
+plus the images in flight, whatever the number of steps or samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from saliency_trust.saliency.guided import ReluMode
+
+GroupFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Path:
+    """One method's integration path; see the module docstring for the formula."""
+
+    samples: int  # J groups per image
+    alphas: torch.Tensor  # [K] on the device
+    weights: torch.Tensor  # [K] on the device
+    point: GroupFn  # (b [n], j [n]) -> P [n, C, H, W]
+    baseline: GroupFn  # (b [n], j [n]) -> Z [n, C, H, W]
+    finalize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (S, P, Z) -> attr
+    guided: bool = False
+
+
+class GradientEngine:
+    """Runs forward + input-gradient passes of one model, optionally guided, bf16, compiled."""
+
+    def __init__(self, model: nn.Module, dtype: str = "float32", compile: bool = False,
+                 max_rows: int = 32) -> None:
+        self.model = model
+        self.max_rows = max(1, int(max_rows))
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        self.dtype = dtype
+        self.compiled = torch.compile(model) if compile else None
+        self.passes = 0  # rows pushed through the model, for benchmarks
+
+    def _autocast(self, device: torch.device):
+        if self.dtype == "bfloat16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def gradients(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor,
+        guided: bool = False,
+        capture: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """d logit[target] / d x for a batch; with ``capture``, also the layer map and its gradient."""
+        x = x.detach().requires_grad_(True)
+        n = x.shape[0]
+        fixed = self.compiled is not None and not guided and capture is None
+        if fixed and n < self.max_rows:
+            # One compiled graph: pad the last chunk to the fixed shape instead of recompiling.
+            pad = self.max_rows - n
+            xin = torch.cat([x, x[-1:].detach().expand(pad, *x.shape[1:])])
+            targets = torch.cat([targets, targets[-1:].expand(pad)])
+        else:
+            xin = x
+        mode = ReluMode(guided=guided, capture=capture) if (guided or capture is not None) else None
+        with self._autocast(x.device), (mode if mode is not None else contextlib.nullcontext()):
+            logits = (self.compiled if fixed else self.model)(xin)
+        score = logits.to(x.dtype).gather(1, targets[:, None]).sum()
+        self.passes += n
+        if mode is not None and capture is not None:
+            if mode.activation is None:
+                raise RuntimeError("the Grad-CAM layer did not run in the forward pass")
+            g, ga = torch.autograd.grad(score, [x, mode.activation])
+            return g, mode.activation.detach().to(x.dtype), ga.to(x.dtype)
+        (g,) = torch.autograd.grad(score, [x])
+        return g, None, None
+
+    def integrate(self, images: torch.Tensor, targets: torch.Tensor, path: Path) -> torch.Tensor:
+        """Attributions ``[B, C, H, W]`` of ``images`` along ``path`` (see module docstring)."""
+        B = images.shape[0]
+        J, K = path.samples, len(path.alphas)
+        total = B * J * K
+        out = torch.zeros_like(images)
+        carry_group, carry_sum = -1, None
+        for start in range(0, total, self.max_rows):
+            stop = min(start + self.max_rows, total)
+            r = torch.arange(start, stop, device=images.device)
+            g, k = r // K, r % K
+            b, j = g // J, g % J
+            P, Z = path.point(b, j), path.baseline(b, j)
+            a = path.alphas[k].view(-1, 1, 1, 1)
+            grads, _, _ = self.gradients(Z + a * (P - Z), targets[b], guided=path.guided)
+            grads = grads * path.weights[k].view(-1, 1, 1, 1)
+            g0 = int(start // K)
+            n_local = int((stop - 1) // K) - g0 + 1
+            S = torch.zeros((n_local, *images.shape[1:]), dtype=images.dtype, device=images.device)
+            S.index_add_(0, g - g0, grads)
+            if carry_sum is not None and carry_group == g0:
+                S[0] += carry_sum
+            complete = n_local if (stop % K == 0) else n_local - 1
+            if complete < n_local:
+                carry_group, carry_sum = g0 + n_local - 1, S[-1].clone()
+            else:
+                carry_group, carry_sum = -1, None
+            if complete:
+                gg = torch.arange(g0, g0 + complete, device=images.device)
+                gb, gj = gg // J, gg % J
+                attr = path.finalize(S[:complete], path.point(gb, gj), path.baseline(gb, gj))
+                out.index_add_(0, gb, attr / J)
+        return out
+
+
+def auto_max_rows(model: nn.Module, images: torch.Tensor, budget_mb: int, engine_dtype: str) -> int:
+    """Rows per chunk that fit ``budget_mb`` of activation memory (probe on CUDA, a default on CPU)."""
+    if images.device.type != "cuda":
+        return 32
+    torch.cuda.synchronize(images.device)
+    torch.cuda.reset_peak_memory_stats(images.device)
+    base = torch.cuda.memory_allocated(images.device)
+    probe = GradientEngine(model, dtype=engine_dtype, max_rows=2)
+    x = images[:1].expand(2, *images.shape[1:]).contiguous()
+    probe.gradients(x, torch.zeros(2, dtype=torch.long, device=images.device))
+    torch.cuda.synchronize(images.device)
+    per_row = max((torch.cuda.max_memory_allocated(images.device) - base) / 2, 1)
+    rows = int(budget_mb * 2**20 // per_row)
+    return max(1, min(rows, 1024))

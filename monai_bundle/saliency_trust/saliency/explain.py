@@ -1,0 +1,239 @@
+"""``explain``: the paper's eight saliency maps for a batch, in as few model passes as the maths allows."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saliency_trust.saliency.engine import GradientEngine, Path, auto_max_rows
+from saliency_trust.saliency.guided import find_module
+from saliency_trust.saliency.postprocess import minmax, postprocess, visualize_grayscale
+from saliency_trust.saliency.presets import METHODS, Recipe, get_recipe
+from saliency_trust.saliency.xrai import DEFAULT_CACHE, SegmentCache, xrai_greedy
+
+
+def default_cam_layer(model: nn.Module) -> str:
+    """The registered Grad-CAM layer for torchvision InceptionV3 / DenseNet (post-ReLU)."""
+    from torchvision.models import DenseNet, Inception3
+
+    if isinstance(model, Inception3):
+        return "Mixed_7c"
+    if isinstance(model, DenseNet):
+        return "features"  # its output goes through F.relu, which ReluMode captures
+    raise ValueError(f"no default Grad-CAM layer for {type(model).__name__}; pass cam_layer='<module name>'")
+
+
+def _bilinear_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """``[n_out, n_in]`` weights of skimage's order-1 resize: half-pixel centres, mirror boundary."""
+    src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    i0 = torch.floor(src)
+    frac = src - i0
+    period = max(2 * (n_in - 1), 1)
+
+    def mirror(i: torch.Tensor) -> torch.Tensor:
+        i = torch.remainder(i, period)
+        return torch.where(i > n_in - 1, period - i, i).long()
+
+    m = torch.zeros((n_out, n_in), dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, mirror(i0)), 1 - frac, accumulate=True)
+    m.index_put_((rows, mirror(i0 + 1)), frac, accumulate=True)
+    return m.to(like.device, like.dtype)
+
+
+def upsample_cam(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of ``[B, h, w]`` maps exactly as PAIR core's ``skimage.transform.resize``."""
+    ry = _bilinear_matrix(cam.shape[-2], size[0], cam)
+    rx = _bilinear_matrix(cam.shape[-1], size[1], cam)
+    return ry @ cam @ rx.T
+
+
+def image_seed(image: torch.Tensor, seed: int) -> int:
+    """A noise seed from the image's content and the recipe seed: independent of batch position."""
+    h = hashlib.sha256(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(str(seed).encode())
+    return int.from_bytes(h.digest()[:8], "little") & (2**63 - 1)
+
+
+def smoothing_noise(image: torch.Tensor, samples: int, sigma_frac: float, seed: int) -> torch.Tensor:
+    """The ``[samples, C, H, W]`` Gaussian noise SG/SIG add to one ``[C, H, W]`` image.
+
+    sigma = ``sigma_frac`` x (max - min) of the image (PAIR's ``stdev_spread``). The generator
+    lives on the image's device, seeded by :func:`image_seed`, so the noise is reproducible and
+    does not depend on which other images share the batch.
+    """
+    gen = torch.Generator(device=image.device)
+    gen.manual_seed(image_seed(image, seed))
+    sigma = sigma_frac * (image.max() - image.min())
+    noise = torch.randn((samples, *image.shape), generator=gen, device=image.device, dtype=image.dtype)
+    return noise * sigma
+
+
+class _Noise:
+    """Per-image noise made on first use and dropped once the stream has moved past the image."""
+
+    def __init__(self, images: torch.Tensor, samples: int, sigma: float, seed: int) -> None:
+        self.images, self.samples, self.sigma, self.seed = images, samples, sigma, seed
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        ub = torch.unique(b).tolist()
+        for stale in [k for k in self._cache if k < ub[0]]:
+            del self._cache[stale]
+        for bb in ub:
+            if bb not in self._cache:
+                self._cache[bb] = smoothing_noise(self.images[bb], self.samples, self.sigma, self.seed)
+        stack = torch.cat([self._cache[bb] for bb in ub])
+        pos = torch.searchsorted(torch.tensor(ub, device=b.device), b)
+        return stack[pos * self.samples + j]
+
+
+def _linspace(steps: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAIR's IG path: ``linspace(0, 1, steps)`` with both ends, each step weighted 1/steps."""
+    alphas = torch.linspace(0.0, 1.0, steps, device=like.device, dtype=like.dtype)
+    return alphas, torch.full((steps,), 1.0 / steps, device=like.device, dtype=like.dtype)
+
+
+def _check_methods(methods: Sequence[str] | str | None) -> tuple[str, ...]:
+    if methods is None:
+        return METHODS
+    if isinstance(methods, str):
+        methods = [methods]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
+    return tuple(dict.fromkeys(methods))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, max_rows: int = 64) -> torch.Tensor:
+    """Logits ``[B, classes]`` in chunks (eval mode is the caller's business)."""
+    return torch.cat([model(images[i : i + max_rows]) for i in range(0, images.shape[0], max_rows)])
+
+
+def explain(
+    model: nn.Module,
+    images: torch.Tensor,
+    methods: Sequence[str] | str | None = None,
+    targets: torch.Tensor | Sequence[int] | int | None = None,
+    preset: str | Recipe = "paper",
+    raw: bool = False,
+    segment_cache: SegmentCache | None = None,
+    **overrides,
+) -> dict[str, torch.Tensor]:
+    """Saliency maps of ``images`` ``[B, C, H, W]`` (the network's input scale) for ``model``.
+
+    ``methods`` is any of ``grad, sg, ig, sig, gradcam, gbp, ggcam, xrai`` (all when None);
+    ``targets`` are per-image classes (default: the predicted class, as in the paper). Returns
+    one ``[B, H, W]`` float map per method, post-processed to [0, 1] as the paper did, or with
+    ``raw=True`` the unprocessed attributions (``[B, C, H, W]`` for gradient methods, ``[B, H, W]``
+    for Grad-CAM, GGCAM and XRAI). ``preset`` is ``"paper"`` or ``"quick"``; any
+    :class:`~saliency_trust.saliency.presets.Recipe` field can be overridden by keyword.
+    The model is put in eval mode for the call and restored; nothing else on it changes.
+    """
+    recipe = get_recipe(preset, **overrides)
+    todo = _check_methods(methods)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, C, H, W], got {tuple(images.shape)}")
+    x = images.detach() if images.is_floating_point() else images.detach().float()
+    B, dev = x.shape[0], x.device
+    was_training = model.training
+    model.eval()
+    try:
+        max_rows = recipe.max_rows or auto_max_rows(model, x, recipe.memory_budget_mb, recipe.dtype)
+        engine = GradientEngine(model, dtype=recipe.dtype, compile=recipe.compile, max_rows=max_rows)
+        if targets is None:
+            t = predict(model, x, max_rows).argmax(1)
+        elif isinstance(targets, int):
+            t = torch.full((B,), targets, dtype=torch.long, device=dev)
+        else:
+            t = torch.as_tensor(targets, dtype=torch.long, device=dev).reshape(B)
+        rawmaps = _raw_maps(engine, model, x, t, todo, recipe, segment_cache or DEFAULT_CACHE)
+    finally:
+        model.train(was_training)
+    if raw:
+        return {m: rawmaps[m] for m in todo}
+    out: dict[str, torch.Tensor] = {}
+    post = {m: postprocess(rawmaps[m], recipe.percentile) for m in todo if m != "ggcam"}
+    if "ggcam" in todo:
+        # The paper multiplies the already-visualized GBP and Grad-CAM maps, then min-maxes.
+        g = visualize_grayscale(rawmaps["gbp"], recipe.percentile)
+        c = visualize_grayscale(rawmaps["gradcam"], recipe.percentile)
+        post["ggcam"] = minmax(g * c).float()
+    for m in todo:
+        out[m] = post[m]
+    return out
+
+
+def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+              todo: tuple[str, ...], recipe: Recipe, cache: SegmentCache) -> dict[str, torch.Tensor]:
+    B, C, H, W = x.shape
+    dev = x.device
+    raw: dict[str, torch.Tensor] = {}
+    rows = engine.max_rows
+    need_cam = bool({"gradcam", "ggcam"} & set(todo))
+    if "grad" in todo or need_cam:
+        layer = find_module(model, recipe.cam_layer or default_cam_layer(model)) if need_cam else None
+        grads, cams = [], []
+        for i in range(0, B, rows):
+            g, act, ga = engine.gradients(x[i : i + rows], t[i : i + rows], capture=layer)
+            grads.append(g)
+            if layer is not None:
+                weights = ga.mean(dim=(2, 3), keepdim=True)
+                cams.append(F.relu((weights * act).sum(1, keepdim=True)))
+        raw["grad"] = torch.cat(grads)
+        if need_cam:
+            cam = torch.cat(cams)
+            # Divide by max (PAIR's should_resize), then bilinear as skimage's resize.
+            peak = cam.flatten(1).max(1).values.view(-1, 1, 1, 1)
+            cam = torch.where(peak > 0, cam / torch.where(peak > 0, peak, 1.0), cam)
+            raw["gradcam"] = upsample_cam(cam[:, 0], (H, W))
+    if {"gbp", "ggcam"} & set(todo):
+        raw["gbp"] = torch.cat([engine.gradients(x[i : i + rows], t[i : i + rows], guided=True)[0]
+                                for i in range(0, B, rows)])
+    if "ggcam" in todo:
+        raw["ggcam"] = raw["gbp"].abs().sum(1) * raw["gradcam"]
+
+    def same(b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return x[b]
+
+    def const(value: float):
+        return lambda b, j: torch.full((b.shape[0], C, H, W), value, device=dev, dtype=x.dtype)
+
+    def ig_finalize(S, P, Z):
+        return (P - Z) * S
+
+    if "ig" in todo:
+        a, w = _linspace(recipe.ig_steps, x)
+        raw["ig"] = engine.integrate(x, t, Path(1, a, w, same, const(recipe.ig_baseline), ig_finalize))
+    if "sg" in todo:
+        noise = _Noise(x, recipe.sg_samples, recipe.sg_sigma, recipe.seed)
+        one = torch.ones(1, device=dev, dtype=x.dtype)
+        fin = (lambda S, P, Z: S * S) if recipe.sg_magnitude else (lambda S, P, Z: S)
+        raw["sg"] = engine.integrate(
+            x, t, Path(recipe.sg_samples, one, one, lambda b, j: x[b] + noise(b, j), same, fin))
+    if "sig" in todo:
+        noise = _Noise(x, recipe.sig_samples, recipe.sg_sigma, recipe.seed + 1)
+        a, w = _linspace(recipe.sig_steps, x)
+        fin = (lambda S, P, Z: ((P - Z) * S) ** 2) if recipe.sg_magnitude else ig_finalize
+        raw["sig"] = engine.integrate(
+            x, t, Path(recipe.sig_samples, a, w, lambda b, j: x[b] + noise(b, j), const(recipe.ig_baseline), fin))
+    if "xrai" in todo:
+        lo = x.flatten(1).min(1).values
+        hi = x.flatten(1).max(1).values
+        ends = torch.stack([lo, hi], 1)  # PAIR's default baselines: the image's min and max
+
+        def xrai_base(b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+            return ends[b, j].view(-1, 1, 1, 1).expand(-1, C, H, W)
+
+        a, w = _linspace(recipe.xrai_steps, x)
+        ig2 = engine.integrate(x, t, Path(2, a, w, same, xrai_base, ig_finalize))
+        attr = ig2.max(1).values  # signed max over channels
+        hwc = x.permute(0, 2, 3, 1).cpu().numpy()
+        atoms = [cache.atoms(hwc[i], recipe, dev) for i in range(B)]
+        raw["xrai"] = xrai_greedy(attr, atoms, recipe.xrai_min_pixel_diff, recipe.xrai_area_threshold).to(x.dtype)
+    return raw
