@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device session: CUDA parity tests, then the metric and saliency benchmarks, JSON into $OUT.
+# Each stage runs on its own so that one failure does not lose the others' figures.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD/monai_bundle:$PWD || exit 1
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import torch, sys; print(sys.version, torch.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/metrics tests/saliency/test_references.py \
+  2>&1 | tail -25 > "$OUT/pytest_gpu.log"
+timeout 60 python3 bench/metrics_bench.py --out "$OUT" --device cuda 2>&1 | tail -5
+timeout 200 python3 bench/saliency_bench.py --out "$OUT" --device cuda --arch densenet121 \
+  --dtype float32 bfloat16 --batch 16 2>&1 | grep -v -i warn | tail -30
+timeout 150 python3 bench/saliency_bench.py --out "$OUT" --device cuda --arch inception_v3 \
+  --dtype bfloat16 float32 --batch 16 2>&1 | grep -v -i warn | tail -30
+cat "$OUT/pytest_gpu.log" | tail -5

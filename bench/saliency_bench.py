@@ -1,0 +1,255 @@
+"""Saliency engine benchmark: throughput per method vs a bare fwd+input-grad loop, PAIR and plain Captum.
+
+Writes one JSON file per (architecture, dtype) run under ``--out``; every ratio is against a
+baseline measured in the same run, on the same model, batch, dtype and device.
+
+    python bench/saliency_bench.py --out bench/results                 # CPU defaults (small)
+    python bench/saliency_bench.py --device cuda --size 320 --batch 32  # GPU, paper recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saliency_trust.networks import get_network
+from saliency_trust.saliency import METHODS, SegmentCache, explain, get_recipe
+from saliency_trust.saliency.explain import default_cam_layer
+from saliency_trust.saliency.guided import ReluMode, find_module
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timeit(fn: Callable[[], object], device: torch.device, repeat: int = 1,
+            warmup: Callable[[], object] | None = None) -> float:
+    (warmup or fn)()  # allocator, cudnn autotune for the chunk shapes, compiled kernels
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / repeat
+
+
+def bare_loop(model, x, targets, dtype: str, rows: int, n_rows: int) -> Callable[[], None]:
+    """The floor we compare against: forward + input-only gradient over n_rows rows, nothing else."""
+    dev = x.device
+    reps = x.repeat((n_rows + x.shape[0] - 1) // x.shape[0], 1, 1, 1)[:n_rows]
+    t = targets.repeat((n_rows + x.shape[0] - 1) // x.shape[0])[:n_rows]
+    ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else None
+
+    def run() -> None:
+        for i in range(0, n_rows, rows):
+            xi = reps[i : i + rows].detach().requires_grad_(True)
+            if ctx:
+                with ctx():
+                    out = model(xi)
+            else:
+                out = model(xi)
+            (g,) = torch.autograd.grad(out.float().gather(1, t[i : i + rows, None]).sum(), xi)
+        return None
+
+    return run
+
+
+def pair_recipe(model, x, targets, recipe, cam_name: str, n_images: int) -> float:
+    """Seconds per image for the full recipe through PAIR core, one image per call (the paper's way)."""
+    import saliency.core as pair
+
+    dev = x.device
+    layer = find_module(model, cam_name)
+
+    def make_fn(t: int, guided: bool = False):
+        def call(xb, call_model_args=None, expected_keys=None):
+            xt = torch.tensor(np.asarray(xb), dtype=torch.float32, device=dev)
+            hwc = xt.ndim == 4 and xt.shape[-1] == 3 and xt.shape[1] != 3
+            if hwc:
+                xt = xt.permute(0, 3, 1, 2)
+            xt = xt.contiguous().requires_grad_(True)
+            want_cam = expected_keys and pair.CONVOLUTION_LAYER_VALUES in expected_keys
+            with ReluMode(guided=guided, capture=layer if want_cam else None) as mode:
+                out = model(xt)[:, t].sum()
+            if want_cam:
+                ga = torch.autograd.grad(out, mode.activation)[0]
+                return {pair.CONVOLUTION_LAYER_VALUES: mode.activation.detach().permute(0, 2, 3, 1).cpu().numpy(),
+                        pair.CONVOLUTION_OUTPUT_GRADIENTS: ga.permute(0, 2, 3, 1).cpu().numpy()}
+            g = torch.autograd.grad(out, xt)[0]
+            if hwc:
+                g = g.permute(0, 2, 3, 1)
+            return {pair.INPUT_OUTPUT_GRADIENTS: g.cpu().numpy()}
+
+        return call
+
+    t0 = time.perf_counter()
+    for b in range(n_images):
+        xi = x[b].cpu().numpy()
+        hwc = xi.transpose(1, 2, 0)
+        t = int(targets[b])
+        fn, gfn = make_fn(t), make_fn(t, guided=True)
+        base = np.full_like(xi, recipe.ig_baseline)
+        pair.GradientSaliency().GetMask(xi, fn)
+        pair.GradientSaliency().GetSmoothedMask(xi, fn, stdev_spread=recipe.sg_sigma, nsamples=recipe.sg_samples)
+        pair.IntegratedGradients().GetMask(xi, fn, x_baseline=base, x_steps=recipe.ig_steps)
+        pair.IntegratedGradients().GetSmoothedMask(xi, fn, stdev_spread=recipe.sg_sigma, nsamples=recipe.sig_samples,
+                                                   x_baseline=base, x_steps=recipe.sig_steps)
+        pair.GradCam().GetMask(hwc, fn, should_resize=True, three_dims=False)
+        pair.GradientSaliency().GetMask(xi, gfn)  # guided backprop (PAIR core has no GBP of its own)
+        pair.XRAI().GetMask(hwc, fn, extra_parameters=pair.XRAIParameters(steps=recipe.xrai_steps))
+    _sync(dev)
+    return (time.perf_counter() - t0) / n_images
+
+
+def captum_recipe(model, x, targets, recipe, cam_name: str, internal_batch: int) -> float:
+    """Seconds per image for the same recipe with Captum used the plain way (plus PAIR's XRAI regions)."""
+    import saliency.core as pair
+    from captum.attr import (
+        GuidedBackprop,
+        GuidedGradCam,
+        IntegratedGradients,
+        LayerGradCam,
+        NoiseTunnel,
+        Saliency,
+    )
+
+    layer = find_module(model, cam_name)
+    t = targets.tolist()
+    t0 = time.perf_counter()
+    sigma = float(recipe.sg_sigma * (x.max() - x.min()))  # Captum takes one absolute sigma per call
+    base = torch.full_like(x, recipe.ig_baseline)
+    Saliency(model).attribute(x, target=t, abs=False)
+    NoiseTunnel(Saliency(model)).attribute(x, nt_type="smoothgrad_sq", nt_samples=recipe.sg_samples,
+                                           nt_samples_batch_size=max(1, internal_batch // x.shape[0]),
+                                           stdevs=sigma, target=t, abs=False)
+    ig = IntegratedGradients(model)
+    ig.attribute(x, baselines=base, target=t, n_steps=recipe.ig_steps, internal_batch_size=internal_batch)
+    NoiseTunnel(ig).attribute(x, nt_type="smoothgrad_sq", nt_samples=recipe.sig_samples, nt_samples_batch_size=1,
+                              stdevs=sigma, target=t, baselines=base, n_steps=recipe.sig_steps,
+                              internal_batch_size=internal_batch)
+    LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)
+    GuidedBackprop(model).attribute(x, target=t)
+    GuidedGradCam(model, layer).attribute(x, target=t)
+    lo = torch.full_like(x, 0) + x.flatten(1).min(1).values.view(-1, 1, 1, 1)
+    hi = torch.full_like(x, 0) + x.flatten(1).max(1).values.view(-1, 1, 1, 1)
+    a = (ig.attribute(x, baselines=lo, target=t, n_steps=recipe.xrai_steps, internal_batch_size=internal_batch)
+         + ig.attribute(x, baselines=hi, target=t, n_steps=recipe.xrai_steps, internal_batch_size=internal_batch)) / 2
+    for b in range(x.shape[0]):
+        pair.XRAI().GetMask(x[b].permute(1, 2, 0).cpu().numpy(), None,
+                            base_attribution=a[b].permute(1, 2, 0).detach().cpu().numpy())
+    _sync(x.device)
+    return (time.perf_counter() - t0) / x.shape[0]
+
+
+def run(arch: str, device: torch.device, size: int, batch: int, dtype: str, preset: str,
+        compare_images: int, out_dir: Path, skip_references: bool) -> dict:
+    torch.manual_seed(0)
+    model = get_network(arch).to(device).eval()
+    x = (torch.rand((batch, 3, size, size), device=device) * 2 - 1)
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    recipe = get_recipe(preset, dtype=dtype)
+    rows = recipe.max_rows or (64 if device.type == "cuda" else 16)
+    recipe = recipe.with_overrides(max_rows=rows)
+    cam = default_cam_layer(model)
+    res: dict = {
+        "arch": arch, "device": str(device), "card": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        platform.processor() or platform.machine(), "torch": torch.__version__, "size": size, "batch": batch,
+        "dtype": dtype, "preset": preset, "rows_per_chunk": rows, "date": time.strftime("%Y-%m-%d"),
+        "threads": torch.get_num_threads(),
+    }
+    # Two floors: chunks of `rows` (what multi-pass methods run) and one chunk of the batch
+    # (what single-pass methods run); each method is compared with the one of its own shape.
+    n_bare = max(rows * 4, batch)
+    t_bare = _timeit(bare_loop(model, x, targets, dtype, rows, n_bare), device)
+    res["bare"] = {"passes_per_s": n_bare / t_bare, "ms_per_pass": 1e3 * t_bare / n_bare, "rows": rows}
+    single = min(batch, rows)
+    t_single = _timeit(bare_loop(model, x, targets, dtype, single, batch), device, repeat=3)
+    res["bare_batch"] = {"passes_per_s": batch / t_single, "ms_per_pass": 1e3 * t_single / batch, "rows": single}
+    res["methods"] = {}
+    cache = SegmentCache()
+    for m in METHODS:
+        p = recipe.passes_per_image([m])
+
+        def call(n: int, m: str = m) -> None:
+            explain(model, x[:n], methods=[m], targets=targets[:n], preset=recipe, segment_cache=cache)
+
+        # Multi-pass methods warm up on two images (same chunk shapes, half the cost); XRAI's
+        # timed run therefore segments the other images: that is its cold cost.
+        t = _timeit(lambda call=call: call(batch), device, repeat=1 if p > 2 else 3,
+                    warmup=(lambda call=call: call(2)) if p > 2 else None)
+        entry = {"images_per_s": batch / t, "passes_per_image": p}
+        if p:
+            floor = res["bare"] if p > 2 else res["bare_batch"]
+            entry["passes_per_s"] = batch * p / t
+            entry["ratio_to_bare"] = entry["passes_per_s"] / floor["passes_per_s"]
+        res["methods"][m] = entry
+        print(arch, dtype, m, {k: round(v, 3) for k, v in entry.items()}, flush=True)
+    t_full = _timeit(lambda: explain(model, x, targets=targets, preset=recipe, segment_cache=cache), device,
+                     warmup=lambda: explain(model, x[:2], targets=targets[:2], preset=recipe, segment_cache=cache))
+    P = recipe.passes_per_image()
+    res["full_recipe"] = {"passes_per_image": P, "s_per_image": t_full / batch, "images_per_s": batch / t_full,
+                          "passes_per_s": batch * P / t_full,
+                          "ratio_to_bare": batch * P / t_full / res["bare"]["passes_per_s"],
+                          "segments_cached": True}
+    t0 = time.perf_counter()
+    explain(model, x, methods=["xrai"], targets=targets, preset=recipe, segment_cache=cache)
+    _sync(device)
+    warm = time.perf_counter() - t0
+    res["methods"]["xrai"]["warm_images_per_s"] = batch / warm
+    res["methods"]["xrai"]["warm_ratio_to_bare"] = batch * recipe.passes_per_image(["xrai"]) / warm / \
+        res["bare"]["passes_per_s"]
+    print(arch, dtype, "full", res["full_recipe"], flush=True)
+    _write(out_dir, res)
+    if not skip_references and dtype == "float32":
+        n = min(compare_images, batch)
+        res["pair"] = {"s_per_image": pair_recipe(model, x[:n], targets[:n], recipe, cam, n), "images": n}
+        res["pair"]["speedup"] = res["pair"]["s_per_image"] / res["full_recipe"]["s_per_image"]
+        print(arch, "pair", res["pair"], flush=True)
+        _write(out_dir, res)
+        nb = min(batch, max(compare_images * 2, 2))
+        res["captum"] = {"s_per_image": captum_recipe(model, x[:nb], targets[:nb], recipe, cam, rows), "images": nb}
+        res["captum"]["speedup"] = res["captum"]["s_per_image"] / res["full_recipe"]["s_per_image"]
+        print(arch, "captum", res["captum"], flush=True)
+        _write(out_dir, res)
+    return res
+
+
+def _write(out_dir: Path, res: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"saliency_{res['arch']}_{res['dtype']}_{res['device'].split(':')[0]}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", nargs="+", default=["densenet121", "inception_v3"])
+    p.add_argument("--dtype", nargs="+", default=["float32"])
+    p.add_argument("--size", type=int, default=None, help="default 320 on CUDA, 96 on CPU")
+    p.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 4 on CPU")
+    p.add_argument("--preset", default=None, help="default paper on CUDA, quick on CPU")
+    p.add_argument("--compare-images", type=int, default=2, help="images for the PAIR / Captum runs")
+    p.add_argument("--skip-references", action="store_true")
+    a = p.parse_args()
+    dev = torch.device(a.device)
+    gpu = dev.type == "cuda"
+    for arch in a.arch:
+        for dtype in a.dtype:
+            run(arch, dev, a.size or (320 if gpu else 96), a.batch or (32 if gpu else 4), dtype,
+                a.preset or ("paper" if gpu else "quick"), a.compare_images, Path(a.out), a.skip_references)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Engine properties: batching, chunking, targets, no model mutation, bf16 and compile parity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saliency_trust.saliency import METHODS, explain, get_recipe
+from tests.saliency.models import images, tiny
+
+QUICK = {"preset": "quick", "cam_layer": "block"}
+
+
+def test_batched_equals_per_image_for_every_method():
+    model, x = tiny(), images(3, size=64)
+    batch = explain(model, x, targets=[1, 0, 1], **QUICK)
+    for b, t in enumerate([1, 0, 1]):
+        single = explain(model, x[b : b + 1], targets=[t], **QUICK)
+        for m in METHODS:
+            assert torch.allclose(batch[m][b], single[m][0], atol=1e-6), m
+
+
+def test_chunk_size_does_not_change_results():
+    model, x = tiny(), images(2, size=24)
+    kw = {"methods": ["ig", "sg", "sig"], "targets": [0, 1], "raw": True, "sig_samples": 3, "sig_steps": 7}
+    small = explain(model, x, max_rows=3, **kw)  # groups of 7 and 10 steps straddle 3-row chunks
+    large = explain(model, x, max_rows=500, **kw)
+    for m in kw["methods"]:
+        assert torch.allclose(small[m], large[m], rtol=1e-10, atol=1e-12), m
+
+
+def test_targets_default_to_prediction_and_are_per_image():
+    model, x = tiny(), images(4)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    auto = explain(model, x, methods="grad", raw=True)["grad"]
+    given = explain(model, x, methods="grad", targets=pred.tolist(), raw=True)["grad"]
+    other = explain(model, x, methods="grad", targets=(1 - pred).tolist(), raw=True)["grad"]
+    assert torch.equal(auto, given) and not torch.allclose(auto, other)
+
+
+def test_model_is_left_untouched():
+    model = tiny(functional=True)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    explain(model, images(2), methods=["grad", "sg", "ig", "sig", "gbp", "xrai"], preset="quick")
+    with pytest.raises(RuntimeError, match="did not run"):  # F.relu model never calls its 'block' module
+        explain(model, images(1), methods="gradcam", cam_layer="block")
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [type(m) for m in model.modules()] == modules_before
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_maps_are_in_unit_range_and_shaped():
+    out = explain(tiny(), images(2, size=32), **QUICK)
+    for m, v in out.items():
+        assert v.shape == (2, 32, 32) and v.dtype == torch.float32, m
+        assert float(v.min()) >= 0 and float(v.max()) <= 1, m
+
+
+def test_seeded_noise_is_reproducible():
+    model, x = tiny(), images(2)
+    a = explain(model, x, methods=["sg", "sig"], preset="quick", raw=True)
+    b = explain(model, x, methods=["sg", "sig"], preset="quick", raw=True)
+    c = explain(model, x, methods=["sg", "sig"], preset="quick", raw=True, seed=7)
+    assert torch.equal(a["sg"], b["sg"]) and torch.equal(a["sig"], b["sig"])
+    assert not torch.allclose(a["sg"], c["sg"])
+
+
+def test_bad_arguments():
+    model = tiny()
+    with pytest.raises(ValueError, match="unknown method"):
+        explain(model, images(1), methods=["lime"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        explain(model, images(1), preset="fast")
+    with pytest.raises(TypeError, match="unknown saliency setting"):
+        explain(model, images(1), ig_stepz=3)
+    with pytest.raises(ValueError, match="no default Grad-CAM layer"):
+        explain(model, images(1), methods="gradcam")
+    with pytest.raises(ValueError, match="no layer 'nope'"):
+        explain(model, images(1), methods="gradcam", cam_layer="nope")
+
+
+def test_passes_per_image_counts_the_paper_recipe():
+    assert get_recipe("paper").passes_per_image() == 487
+    assert get_recipe("paper").passes_per_image(["gradcam"]) == 1
+
+
+def test_bf16_autocast_parity_with_fp32():
+    torch.manual_seed(0)
+    model, x = tiny(dtype=torch.float32), images(2, size=32, dtype=torch.float32)
+    kw = {"methods": ["grad", "ig", "gradcam", "gbp"], "targets": [0, 1], "cam_layer": "block"}
+    ref = explain(model, x, **kw)
+    bf = explain(model, x, dtype="bfloat16", **kw)
+    for m in kw["methods"]:
+        err = (ref[m] - bf[m]).abs().mean()
+        corr = torch.corrcoef(torch.stack([ref[m].flatten(), bf[m].flatten()]))[0, 1]
+        assert err < 0.03 and corr > 0.97, (m, float(err), float(corr))
+
+
+@pytest.mark.slow
+def test_torch_compile_parity_with_eager():
+    model, x = tiny(dtype=torch.float32), images(3, size=24, dtype=torch.float32)
+    kw = {"methods": ["ig", "sg"], "targets": [0, 1, 1], "raw": True, "max_rows": 8, "ig_steps": 4, "sg_samples": 3}
+    eager = explain(model, x, **kw)
+    compiled = explain(model, x, compile=True, **kw)
+    for m in kw["methods"]:
+        assert torch.allclose(eager[m], compiled[m], rtol=1e-4, atol=1e-6), m
