@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from saliency_trust.metrics import auprc, spearman, ssim
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 from sklearn.metrics import auc, precision_recall_curve
-
-from saliency_trust.metrics import auprc, spearman, ssim
 
 
 def _sync(dev: torch.device) -> None:

@@ -10,6 +10,7 @@ baseline measured in the same run, on the same model, batch, dtype and device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -18,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from saliency_trust.networks import get_network
 from saliency_trust.saliency import METHODS, SegmentCache, explain, get_recipe
 from saliency_trust.saliency.explain import default_cam_layer
-from saliency_trust.saliency.guided import ReluMode, find_module
+from saliency_trust.saliency.guided import LayerCapture, ReluMode, find_module
 
 
 def _sync(device: torch.device) -> None:
@@ -62,12 +62,12 @@ def bare_loop(model, x, targets, dtype: str, rows: int, n_rows: int) -> Callable
     return run
 
 
-def pair_recipe(model, x, targets, recipe, cam_name: str, n_images: int) -> float:
+def pair_recipe(model, x, targets, recipe, cam: tuple[str, bool], n_images: int) -> float:
     """Seconds per image for the full recipe through PAIR core, one image per call (the paper's way)."""
     import saliency.core as pair
 
     dev = x.device
-    layer = find_module(model, cam_name)
+    layer, post_relu = find_module(model, cam[0]), cam[1]
 
     def make_fn(t: int, guided: bool = False):
         def call(xb, call_model_args=None, expected_keys=None):
@@ -77,11 +77,13 @@ def pair_recipe(model, x, targets, recipe, cam_name: str, n_images: int) -> floa
                 xt = xt.permute(0, 3, 1, 2)
             xt = xt.contiguous().requires_grad_(True)
             want_cam = expected_keys and pair.CONVOLUTION_LAYER_VALUES in expected_keys
-            with ReluMode(guided=guided, capture=layer if want_cam else None) as mode:
+            cap = LayerCapture(layer, post_relu) if want_cam else contextlib.nullcontext()
+            with (ReluMode() if guided else contextlib.nullcontext()), cap:
                 out = model(xt)[:, t].sum()
             if want_cam:
-                ga = torch.autograd.grad(out, mode.activation)[0]
-                return {pair.CONVOLUTION_LAYER_VALUES: mode.activation.detach().permute(0, 2, 3, 1).cpu().numpy(),
+                act = cap.activation
+                ga = torch.autograd.grad(out, act)[0]
+                return {pair.CONVOLUTION_LAYER_VALUES: act.detach().permute(0, 2, 3, 1).cpu().numpy(),
                         pair.CONVOLUTION_OUTPUT_GRADIENTS: ga.permute(0, 2, 3, 1).cpu().numpy()}
             g = torch.autograd.grad(out, xt)[0]
             if hwc:
@@ -109,7 +111,7 @@ def pair_recipe(model, x, targets, recipe, cam_name: str, n_images: int) -> floa
     return (time.perf_counter() - t0) / n_images
 
 
-def captum_recipe(model, x, targets, recipe, cam_name: str, internal_batch: int) -> float:
+def captum_recipe(model, x, targets, recipe, cam: tuple[str, bool], internal_batch: int) -> float:
     """Seconds per image for the same recipe with Captum used the plain way (plus PAIR's XRAI regions)."""
     import saliency.core as pair
     from captum.attr import (
@@ -121,7 +123,7 @@ def captum_recipe(model, x, targets, recipe, cam_name: str, internal_batch: int)
         Saliency,
     )
 
-    layer = find_module(model, cam_name)
+    layer = find_module(model, cam[0])  # Captum's plain way: the module output as it is
     t = targets.tolist()
     t0 = time.perf_counter()
     sigma = float(recipe.sg_sigma * (x.max() - x.min()))  # Captum takes one absolute sigma per call
@@ -182,10 +184,11 @@ def run(arch: str, device: torch.device, size: int, batch: int, dtype: str, pres
         def call(n: int, m: str = m) -> None:
             explain(model, x[:n], methods=[m], targets=targets[:n], preset=recipe, segment_cache=cache)
 
-        # Multi-pass methods warm up on two images (same chunk shapes, half the cost); XRAI's
-        # timed run therefore segments the other images: that is its cold cost.
-        t = _timeit(lambda call=call: call(batch), device, repeat=1 if p > 2 else 3,
-                    warmup=(lambda call=call: call(2)) if p > 2 else None)
+        # Cheap methods warm up on the whole batch; SIG and XRAI on two images (same chunk shape);
+        # XRAI's timed run therefore segments the other images: that is its cold cost.
+        cheap = p * batch <= 2000
+        t = _timeit(lambda call=call: call(batch), device, repeat=3 if cheap else 1,
+                    warmup=None if cheap else (lambda call=call: call(2)))
         entry = {"images_per_s": batch / t, "passes_per_image": p}
         if p:
             floor = res["bare"] if p > 2 else res["bare_batch"]

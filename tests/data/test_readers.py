@@ -11,7 +11,6 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.dataset import FileMetaDataset
-
 from saliency_trust.data import DataError, detect_layout, load_dataset
 from saliency_trust.data.dicom import read_dicom, write_dicom
 from saliency_trust.data.rle import decode_siim_rle, encode_siim_rle

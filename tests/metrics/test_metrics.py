@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from saliency_trust.metrics import auprc, otsu_iou, otsu_threshold, pointing_game, spearman, ssim
 from scipy.stats import rankdata, spearmanr
 from skimage.filters import threshold_otsu
 from skimage.metrics import structural_similarity
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve
-
-from saliency_trust.metrics import auprc, otsu_iou, otsu_threshold, pointing_game, spearman, ssim
 
 TOL = 1e-9
 

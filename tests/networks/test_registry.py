@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from saliency_trust.networks import (
     RANDOMIZATION_BLOCKS,
     get_network,
@@ -13,6 +11,7 @@ from saliency_trust.networks import (
     randomization_blocks,
     to_network_input,
 )
+from torch import nn
 
 
 @pytest.mark.parametrize("name", ["inception_v3", "densenet121"])

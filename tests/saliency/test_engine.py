@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from saliency_trust.saliency import METHODS, explain, get_recipe
+
 from tests.saliency.models import images, tiny
 
 QUICK = {"preset": "quick", "cam_layer": "block"}

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import saliency.core as pair
 import torch
-from captum.attr import GuidedBackprop, IntegratedGradients, LayerGradCam, NoiseTunnel
-
+from captum.attr import GuidedBackprop, IntegratedGradients, LayerGradCam
 from saliency_trust.saliency import explain, postprocess, smoothing_noise
 from saliency_trust.saliency.explain import default_cam_layer, upsample_cam
-from saliency_trust.saliency.guided import ReluMode
+from saliency_trust.saliency.guided import LayerCapture
+
 from tests.saliency.models import images, tiny
 
 TOL = 1e-10  # float64 models and inputs
@@ -25,9 +25,9 @@ def _pair_fn(model, target, layer=None):
             out = model(x)[:, target].sum()
             (g,) = torch.autograd.grad(out, x)
             return {pair.INPUT_OUTPUT_GRADIENTS: g.numpy()}
-        with ReluMode(capture=layer) as mode:
+        with LayerCapture(layer) as cap:
             out = model(x)[:, target].sum()
-        a = mode.activation
+        a = cap.activation
         (ga,) = torch.autograd.grad(out, a)
         return {pair.CONVOLUTION_LAYER_VALUES: a.detach().permute(0, 2, 3, 1).numpy(),
                 pair.CONVOLUTION_OUTPUT_GRADIENTS: ga.permute(0, 2, 3, 1).numpy()}
@@ -134,13 +134,27 @@ def test_upsample_equals_skimage_resize():
         assert np.allclose(ours, resize(a, (H, W)), rtol=0, atol=1e-12), (h, w, H, W)
 
 
+def test_gradcam_on_inception_matches_captum_on_mixed_7c():
+    from saliency_trust.networks import get_network
+
+    torch.manual_seed(0)
+    net = get_network("inception_v3").double().eval()
+    x = images(2, size=160)
+    ours = explain(net, x, methods="gradcam", targets=[1, 0], raw=True)["gradcam"]
+    cap = LayerGradCam(net, net.Mixed_7c).attribute(x, target=[1, 0], relu_attributions=True)[:, 0].detach()
+    assert cap.shape[-1] == 3
+    peak = cap.flatten(1).max(1).values.view(-1, 1, 1)
+    expected = upsample_cam(cap / torch.where(peak > 0, peak, 1.0), (160, 160))
+    assert torch.allclose(ours, expected, rtol=0, atol=TOL)
+
+
 def test_gradcam_on_densenet_uses_the_post_relu_map():
     from saliency_trust.networks import get_network
 
     torch.manual_seed(0)
     net = get_network("densenet121").double().eval()
     x = images(2, size=64)
-    assert default_cam_layer(net) == "features"
+    assert default_cam_layer(net) == ("features", True)
     ours = explain(net, x, methods="gradcam", targets=[1, 1], raw=True)["gradcam"]
     # Independent: rebuild DenseNet's head by hand on the post-ReLU features.
     feats = torch.relu(net.features(x)).detach().requires_grad_(True)

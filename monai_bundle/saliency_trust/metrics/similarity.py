@@ -34,7 +34,8 @@ def ssim(
         raise ValueError(f"maps of {tuple(a.shape[-2:])} are smaller than the {win_size}x{win_size} window")
     x = a.to(dtype)[:, None]
     y = b.to(dtype)[:, None]
-    stats = _box_means(torch.cat([x, y, x * x, y * y, x * y], 1), win_size)
+    # Valid uniform-window means: avg_pool2d divides by win_size**2 like scipy's uniform_filter.
+    stats = F.avg_pool2d(torch.cat([x, y, x * x, y * y, x * y], 1), win_size, stride=1)
     ux, uy, uxx, uyy, uxy = stats.unbind(1)
     n = win_size**2
     cov = n / (n - 1) if use_sample_covariance else 1.0
@@ -43,17 +44,6 @@ def ssim(
     c1, c2 = (k1 * r) ** 2, (k2 * r) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
-
-
-def _box_means(t: torch.Tensor, w: int) -> torch.Tensor:
-    """Means over every fully-inside ``w x w`` window (valid), from a summed-area table.
-
-    O(1) work per pixel on any device; in float64 the table's rounding stays ~1e-13 relative,
-    far inside the 1e-9 agreement with scipy's ``uniform_filter`` that the tests demand.
-    """
-    c = F.pad(t, (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
-    s = c[..., w:, w:] - c[..., :-w, w:] - c[..., w:, :-w] + c[..., :-w, :-w]
-    return s / (w * w)
 
 
 def average_ranks(v: torch.Tensor) -> torch.Tensor:

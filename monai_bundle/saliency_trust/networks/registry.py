@@ -55,8 +55,9 @@ RANDOMIZATION_BLOCKS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     ],
 }
 
-#: Grad-CAM layer per architecture: the last post-ReLU feature map (see saliency.hooks).
-CAM_LAYERS = {"inception_v3": "Mixed_7c", "densenet121": "features"}
+#: Grad-CAM layer per architecture and whether the model applies a ReLU right after it: the
+#: last post-ReLU feature map, as the paper's Keras layers (mixed10, DenseNet's final relu).
+CAM_LAYERS = {"inception_v3": ("Mixed_7c", False), "densenet121": ("features", True)}
 
 
 def to_network_input(images01: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from saliency_trust.saliency.guided import ReluMode
+from saliency_trust.saliency.guided import LayerCapture, ReluMode
 
 GroupFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -62,7 +62,7 @@ class GradientEngine:
         x: torch.Tensor,
         targets: torch.Tensor,
         guided: bool = False,
-        capture: nn.Module | None = None,
+        capture: LayerCapture | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """d logit[target] / d x for a batch; with ``capture``, also the layer map and its gradient."""
         x = x.detach().requires_grad_(True)
@@ -75,16 +75,18 @@ class GradientEngine:
             targets = torch.cat([targets, targets[-1:].expand(pad)])
         else:
             xin = x
-        mode = ReluMode(guided=guided, capture=capture) if (guided or capture is not None) else None
-        with self._autocast(x.device), (mode if mode is not None else contextlib.nullcontext()):
+        with self._autocast(x.device), (ReluMode() if guided else contextlib.nullcontext()), \
+                (capture if capture is not None else contextlib.nullcontext()):
             logits = (self.compiled if fixed else self.model)(xin)
         score = logits.to(x.dtype).gather(1, targets[:, None]).sum()
         self.passes += n
-        if mode is not None and capture is not None:
-            if mode.activation is None:
+        if capture is not None:
+            act = capture.activation
+            capture.activation = None
+            if act is None:
                 raise RuntimeError("the Grad-CAM layer did not run in the forward pass")
-            g, ga = torch.autograd.grad(score, [x, mode.activation])
-            return g, mode.activation.detach().to(x.dtype), ga.to(x.dtype)
+            g, ga = torch.autograd.grad(score, [x, act])
+            return g, act.detach().to(x.dtype), ga.to(x.dtype)
         (g,) = torch.autograd.grad(score, [x])
         return g, None, None
 

@@ -10,20 +10,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from saliency_trust.saliency.engine import GradientEngine, Path, auto_max_rows
-from saliency_trust.saliency.guided import find_module
+from saliency_trust.saliency.guided import LayerCapture, find_module
 from saliency_trust.saliency.postprocess import minmax, postprocess, visualize_grayscale
 from saliency_trust.saliency.presets import METHODS, Recipe, get_recipe
 from saliency_trust.saliency.xrai import DEFAULT_CACHE, SegmentCache, xrai_greedy
 
 
-def default_cam_layer(model: nn.Module) -> str:
-    """The registered Grad-CAM layer for torchvision InceptionV3 / DenseNet (post-ReLU)."""
+def default_cam_layer(model: nn.Module) -> tuple[str, bool]:
+    """The registered Grad-CAM layer of torchvision InceptionV3 / DenseNet and whether a ReLU follows it.
+
+    InceptionV3's ``Mixed_7c`` output is already post-ReLU; DenseNet's ``features`` ends at
+    ``norm5`` and the model applies ``F.relu`` after it, so the post-ReLU map is taken there.
+    """
     from torchvision.models import DenseNet, Inception3
 
+    from saliency_trust.networks import CAM_LAYERS
+
     if isinstance(model, Inception3):
-        return "Mixed_7c"
+        return CAM_LAYERS["inception_v3"]
     if isinstance(model, DenseNet):
-        return "features"  # its output goes through F.relu, which ReluMode captures
+        return CAM_LAYERS["densenet121"]
     raise ValueError(f"no default Grad-CAM layer for {type(model).__name__}; pass cam_layer='<module name>'")
 
 
@@ -177,7 +183,10 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
     rows = engine.max_rows
     need_cam = bool({"gradcam", "ggcam"} & set(todo))
     if "grad" in todo or need_cam:
-        layer = find_module(model, recipe.cam_layer or default_cam_layer(model)) if need_cam else None
+        layer = None
+        if need_cam:
+            name, post_relu = (recipe.cam_layer, recipe.cam_post_relu) if recipe.cam_layer else default_cam_layer(model)
+            layer = LayerCapture(find_module(model, name), post_relu=post_relu)
         grads, cams = [], []
         for i in range(0, B, rows):
             g, act, ga = engine.gradients(x[i : i + rows], t[i : i + rows], capture=layer)

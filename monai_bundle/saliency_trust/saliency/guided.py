@@ -1,17 +1,13 @@
 """Guided ReLUs and Grad-CAM layer capture without touching the user's model.
 
 Module hooks miss functional ReLUs (torchvision InceptionV3 has no ``nn.ReLU`` at all, and
-DenseNet121 ends with ``F.relu``), and swapping modules mutates the model. Instead a
-``TorchFunctionMode`` is active only during our own forward pass:
+DenseNet121 ends with ``F.relu``), and swapping modules mutates the model. Instead
+:class:`ReluMode`, a ``TorchFunctionMode`` active only during our own guided forward pass,
+turns every ReLU call -- ``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place forms,
+which ``nn.ReLU`` also goes through -- into a guided ReLU whose backward passes gradient only
+where the forward output is > 0 and the incoming gradient is > 0.
 
-* with ``guided=True`` every ReLU call -- ``F.relu``, ``torch.relu``, ``Tensor.relu`` and their
-  in-place forms, which ``nn.ReLU`` also goes through -- becomes a guided ReLU whose backward
-  passes gradient only where the forward output is > 0 and the incoming gradient is > 0;
-* with ``capture=<module>`` the module's output is recorded by a forward hook (removed at exit);
-  if that output is immediately fed to a ReLU (DenseNet's ``features`` -> ``F.relu``), the ReLU's
-  output is recorded instead, so Grad-CAM always sees the post-ReLU map the paper used.
-
-Nothing on the model changes, and the mode is gone when the ``with`` block ends.
+:class:`LayerCapture` records the Grad-CAM layer with a forward hook that is removed on exit.
 """
 
 from __future__ import annotations
@@ -48,47 +44,71 @@ def guided_relu(x: torch.Tensor) -> torch.Tensor:
 
 
 class ReluMode(TorchFunctionMode):
-    """Guide ReLUs and/or capture the Grad-CAM activation during a forward pass."""
+    """While active, every ReLU call is a guided ReLU (module or functional, in place or not)."""
 
-    def __init__(self, guided: bool = False, capture: nn.Module | None = None) -> None:
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELUS or func in _RELUS_INPLACE:
+            return guided_relu(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+class _ReluAfter(TorchFunctionMode):
+    """Catch the first ReLU applied to ``target`` and run it out of place, keeping its output."""
+
+    def __init__(self, target: torch.Tensor) -> None:
         super().__init__()
-        self.guided = guided
-        self.capture = capture
-        self._pre: torch.Tensor | None = None
+        self.target: torch.Tensor | None = target
+        self.result: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.target is not None and (func in _RELUS or func in _RELUS_INPLACE) and args[0] is self.target:
+            self.target = None
+            self.result = torch.relu(args[0])
+            return self.result
+        return func(*args, **(kwargs or {}))
+
+
+class LayerCapture:
+    """Record a module's output during a forward pass (forward hook, removed on exit).
+
+    With ``post_relu=True`` the layer's output goes straight into a ReLU that the model applies
+    itself (DenseNet's ``features`` -> ``F.relu(..., inplace=True)``): the hook then starts a
+    function mode that runs that one ReLU out of place and records its output, so Grad-CAM sees
+    the post-ReLU map the paper used and its true gradient. Only the few ops after the layer go
+    through the mode; nothing stays on the model after the ``with`` block.
+    """
+
+    def __init__(self, module: nn.Module, post_relu: bool = False) -> None:
+        self.module = module
+        self.post_relu = post_relu
         self.activation: torch.Tensor | None = None
         self._handle = None
+        self._mode: _ReluAfter | None = None
 
-    def __enter__(self) -> ReluMode:
-        if self.capture is not None:
-            self._handle = self.capture.register_forward_hook(self._record)
-        return super().__enter__()
+    def __enter__(self) -> LayerCapture:
+        self.activation = None
+        self._handle = self.module.register_forward_hook(self._record)
+        return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        super().__exit__(*exc)
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self.activation = self._mode.result
+            self._mode = None
+            if self.activation is None and exc[0] is None:
+                raise RuntimeError(f"the output of {type(self.module).__name__} was not fed to a ReLU; "
+                                   "use cam_post_relu=False for this layer")
 
     def _record(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        self._pre = output
-        self.activation = output
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _RELUS or func in _RELUS_INPLACE:
-            x = args[0]
-            consumes_capture = self._pre is not None and x is self._pre
-            if self.guided:
-                out = guided_relu(x)
-            elif consumes_capture:
-                out = torch.relu(x)  # out of place: the captured map must survive for its gradient
-            else:
-                out = func(*args, **kwargs)
-            if consumes_capture:
-                self.activation = out
-                self._pre = None
-            return out
-        return func(*args, **kwargs)
+        if self.post_relu:
+            if self._mode is None:
+                self._mode = _ReluAfter(output)
+                self._mode.__enter__()
+        else:
+            self.activation = output
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:

@@ -55,6 +55,7 @@ class Recipe:
     xrai_area_threshold: float = 1.0
     percentile: float = 99.0
     cam_layer: str | None = None  # None: the architecture's registered layer
+    cam_post_relu: bool = False  # with cam_layer: apply the ReLU that follows that layer (see LayerCapture)
     seed: int = 0
     dtype: str = "float32"  # or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the gradient-only passes

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-
 from saliency_trust.data import Dataset, load_dataset
 
 log = logging.getLogger(__name__)
@@ -119,9 +118,8 @@ def atomic_save_state(net: torch.nn.Module, path: str | Path) -> str:
 def versions() -> dict[str, str]:
     """Versions of the packages that decide the results."""
     import monai
-    import torchvision
-
     import saliency_trust
+    import torchvision
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "monai": monai.__version__,
