@@ -27,10 +27,10 @@ def test_rsna_round_trip_masks_equal_generator_boxes(rsna_synth):
     assert ds.layout == "rsna" and not ds.errors and len(ds) == 24
     cases = _cases(rsna_synth, "opacity")
     by_id = {r.id: r for r in ds}
-    split = {r["id"]: r for r in csv.DictReader((rsna_synth / "split.csv").open())}
+    order = [r["id"] for r in csv.DictReader((rsna_synth / "split.csv").open())]
     assert any(c.label for c in cases) and any(not c.label for c in cases)
-    for pid, row in split.items():
-        rec, case = by_id[pid], cases[list(split).index(pid)]
+    for i, pid in enumerate(order):
+        rec, case = by_id[pid], cases[i]
         assert rec.label == case.label and rec.split == case.split
         assert rec.image.dtype == np.float32 and rec.image.shape == (96, 96)
         assert np.allclose(rec.image, case.pixels / 4095.0, atol=1e-6)
@@ -190,7 +190,8 @@ def test_generic_layout_boxes_and_masks(tmp_path):
     img = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint8)
     Image.fromarray(img).save(root / "images" / "a.png")
     Image.fromarray(img).save(root / "images" / "b.png")
-    (root / "labels.csv").write_text("file,x,y,w,h\nimages/a.png,10,12,5,6\nimages/a.png,30.5,30,4,4\nimages/b.png,,,,\n")
+    (root / "labels.csv").write_text(
+        "file,x,y,w,h\nimages/a.png,10,12,5,6\nimages/a.png,30.5,30,4,4\nimages/b.png,,,,\n")
     ds = load_dataset(root)
     assert ds.layout == "generic" and not ds.errors
     a, b = ds.records

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+
 from saliency_trust.data import Dataset, load_dataset
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ def atomic_save_state(net: torch.nn.Module, path: str | Path) -> str:
 def versions() -> dict[str, str]:
     """Versions of the packages that decide the results."""
     import monai
-    import saliency_trust
     import torchvision
+
+    import saliency_trust
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "monai": monai.__version__,

@@ -1,0 +1,1 @@
+"""What the bundle configs call: training helpers, the demo."""
