@@ -214,7 +214,7 @@ def _opacity(anat: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, list
         b = (-np.sin(theta) * dx + np.cos(theta) * dy) / sy
         blob = np.exp(-0.5 * (a**2 + b**2))
         fluff = 0.75 + 0.25 * _smooth_noise(rng, (size, size), max(size / 64.0, 1.0))
-        amp = rng.uniform(0.22, 0.32)
+        amp = rng.uniform(0.25, 0.35)
         # Cut at 2.5 sigma so that the lesion has a finite support: outside it, nothing changes.
         support = (a**2 + b**2) <= 2.5**2
         lesion = amp * blob * np.clip(fluff, 0.3, None) * anat.lungs[side] * support

@@ -163,16 +163,13 @@ def explain(
         model.train(was_training)
     if raw:
         return {m: rawmaps[m] for m in todo}
-    out: dict[str, torch.Tensor] = {}
-    post = {m: postprocess(rawmaps[m], recipe.percentile) for m in todo if m != "ggcam"}
+    out = {m: postprocess(rawmaps[m], recipe.percentile) for m in todo if m != "ggcam"}
     if "ggcam" in todo:
         # The paper multiplies the already-visualized GBP and Grad-CAM maps, then min-maxes.
         g = visualize_grayscale(rawmaps["gbp"], recipe.percentile)
         c = visualize_grayscale(rawmaps["gradcam"], recipe.percentile)
-        post["ggcam"] = minmax(g * c).float()
-    for m in todo:
-        out[m] = post[m]
-    return out
+        out["ggcam"] = minmax(g * c).float()
+    return {m: out[m] for m in todo}
 
 
 def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
@@ -226,7 +223,7 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
         raw["sg"] = engine.integrate(
             x, t, Path(recipe.sg_samples, one, one, lambda b, j: x[b] + noise(b, j), same, fin))
     if "sig" in todo:
-        noise = _Noise(x, recipe.sig_samples, recipe.sg_sigma, recipe.seed + 1)
+        noise = _Noise(x, recipe.sig_samples, recipe.sg_sigma, recipe.seed + 1)  # independent of SG's noise
         a, w = _linspace(recipe.sig_steps, x)
         fin = (lambda S, P, Z: ((P - Z) * S) ** 2) if recipe.sg_magnitude else ig_finalize
         raw["sig"] = engine.integrate(
