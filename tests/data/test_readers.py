@@ -127,6 +127,16 @@ def test_dicom_rescale_slope_intercept_applied(tmp_path):
     assert np.allclose(img, (s + 2048) / 4095.0, atol=1e-7)
 
 
+def test_compressed_with_an_installed_decoder_reads(tmp_path):
+    arr = (np.arange(48 * 40).reshape(48, 40) % 4096).astype(np.uint16)
+    plain = _write_raw(tmp_path / "p.dcm", arr)
+    ds = pydicom.dcmread(plain)
+    ds.compress(pydicom.uid.RLELossless)  # pydicom's own RLE codec: always installed
+    ds.save_as(tmp_path / "rle.dcm")
+    assert pydicom.dcmread(tmp_path / "rle.dcm").file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert np.array_equal(read_dicom(tmp_path / "rle.dcm")[0], read_dicom(plain)[0])
+
+
 def test_compressed_without_decoder_is_a_clear_error(tmp_path):
     path = _write_raw(tmp_path / "c.dcm", np.zeros((4, 4), np.uint16))
     ds = pydicom.dcmread(path)
