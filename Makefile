@@ -25,6 +25,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -ra --timeout=900 tests
 
 bench: $(STAMP)
+	$(BIN)/python bench/metrics_bench.py --out bench/results
 	$(BIN)/python bench/saliency_bench.py --out bench/results
 
 clean:

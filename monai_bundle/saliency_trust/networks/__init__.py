@@ -1,5 +1,6 @@
 """Networks: registry of classifiers and the localization baseline, with randomization blocks."""
 
+from saliency_trust.networks.randomize import randomization_states, randomize_block
 from saliency_trust.networks.registry import (
     CAM_LAYERS,
     CLASSIFIERS,
@@ -19,5 +20,7 @@ __all__ = [
     "get_network",
     "load_weights",
     "randomization_blocks",
+    "randomization_states",
+    "randomize_block",
     "to_network_input",
 ]
