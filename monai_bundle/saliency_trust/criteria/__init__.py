@@ -1,0 +1,16 @@
+"""Trust criteria: utility, randomization, repeatability, reproducibility; baselines and statistics."""
+
+from saliency_trust.criteria.baselines import average_mask_prior, leave_one_out_priors, random_pair_ssim
+from saliency_trust.criteria.statistics import bootstrap_ci, holm, summarize, wilcoxon_greater
+from saliency_trust.criteria.utility import utility_scores
+
+__all__ = [
+    "average_mask_prior",
+    "bootstrap_ci",
+    "holm",
+    "leave_one_out_priors",
+    "random_pair_ssim",
+    "summarize",
+    "utility_scores",
+    "wilcoxon_greater",
+]
