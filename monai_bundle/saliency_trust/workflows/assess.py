@@ -125,7 +125,8 @@ def run_assessment(
     models = [dict(c, sha256=file_sha256(c["path"])) for c in classifiers]
     locs = [{"path": str(p), "sha256": file_sha256(p)} for p in localizers]
     primary = models[0]["arch"]
-    replicates = [m for m in models if m["arch"] == primary]
+    rep = [i for i, m in enumerate(models) if m["arch"] == primary]
+    replicates = [models[i] for i in rep]
     others = [m for m in models if m["arch"] != primary]
     config = {"dataset_dir": str(Path(dataset_dir).resolve()), "image_size": image_size, "n_images": len(positives),
               "ids": [r.id for r in positives], "methods": methods, "preset": preset, "seed": seed,
@@ -167,7 +168,7 @@ def run_assessment(
                 "baseline": {k: v.cpu() for k, v in c["baseline"].items()}}
 
     rand = [steps.run(f"randomization_{i}", lambda m=m: curves(m)) for i, m in enumerate(replicates)]
-    repeat = map_agreement(trained[0], trained[1], data_range) if len(replicates) >= 2 else {}
+    repeat = map_agreement(trained[rep[0]], trained[rep[1]], data_range) if len(rep) >= 2 else {}
     j = models.index(others[0]) if others else None
     reprod = map_agreement(trained[0], trained[j], data_range) if j is not None else {}
     loc_agree = output_agreement(loc_out[0], loc_out[1], data_range) if len(loc_out) >= 2 else None
