@@ -27,7 +27,7 @@ GroupFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class Path:
+class IntegrationPath:
     """One method's integration path; see the module docstring for the formula."""
 
     samples: int  # J groups per image
@@ -36,7 +36,6 @@ class Path:
     point: GroupFn  # (b [n], j [n]) -> P [n, C, H, W]
     baseline: GroupFn  # (b [n], j [n]) -> Z [n, C, H, W]
     finalize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (S, P, Z) -> attr
-    guided: bool = False
 
 
 class GradientEngine:
@@ -50,7 +49,6 @@ class GradientEngine:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         self.dtype = dtype
         self.compiled = torch.compile(model) if compile else None
-        self.passes = 0  # rows pushed through the model, for benchmarks
 
     def _autocast(self, device: torch.device):
         if self.dtype == "bfloat16":
@@ -79,7 +77,6 @@ class GradientEngine:
                 (capture if capture is not None else contextlib.nullcontext()):
             logits = (self.compiled if fixed else self.model)(xin)
         score = logits.to(x.dtype).gather(1, targets[:, None]).sum()
-        self.passes += n
         if capture is not None:
             act = capture.activation
             capture.activation = None
@@ -90,7 +87,7 @@ class GradientEngine:
         (g,) = torch.autograd.grad(score, [x])
         return g, None, None
 
-    def integrate(self, images: torch.Tensor, targets: torch.Tensor, path: Path) -> torch.Tensor:
+    def integrate(self, images: torch.Tensor, targets: torch.Tensor, path: IntegrationPath) -> torch.Tensor:
         """Attributions ``[B, C, H, W]`` of ``images`` along ``path`` (see module docstring)."""
         B = images.shape[0]
         J, K = path.samples, len(path.alphas)
@@ -104,7 +101,7 @@ class GradientEngine:
             b, j = g // J, g % J
             P, Z = path.point(b, j), path.baseline(b, j)
             a = path.alphas[k].view(-1, 1, 1, 1)
-            grads, _, _ = self.gradients(Z + a * (P - Z), targets[b], guided=path.guided)
+            grads, _, _ = self.gradients(Z + a * (P - Z), targets[b])
             grads = grads * path.weights[k].view(-1, 1, 1, 1)
             g0 = int(start // K)
             n_local = int((stop - 1) // K) - g0 + 1

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saliency_trust.saliency.engine import GradientEngine, Path, auto_max_rows
+from saliency_trust.saliency.engine import GradientEngine, IntegrationPath, auto_max_rows
 from saliency_trust.saliency.guided import LayerCapture, find_module
 from saliency_trust.saliency.postprocess import minmax, postprocess, visualize_grayscale
 from saliency_trust.saliency.presets import METHODS, Recipe, get_recipe
@@ -215,19 +215,20 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
 
     if "ig" in todo:
         a, w = _linspace(recipe.ig_steps, x)
-        raw["ig"] = engine.integrate(x, t, Path(1, a, w, same, const(recipe.ig_baseline), ig_finalize))
+        raw["ig"] = engine.integrate(x, t, IntegrationPath(1, a, w, same, const(recipe.ig_baseline), ig_finalize))
     if "sg" in todo:
         noise = _Noise(x, recipe.sg_samples, recipe.sg_sigma, recipe.seed)
         one = torch.ones(1, device=dev, dtype=x.dtype)
         fin = (lambda S, P, Z: S * S) if recipe.sg_magnitude else (lambda S, P, Z: S)
         raw["sg"] = engine.integrate(
-            x, t, Path(recipe.sg_samples, one, one, lambda b, j: x[b] + noise(b, j), same, fin))
+            x, t, IntegrationPath(recipe.sg_samples, one, one, lambda b, j: x[b] + noise(b, j), same, fin))
     if "sig" in todo:
         noise = _Noise(x, recipe.sig_samples, recipe.sg_sigma, recipe.seed + 1)  # independent of SG's noise
         a, w = _linspace(recipe.sig_steps, x)
         fin = (lambda S, P, Z: ((P - Z) * S) ** 2) if recipe.sg_magnitude else ig_finalize
+        black = const(recipe.ig_baseline)
         raw["sig"] = engine.integrate(
-            x, t, Path(recipe.sig_samples, a, w, lambda b, j: x[b] + noise(b, j), const(recipe.ig_baseline), fin))
+            x, t, IntegrationPath(recipe.sig_samples, a, w, lambda b, j: x[b] + noise(b, j), black, fin))
     if "xrai" in todo:
         lo = x.flatten(1).min(1).values
         hi = x.flatten(1).max(1).values
@@ -237,7 +238,7 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
             return ends[b, j].view(-1, 1, 1, 1).expand(-1, C, H, W)
 
         a, w = _linspace(recipe.xrai_steps, x)
-        ig2 = engine.integrate(x, t, Path(2, a, w, same, xrai_base, ig_finalize))
+        ig2 = engine.integrate(x, t, IntegrationPath(2, a, w, same, xrai_base, ig_finalize))
         attr = ig2.max(1).values  # signed max over channels
         hwc = x.permute(0, 2, 3, 1).cpu().numpy()
         atoms = [cache.atoms(hwc[i], recipe, dev) for i in range(B)]
