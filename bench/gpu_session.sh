@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One device session: CUDA parity tests, then the metric and saliency benchmarks, JSON into $OUT.
 # Each stage runs on its own so that one failure does not lose the others' figures.
+# The device image lacks captum, saliency and pydicom: fetch their wheels here first, into .whl/
+# (ignored by git via .git/info/exclude), and name .whl in the run's carry list:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl captum==0.9.0 saliency==0.2.1 pydicom==3.0.1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD/monai_bundle:$PWD || exit 1
 export PYTHONUNBUFFERED=1
