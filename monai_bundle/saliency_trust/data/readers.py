@@ -140,11 +140,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
     if path.suffix.lower() in (".dcm", ".dicom", "") or _is_dicom(path):
         img, geo = read_dicom(path)
         return img, geo["spacing"]
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    except Exception as exc:
-        raise DataError(str(path), f"not a readable image ({type(exc).__name__}: {exc})") from None
+    arr = _pixels(path, "image")
     if arr.ndim == 3:
         if arr.shape[2] == 4:
             arr = arr[..., :3]
@@ -155,11 +151,20 @@ def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
         raise DataError(str(path), f"expected a 2-D grayscale image, got shape {arr.shape}")
     if arr.dtype == np.uint8:
         img = arr.astype(np.float32) / 255.0
-    elif arr.dtype in (np.uint16, np.int32, np.int16) or arr.dtype.kind in "iu":
+    elif arr.dtype.kind in "iu":
         img = arr.astype(np.float32) / 65535.0
     else:
         img = np.clip(arr.astype(np.float32), 0, 1)
     return img, (1.0, 1.0)
+
+
+def _pixels(path: Path, what: str) -> np.ndarray:
+    """The pixel array of a PNG/JPEG/TIFF file, or a DataError naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except Exception as exc:
+        raise DataError(str(path), f"not a readable {what} ({type(exc).__name__}: {exc})") from None
 
 
 def _is_dicom(path: Path) -> bool:
@@ -295,11 +300,7 @@ def _read_generic(root: Path, image_size: int | None) -> Iterator[Record | DataE
 def _read_mask(path: Path, shape: tuple[int, ...], where: str) -> np.ndarray:
     if not path.is_file():
         raise DataError(str(path), f"mask file is missing (named in {where})")
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    except Exception as exc:
-        raise DataError(str(path), f"not a readable mask image ({exc})") from None
+    arr = _pixels(path, "mask image")
     if arr.ndim == 3:
         arr = arr[..., 0]
     if arr.shape != tuple(shape):

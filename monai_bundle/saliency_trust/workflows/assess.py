@@ -136,20 +136,17 @@ def run_assessment(
     steps = Steps(out_dir / ".steps", key)
     cache = SegmentCache()
 
-    def maps_of(m: dict) -> dict[str, torch.Tensor]:
-        net = _load_model(m["arch"], m["path"], dev)
-        return {k: v.cpu() for k, v in explain(net, images, methods, preset=preset, segment_cache=cache,
-                                                seed=seed).items()}
+    def maps_of(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+        maps = explain(net, images, methods, preset=preset, segment_cache=cache, seed=seed)
+        return {k: v.cpu() for k, v in maps.items()}
 
-    trained = [steps.run(f"maps_{i}", lambda m=m: maps_of(m)) for i, m in enumerate(models)]
-
-    def untrained_maps() -> dict[str, torch.Tensor]:
+    def untrained_net() -> torch.nn.Module:
         torch.manual_seed(seed)
-        net = get_network(primary).to(dev).eval()
-        return {k: v.cpu() for k, v in explain(net, images, methods, preset=preset, segment_cache=cache,
-                                                seed=seed).items()}
+        return get_network(primary).to(dev).eval()
 
-    untrained = steps.run("maps_untrained", untrained_maps)
+    trained = [steps.run(f"maps_{i}", lambda m=m: maps_of(_load_model(m["arch"], m["path"], dev)))
+               for i, m in enumerate(models)]
+    untrained = steps.run("maps_untrained", lambda: maps_of(untrained_net()))
     loc_out = [steps.run(f"localizer_{i}", lambda p=p: _unet_output(p["path"], images).cpu())
                for i, p in enumerate(locs)]
 

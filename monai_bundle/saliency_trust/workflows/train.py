@@ -21,6 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from saliency_trust.data import Dataset, load_dataset
+from saliency_trust.networks import to_network_input
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +73,16 @@ def data_list(
     return items
 
 
-def to_input(x: torch.Tensor) -> torch.Tensor:
-    """Batch of [B, 1, H, W] images in [0, 1] -> the classifiers' [B, 3, H, W] input in [-1, 1]."""
-    from saliency_trust.networks import to_network_input
-
-    return to_network_input(x)
-
-
 def prepare_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
     """``prepare_batch`` for the engines: network-scale 3-channel image and the class label."""
-    x = to_input(batchdata["image"].to(device=device, non_blocking=non_blocking))
+    x = to_network_input(batchdata["image"].to(device=device, non_blocking=non_blocking))
     y = batchdata["label"].to(device=device, non_blocking=non_blocking).long()
     return x, y
 
 
 def prepare_seg_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
     """``prepare_batch`` for the localization network: image and lesion mask."""
-    x = to_input(batchdata["image"].to(device=device, non_blocking=non_blocking))
+    x = to_network_input(batchdata["image"].to(device=device, non_blocking=non_blocking))
     return x, batchdata["mask"].to(device=device, non_blocking=non_blocking)
 
 
