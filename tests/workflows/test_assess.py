@@ -50,6 +50,13 @@ def test_assessment_writes_results_and_resumes_identically(setup):
     assert 2 <= n <= 4 and len(rows) == n * 3 and {r["method"] for r in rows} == {"grad", "gradcam", "xrai"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["verdicts"] == json.loads(json.dumps(first["verdicts"]))
+    # The report: self-contained (figures inlined), verdict table first, quick preset labelled.
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5 and 'src="figures/' not in page
+    assert page.index('class="verdicts"') < page.index("1. Localization utility")
+    assert "<b>quick</b> preset" in page and page.count("<tr><th>") == 1 + 3  # header + one row per method
+    for name in ("utility", "randomization", "randomization_examples", "agreement", "agreement_examples"):
+        assert (out / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Interrupt: lose the results and two finished steps; the rerun recomputes only those.
     (out / "results.json").unlink()
@@ -87,3 +94,68 @@ def test_trust_config_runs_through_monai_bundle(setup, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["methods"] == ["grad"] and len(res["randomization"][0]["states"]) == 12  # InceptionV3 blocks
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_equal_one(setup, tmp_path):
+    """multi_gpu_trust.json with 2 CPU processes (gloo) gives the single-process results."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    root, data, p = setup
+    models = tmp_path / "models"
+    models.mkdir()
+    for src, dst in (("d0", "densenet121_seed0"), ("d1", "densenet121_seed1"), ("i0", "inception_v3_seed0"),
+                     ("u0", "unet_seed0"), ("u1", "unet_seed1")):
+        (models / f"{dst}.pt").write_bytes(p[src].read_bytes())
+    classifiers = [{"arch": "densenet121", "path": str(models / "densenet121_seed0.pt")},
+                   {"arch": "densenet121", "path": str(models / "densenet121_seed1.pt")},
+                   {"arch": "inception_v3", "path": str(models / "inception_v3_seed0.pt")}]
+    localizers = [str(models / "unet_seed0.pt"), str(models / "unet_seed1.pt")]
+    kwargs = {"methods": ["grad", "sg", "gradcam"], "preset": "quick", "n_images": 5, "pairs_per_image": 3,
+              "randomize": 1, "block": 2}  # blocks [0, 1] [2, 3] [4]: rank 0 takes two, rank 1 one
+    # Same device and thread count as each torchrun process: CPU reductions depend on the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run_assessment(data, tmp_path / "one", classifiers, localizers, device="cpu", report=False,
+                                progress=False, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    cfg = REPO / "monai_bundle" / "configs"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+         "-m", "monai.bundle", "run", "--config_file", f"['{cfg / 'trust.json'}','{cfg / 'multi_gpu_trust.json'}']",
+         "--meta_file", str(cfg / "metadata.json"), "--bundle_root", str(REPO / "monai_bundle"),
+         "--dataset_dir", str(data), "--output_dir", str(tmp_path / "two"), "--classifiers", json.dumps(classifiers),
+         "--localizers", json.dumps(localizers), "--methods", json.dumps(kwargs["methods"]), "--preset", "quick",
+         "--n_images", "5", "--pairs_per_image", "3", "--randomize", "1", "--block", "2", "--device", "cpu"],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "on 2 processes" in r.stdout
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (tmp_path / "two" / "report.html").is_file()
+    for k in ("utility", "randomization", "repeatability", "reproducibility", "baselines", "verdicts"):
+        _assert_close(two[k], json.loads(json.dumps(single[k])), k)
+
+
+def _assert_close(a, b, where: str, tol: float = 0.0) -> None:
+    """Equal structure, strings and bools; floats equal within ``tol`` (exact by default; NaN equals NaN)."""
+    import math
+
+    assert type(a) is type(b) or isinstance(a, float | int) and isinstance(b, float | int), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_close(a[k], b[k], f"{where}.{k}", tol)
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close(x, y, f"{where}[{i}]", tol)
+    elif isinstance(a, float) or isinstance(b, float):
+        assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol, (where, a, b)
+    else:
+        assert a == b, (where, a, b)

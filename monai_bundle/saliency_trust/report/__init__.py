@@ -1,0 +1,202 @@
+"""The assessment report: the paper's figures as PNG files and one self-contained ``report.html``.
+
+``report.html`` embeds its figures (base64 PNG) and styles, so it opens from a mail attachment
+or a PACS note without the folder beside it. The verdict table comes first; every number in it
+is also in ``results.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from saliency_trust.report import figures
+
+CRITERIA = ("utility", "randomization", "repeatability", "reproducibility")
+
+
+@dataclass
+class ReportInputs:
+    """Per-image values and example maps behind the figures (numpy, CPU)."""
+
+    ids: list[str]
+    images: np.ndarray  # [N, H, W] in [0, 1]
+    masks: np.ndarray  # [N, H, W] bool
+    methods: list[str]
+    auprc: dict[str, np.ndarray]
+    auprc_untrained: dict[str, np.ndarray]
+    auprc_prior: np.ndarray
+    auprc_localization: np.ndarray | None
+    trained_maps: dict[str, np.ndarray]  # primary model, [N, H, W]
+    states: list[str]
+    state_ssim: dict[str, np.ndarray]  # [S, N]
+    state_baseline: dict[str, float]
+    state_examples: dict[str, np.ndarray]  # [S, H, W] for image ``example``
+    repeat: dict[str, np.ndarray]
+    reprod: dict[str, np.ndarray]
+    agreement_baseline: np.ndarray | None
+    agreement_examples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # column -> method -> [H, W]
+    threshold: float = 0.5
+    example: int = 0
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    from saliency_trust.workflows.train import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
+
+
+def render_figures(inputs: ReportInputs) -> dict[str, bytes]:
+    """All figures as ``{file name: PNG bytes}``."""
+    r, e = inputs, inputs.example
+    out = {
+        "utility.png": figures.utility_figure(r.methods, r.auprc, r.auprc_untrained, r.auprc_prior,
+                                              r.auprc_localization, r.images[e], r.masks[e],
+                                              {m: r.trained_maps[m][e] for m in r.methods}, r.ids[e], e),
+        "randomization.png": figures.randomization_figure(r.methods, r.states, r.state_ssim, r.state_baseline),
+        "randomization_examples.png": figures.state_examples_figure(
+            r.methods, r.states, r.images[e], {m: r.trained_maps[m][e] for m in r.methods}, r.state_examples),
+        "agreement.png": figures.agreement_figure(r.methods, r.repeat, r.reprod, r.agreement_baseline, r.threshold),
+    }
+    if r.agreement_examples:
+        out["agreement_examples.png"] = figures.agreement_examples_figure(r.methods, r.images[e],
+                                                                          r.agreement_examples)
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return "nan" if not np.isfinite(v) else f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _cell(v: Mapping) -> str:
+    passed = v.get("passed")
+    cls, word = {True: ("pass", "PASS"), False: ("fail", "FAIL"), None: ("na", "n/a")}[passed]
+    ref = v.get("reference")
+    detail = f"{_fmt(v.get('value'))}"
+    if v.get("ci95"):
+        lo, hi = v["ci95"]
+        detail += f" [{_fmt(lo)}, {_fmt(hi)}]"
+    if "threshold" in v:
+        detail += f" / thr {_fmt(v['threshold'])}"
+    if ref is not None:
+        detail += f" vs {_fmt(ref)}"
+    if "p_holm" in v:
+        detail += f", p<sub>Holm</sub> {v['p_holm']:.2g}"
+    why = f"<br><i>{html.escape(v['why'])}</i>" if v.get("why") else ""
+    return f'<td class="{cls}" title="{html.escape(v.get("rule", ""))}"><b>{word}</b><br>{detail}{why}</td>'
+
+
+def verdict_table(results: Mapping) -> str:
+    """The verdict table as an HTML ``<table>`` (hover a cell for its rule)."""
+    rows = []
+    for m in results["methods"]:
+        v = results["verdicts"][m]
+        label = figures.METHOD_LABELS.get(m, m)
+        rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(_cell(v[c]) for c in CRITERIA)}</tr>")
+    head = "".join(f"<th>{c}</th>" for c in CRITERIA)
+    return f'<table class="verdicts"><tr><th>method</th>{head}</tr>{"".join(rows)}</table>'
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222}
+h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
+td.pass{background:#e3f4e1}td.fail{background:#f9dcdc}td.na{background:#eee}
+.banner{background:#fff4ce;border:1px solid #e0c060;padding:.5em 1em;margin:1em 0}
+img{max-width:100%;border:1px solid #eee}.small{font-size:.8em;color:#555}
+"""
+
+
+def render_html(results: Mapping, pngs: Mapping[str, bytes]) -> str:
+    """The self-contained report page."""
+    cfg = results["provenance"]["config"]
+    prov = results["provenance"]
+    preset = cfg["preset"]
+    banner = ""
+    if preset != "paper":
+        banner = (f'<div class="banner">Computed with the <b>{html.escape(preset)}</b> preset (fewer integration '
+                  "steps and noise samples than the paper's recipe): a demonstration, not the paper's numbers."
+                  "</div>")
+    failing = [m for m in results["methods"] if any(results["verdicts"][m][c]["passed"] is False for c in CRITERIA)]
+    summary = (f"<p><b>{len(failing)} of {len(results['methods'])}</b> methods fail at least one criterion"
+               f"{': ' + ', '.join(html.escape(m) for m in failing) if failing else ''}.</p>")
+    degenerate = []
+    for m in results["methods"]:
+        u = results["utility"][m]
+        if u.get("empty_mask") or u.get("constant_map") or u.get("n_excluded"):
+            degenerate.append(f"{m}: {u.get('empty_mask', 0)} empty masks, {u.get('constant_map', 0)} constant "
+                              f"maps, {u.get('n_excluded', 0)} excluded (non-finite)")
+    degenerate_html = ("<p class='small'>Degenerate cases, counted and left out of the means: "
+                       + "; ".join(html.escape(d) for d in degenerate) + "</p>") if degenerate else ""
+
+    def img(name: str, alt: str) -> str:
+        if name not in pngs:
+            return ""
+        data = base64.b64encode(pngs[name]).decode()
+        return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>'
+
+    b = results["baselines"]
+    loc = b.get("agreement_localization")
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>SaliencyTrust report</title><style>{_CSS}</style></head><body>
+<h1>Can these saliency maps be trusted?</h1>
+<p class="small">Dataset <code>{html.escape(cfg['dataset_dir'])}</code>, {cfg['n_images']} lesion-positive images,
+methods {', '.join(html.escape(m) for m in results['methods'])}; device {html.escape(prov['device_name'])};
+{prov['seconds']} s. Criteria of Arun et al., Radiology: AI 2021.</p>
+{banner}
+<h2>Verdicts</h2>{summary}{verdict_table(results)}
+<p class="small">Cells: mean [95 % bootstrap CI] vs the criterion's reference (average-mask prior AUPRC; SSIM
+between maps of different images; localization-network agreement). Hover a cell for its rule.</p>
+{degenerate_html}
+<h2>1. Localization utility</h2>
+<p>AUPRC of each map against the ground truth on every lesion-positive image; grey boxes are the same method
+on an untrained network, orange the average-mask prior built from the training masks
+(mean {_fmt(b['utility_prior']['mean'])}), green the localization network's output
+(mean {_fmt((b.get('utility_localization') or {}).get('mean'))}). Cyan: ground-truth outline.</p>
+{img('utility.png', 'utility box plots and overlays')}
+<h2>2. Sensitivity to model randomization</h2>
+<p>Blocks re-initialized from the top of the network down, one state per block. A trustworthy map changes:
+its SSIM to the trained map should fall below the dashed line (SSIM between maps of different images).</p>
+{img('randomization.png', 'randomization curves')}
+{img('randomization_examples.png', 'maps per randomization state')}
+<h2>3. Repeatability and reproducibility</h2>
+<p>SSIM between the maps of two replicates of one architecture, and between two architectures, per image;
+threshold {_fmt(cfg['agreement_threshold'])}; localization-network replicates agree at
+{_fmt((loc or {}).get('mean'))}.</p>
+{img('agreement.png', 'agreement box plots')}
+{img('agreement_examples.png', 'maps from each model')}
+<h2>Provenance</h2><pre class="small">{html.escape(_provenance_text(results))}</pre>
+</body></html>"""
+
+
+def _provenance_text(results: Mapping) -> str:
+    p = results["provenance"]
+    lines = [f"schema_version {results['schema_version']}", f"preset {p['config']['preset']}",
+             f"seed {p['config']['seed']}", f"data_range {p['config']['data_range']}"]
+    lines += [f"classifier {c['arch']} {c['path']} sha256 {c['sha256'][:16]}" for c in p["config"]["classifiers"]]
+    lines += [f"localizer {c['path']} sha256 {c['sha256'][:16]}" for c in p["config"]["localizers"]]
+    lines += [f"{k} {v}" for k, v in sorted(p["versions"].items())]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, results: Mapping, inputs: ReportInputs) -> Path:
+    """Write ``figures/*.png`` and ``report.html`` under ``out_dir`` (atomically); returns the report path."""
+    out = Path(out_dir)
+    pngs = render_figures(inputs)
+    for name, data in pngs.items():
+        _atomic(out / "figures" / name, data)
+    path = out / "report.html"
+    _atomic(path, render_html(results, pngs).encode())
+    return path
+
+
+__all__ = ["ReportInputs", "render_figures", "render_html", "verdict_table", "write_report"]

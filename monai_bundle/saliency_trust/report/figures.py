@@ -1,0 +1,197 @@
+"""The paper's three figure families, drawn with matplotlib's Agg backend into PNG bytes.
+
+1. utility: per-method AUPRC box plots (trained, untrained network) against the average-mask
+   prior and the localization network, and example overlays with the ground-truth outline;
+2. randomization: mean SSIM to the trained map per cascading state with its 95 % band and the
+   random-pair baseline, and one image's maps across the states;
+3. agreement: repeatability and reproducibility SSIM box plots with the threshold and the
+   localization-network baseline, and the same image's maps from each replicate / architecture.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+METHOD_LABELS = {"grad": "Gradient", "sg": "SmoothGrad", "ig": "Integrated Gradients", "sig": "SmoothGrad-IG",
+                 "gradcam": "Grad-CAM", "gbp": "Guided Backprop", "ggcam": "Guided Grad-CAM", "xrai": "XRAI"}
+MAP_CMAP = "inferno"  # perceptually uniform, readable in grey
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _finite(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=float)
+    return v[np.isfinite(v)]
+
+
+def _box(ax, groups: Sequence[np.ndarray], labels: Sequence[str], colors: Sequence[str]) -> None:
+    data = [_finite(g) if len(_finite(g)) else np.array([np.nan]) for g in groups]
+    bp = ax.boxplot(data, patch_artist=True, widths=0.6, showfliers=True)
+    for patch, c in zip(bp["boxes"], colors, strict=True):
+        patch.set_facecolor(c)
+        patch.set_alpha(0.75)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=35, ha="right", fontsize=8)
+
+
+def _outline(ax, mask: np.ndarray) -> None:
+    if mask.any() and not mask.all():
+        ax.contour(mask.astype(float), levels=[0.5], colors="cyan", linewidths=1.0)
+
+
+def _overlay(ax, image: np.ndarray, sal: np.ndarray | None, mask: np.ndarray | None, title: str) -> None:
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    if sal is not None:
+        ax.imshow(sal, cmap=MAP_CMAP, vmin=0, vmax=1, alpha=0.55)
+    if mask is not None:
+        _outline(ax, mask)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def utility_figure(methods: Sequence[str], auprc: Mapping[str, np.ndarray], untrained: Mapping[str, np.ndarray],
+                   prior: np.ndarray, localization: np.ndarray | None, image: np.ndarray, mask: np.ndarray,
+                   maps: Mapping[str, np.ndarray], example_id: str, example: int = 0) -> bytes:
+    """Box plots of per-image AUPRC per method with both baselines, and overlays of image ``example``."""
+    plt = _plt()
+    fig = plt.figure(figsize=(max(8, 1.6 * len(methods) + 2), 7.2))
+    ax = fig.add_axes((0.07, 0.48, 0.9, 0.47))
+    groups, labels, colors = [], [], []
+    for m in methods:
+        groups += [auprc[m], untrained[m]]
+        labels += [f"{METHOD_LABELS.get(m, m)}", f"{m} untrained"]
+        colors += ["#3b75af", "#bbbbbb"]
+    groups.append(prior)
+    labels.append("average-mask prior")
+    colors.append("#e08a2c")
+    if localization is not None:
+        groups.append(localization)
+        labels.append("localization net")
+        colors.append("#4a9a4a")
+    _box(ax, groups, labels, colors)
+    ax.axhline(float(np.nanmean(prior)), color="#e08a2c", ls="--", lw=1, label="prior mean")
+    ax.set_ylabel("AUPRC per image")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Localization utility: AUPRC against the ground truth (higher is better)", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8)
+    n = len(methods) + 1
+    for k in range(n):
+        a = fig.add_axes((0.02 + k * 0.96 / n, 0.02, 0.96 / n - 0.01, 0.33))
+        if k == 0:
+            _overlay(a, image, None, mask, f"{example_id}\nground truth")
+        else:
+            m = methods[k - 1]
+            _overlay(a, image, maps[m], mask, f"{METHOD_LABELS.get(m, m)}\nAUPRC {float(auprc[m][example]):.2f}")
+    return _png(fig)
+
+
+def randomization_figure(methods: Sequence[str], states: Sequence[str], ssim: Mapping[str, np.ndarray],
+                         baseline: Mapping[str, float]) -> bytes:
+    """Mean SSIM (95 % band over images) to the trained map per cascading state, with the baseline."""
+    plt = _plt()
+    cols = min(4, len(methods))
+    rows = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    x = np.arange(len(states) + 1)
+    for k, m in enumerate(methods):
+        ax = axes[k // cols][k % cols]
+        per_state = np.asarray(ssim[m], dtype=float)  # [S, N]
+        mean = np.concatenate([[1.0], np.nanmean(per_state, 1)])
+        sd = np.concatenate([[0.0], np.nanstd(per_state, 1)])
+        nn = np.concatenate([[1], np.isfinite(per_state).sum(1)])
+        half = 1.96 * sd / np.sqrt(np.maximum(nn, 1))
+        ax.plot(x, mean, "o-", ms=3, color="#3b75af")
+        ax.fill_between(x, mean - half, mean + half, color="#3b75af", alpha=0.25)
+        ax.axhline(baseline[m], color="#c0392b", ls="--", lw=1)
+        ax.set_title(METHOD_LABELS.get(m, m), fontsize=9)
+        ax.set_xticks(x, ["trained", *states], rotation=90, fontsize=6)
+        ax.set_ylim(-0.1, 1.05)
+        if k % cols == 0:
+            ax.set_ylabel("SSIM to trained map")
+    for k in range(len(methods), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle("Cascading randomization, top block first (dashed: SSIM between maps of different images)",
+                 fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def state_examples_figure(methods: Sequence[str], states: Sequence[str], image: np.ndarray,
+                          trained: Mapping[str, np.ndarray], per_state: Mapping[str, np.ndarray]) -> bytes:
+    """One image's map per method (rows) for the trained model and each randomized state (columns)."""
+    plt = _plt()
+    cols = len(states) + 1
+    fig, axes = plt.subplots(len(methods), cols, figsize=(1.15 * cols, 1.2 * len(methods)), squeeze=False)
+    for r, m in enumerate(methods):
+        for c in range(cols):
+            ax = axes[r][c]
+            sal = trained[m] if c == 0 else per_state[m][c - 1]
+            ax.imshow(sal, cmap=MAP_CMAP, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("trained" if c == 0 else states[c - 1], fontsize=5, rotation=60, ha="left")
+            if c == 0:
+                ax.set_ylabel(m, fontsize=7)
+    fig.subplots_adjust(wspace=0.03, hspace=0.05)
+    return _png(fig)
+
+
+def agreement_figure(methods: Sequence[str], repeat: Mapping[str, np.ndarray], reprod: Mapping[str, np.ndarray],
+                     baseline: np.ndarray | None, threshold: float) -> bytes:
+    """Repeatability and reproducibility SSIM box plots with the threshold and the U-Net baseline."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(methods) * 2), 4), squeeze=False, sharey=True)
+    for ax, values, title in ((axes[0][0], repeat, "Repeatability: replicate vs replicate"),
+                              (axes[0][1], reprod, "Reproducibility: InceptionV3 vs DenseNet121")):
+        if not values:
+            ax.text(0.5, 0.5, "not assessed", ha="center", va="center")
+            ax.set_title(title, fontsize=9)
+            continue
+        groups = [values[m] for m in methods]
+        labels = [METHOD_LABELS.get(m, m) for m in methods]
+        colors = ["#3b75af"] * len(methods)
+        if baseline is not None:
+            groups.append(baseline)
+            labels.append("localization net")
+            colors.append("#4a9a4a")
+        _box(ax, groups, labels, colors)
+        ax.axhline(threshold, color="#c0392b", ls="--", lw=1, label=f"threshold {threshold}")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(-0.1, 1.05)
+        ax.legend(loc="lower right", fontsize=7)
+    axes[0][0].set_ylabel("SSIM per image")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def agreement_examples_figure(methods: Sequence[str], image: np.ndarray, columns: Mapping[str, Mapping]) -> bytes:
+    """The same image's maps per method (rows) from each model (columns: replicate A, B, other arch)."""
+    plt = _plt()
+    names = list(columns)
+    fig, axes = plt.subplots(len(methods), len(names), figsize=(1.5 * len(names), 1.35 * len(methods)),
+                             squeeze=False)
+    for r, m in enumerate(methods):
+        for c, name in enumerate(names):
+            _overlay(axes[r][c], image, columns[name][m], None, name if r == 0 else "")
+            if c == 0:
+                axes[r][c].text(-0.08, 0.5, m, transform=axes[r][c].transAxes, rotation=90, va="center",
+                                ha="right", fontsize=7)
+    fig.subplots_adjust(wspace=0.03, hspace=0.08)
+    return _png(fig)
