@@ -58,11 +58,12 @@ def render_figures(inputs: ReportInputs) -> dict[str, bytes]:
         "utility.png": figures.utility_figure(r.methods, r.auprc, r.auprc_untrained, r.auprc_prior,
                                               r.auprc_localization, r.images[e], r.masks[e],
                                               {m: r.trained_maps[m][e] for m in r.methods}, r.ids[e], e),
-        "randomization.png": figures.randomization_figure(r.methods, r.states, r.state_ssim, r.state_baseline),
-        "randomization_examples.png": figures.state_examples_figure(
-            r.methods, r.states, r.images[e], {m: r.trained_maps[m][e] for m in r.methods}, r.state_examples),
         "agreement.png": figures.agreement_figure(r.methods, r.repeat, r.reprod, r.agreement_baseline, r.threshold),
     }
+    if r.states:
+        out["randomization.png"] = figures.randomization_figure(r.methods, r.states, r.state_ssim, r.state_baseline)
+        out["randomization_examples.png"] = figures.state_examples_figure(
+            r.methods, r.states, r.images[e], {m: r.trained_maps[m][e] for m in r.methods}, r.state_examples)
     if r.agreement_examples:
         out["agreement_examples.png"] = figures.agreement_examples_figure(r.methods, r.images[e],
                                                                           r.agreement_examples)

@@ -252,9 +252,12 @@ def run_assessment(
     uv = utility_verdicts({m: util[m]["auprc"].numpy() for m in methods}, util_prior["auprc"].numpy())
     for m in methods:
         verdicts[m]["utility"] = uv[m]
-        final = torch.cat([r["ssim"][m][-1] for r in rand]).numpy()
-        base = torch.cat([r["baseline"][m] for r in rand]).numpy()
-        verdicts[m]["randomization"] = randomization_verdict(final, base)
+        if rand:
+            final = torch.cat([r["ssim"][m][-1] for r in rand]).numpy()
+            base = torch.cat([r["baseline"][m] for r in rand]).numpy()
+            verdicts[m]["randomization"] = randomization_verdict(final, base)
+        else:
+            verdicts[m]["randomization"] = {"passed": None, "rule": "not run (randomize=0)", "why": "not run"}
         la = loc_agree.numpy() if loc_agree is not None else None
         verdicts[m]["repeatability"] = (agreement_verdict(repeat[m].numpy(), la, agreement_threshold, "repeatability")
                                         if repeat else {"passed": None, "why": "needs two replicates"})
@@ -300,10 +303,10 @@ def run_assessment(
             auprc_untrained={m: util_untrained[m]["auprc"].numpy() for m in methods},
             auprc_prior=util_prior["auprc"].numpy(),
             auprc_localization=util_loc["auprc"].numpy() if util_loc else None,
-            trained_maps={m: trained[0][m].numpy() for m in methods}, states=rand[0]["states"],
-            state_ssim={m: rand[0]["ssim"][m].numpy() for m in methods},
-            state_baseline={m: float(rand[0]["baseline"][m].nanmean()) for m in methods},
-            state_examples={m: rand[0]["examples"][m].numpy() for m in methods},
+            trained_maps={m: trained[0][m].numpy() for m in methods}, states=rand[0]["states"] if rand else [],
+            state_ssim={m: rand[0]["ssim"][m].numpy() for m in methods} if rand else {},
+            state_baseline={m: float(rand[0]["baseline"][m].nanmean()) for m in methods} if rand else {},
+            state_examples={m: rand[0]["examples"][m].numpy() for m in methods} if rand else {},
             repeat={m: v.numpy() for m, v in repeat.items()}, reprod={m: v.numpy() for m, v in reprod.items()},
             agreement_baseline=loc_agree.numpy() if loc_agree is not None else None,
             agreement_examples={name: {m: maps[m][example].numpy() for m in methods}
@@ -327,5 +330,5 @@ def _write_outputs(out_dir, results, positives, methods, util, util_untrained, u
             w.writerow([r.id, m, float(util[m]["auprc"][i]), float(util_untrained[m]["auprc"][i]),
                         float(util_prior["auprc"][i]), float(util_loc["auprc"][i]) if util_loc else "",
                         float(repeat[m][i]) if repeat else "", float(reprod[m][i]) if reprod else "",
-                        float(rand[0]["ssim"][m][-1][i])])
+                        float(rand[0]["ssim"][m][-1][i]) if rand else ""])
     atomic_write_bytes(out_dir / "per_image.csv", buf.getvalue().encode())

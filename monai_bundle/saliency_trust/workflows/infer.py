@@ -1,0 +1,287 @@
+"""One image through the bundle (``configs/inference.json``): prediction, maps on the input grid, live checks.
+
+Input: a DICOM file or a folder holding one DICOM image, NIfTI, NRRD/NHDR, MHA, or PNG/JPEG/TIFF.
+Outputs under ``output_dir`` (each written atomically):
+
+* ``prediction.json``: class probabilities, the explained class, the model (file hash), the
+  live checks for this image and, when a trust ``results.json`` sits beside the weights, the
+  model's dataset-level verdicts;
+* ``maps/<method>.<nrrd|nii.gz>``: one float map per method in [0, 1] on exactly the input's
+  grid (size, spacing, origin, direction copied from the input image).
+
+Live checks: *repeatability here* (SSIM between this replicate's map and another replicate's,
+same architecture, at the network's resolution), *randomization here* (SSIM between the trained
+map and the fully randomized model's map, cascading, for the class the trained model explains),
+and, when ``mask`` is given, *AUPRC* of each map against it on the input grid.
+
+Intensities: DICOM through the stored range (as training reads it), PNG through its bit depth,
+volumes (NIfTI/NRRD/MHA) of an unsigned integer type through the smallest of 8/10/12/14/16 bits
+that holds their maximum (what a 12-bit radiograph exported by a viewer becomes), other volumes
+by their min-max; ``intensity_range`` overrides all of these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from saliency_trust.data.dicom import read_dicom
+from saliency_trust.data.errors import DataError
+from saliency_trust.data.groundtruth import resize_image
+from saliency_trust.data.readers import read_image
+from saliency_trust.metrics import auprc, ssim
+from saliency_trust.networks import file_sha256, get_network, load_weights, randomization_states, to_network_input
+from saliency_trust.saliency import METHODS, explain, predict
+from saliency_trust.workflows.train import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+MAP_FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _sitk_read(path: Path):
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DataError(str(path), f"not a readable image ({first})") from None
+
+
+def _plane(arr: np.ndarray, path: Path) -> np.ndarray:
+    """The one 2-D plane of ``arr`` (``[H, W]`` or ``[1, H, W]``), or a DataError naming ``path``."""
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise DataError(str(path), f"expected one 2-D radiograph, got an image of shape {arr.shape} (3-D or colour)")
+    if arr.size == 0 or min(arr.shape) < 2:
+        raise DataError(str(path), f"empty image (shape {arr.shape})")
+    return arr
+
+
+def _normalize_volume(arr: np.ndarray, path: Path, intensity_range: Sequence[float] | None) -> np.ndarray:
+    a = arr.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise DataError(str(path), "image has NaN or infinite values")
+    if intensity_range is not None:
+        lo, hi = float(intensity_range[0]), float(intensity_range[1])
+    elif arr.dtype.kind == "u" or (arr.dtype.kind == "i" and a.min() >= 0):
+        bits = next((b for b in (8, 10, 12, 14, 16) if a.max() <= 2**b - 1), None)
+        if bits is None:
+            raise DataError(str(path), f"integer values up to {a.max():.0f} exceed 16 bits; pass intensity_range")
+        lo, hi = 0.0, float(2**bits - 1)
+    else:
+        lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        raise DataError(str(path), f"constant image or empty intensity range [{lo}, {hi}]")
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def read_input(path: str | Path, intensity_range: Sequence[float] | None = None):
+    """``(image in [0, 1] [H, W] float32, reference SimpleITK image with the input's geometry)``."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and (_is_dicom(p) or p.suffix.lower() == ".dcm"))
+        if len(files) != 1:
+            raise DataError(str(path), f"a DICOM folder must hold exactly one radiograph; found {len(files)} files")
+        path = files[0]
+    if not path.is_file():
+        raise DataError(str(path), "input image is missing")
+    suffix = _suffix(path)
+    if suffix in VOLUME_SUFFIXES:
+        ref = _sitk_read(path)
+        if ref.GetNumberOfComponentsPerPixel() != 1:
+            raise DataError(str(path), f"{ref.GetNumberOfComponentsPerPixel()}-component image; expected grayscale")
+        arr = _plane(sitk.GetArrayFromImage(ref), path)
+        return _normalize_volume(arr, path, intensity_range), ref
+    if suffix in PICTURE_SUFFIXES:
+        img, _ = read_image(path)
+        ref = sitk.GetImageFromArray(np.zeros(img.shape, np.float32))
+        return img, ref
+    if suffix in (".dcm", ".dicom", "") or _is_dicom(path):
+        img, _ = read_dicom(path)  # the training reader: stored range, MONOCHROME1 inverted
+        ref = _sitk_read(path)
+        if _plane(sitk.GetArrayFromImage(ref), path).shape != img.shape:
+            raise DataError(str(path), "DICOM pixel data and geometry disagree in size")
+        if intensity_range is not None:
+            raw = sitk.GetArrayFromImage(ref).reshape(img.shape)
+            img = _normalize_volume(raw, path, intensity_range)
+        return img, ref
+    raise DataError(str(path), f"unsupported file type {suffix!r}; use DICOM, NIfTI, NRRD, MHA or PNG")
+
+
+def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask (any non-zero voxel is lesion) on the input grid."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "mask file is missing")
+    if _suffix(path) in VOLUME_SUFFIXES:
+        arr = _plane(sitk.GetArrayFromImage(_sitk_read(path)), path)
+    elif _suffix(path) in PICTURE_SUFFIXES:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = _plane(np.asarray(im.convert("L")), path)
+    else:
+        raise DataError(str(path), "mask must be NIfTI, NRRD, MHA or PNG")
+    if arr.shape != tuple(shape):
+        raise DataError(str(path), f"mask is {arr.shape} but the image is {tuple(shape)}; it must share the grid")
+    return arr != 0
+
+
+def _write_map(path: Path, values: np.ndarray, ref) -> None:
+    arr = values.astype(np.float32)
+    if ref.GetDimension() == 3:
+        arr = arr[None]
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(ref)
+    tmp = path.with_name(f".{path.name}.tmp{_suffix(path)}")
+    sitk.WriteImage(img, str(tmp), useCompression=True)
+    tmp.replace(path)
+
+
+def _replicates(model_dir: Path, arch: str, replicate: int) -> list[Path]:
+    own = model_dir / f"{arch}_seed{replicate}.pt"
+    return [p for p in sorted(model_dir.glob(f"{arch}_seed*.pt")) if p != own]
+
+
+def _image_size(weights: Path, image_size: int | None) -> int:
+    if image_size:
+        return int(image_size)
+    meta = weights.with_suffix(".metrics.json")
+    if meta.is_file():
+        size = json.loads(meta.read_text()).get("image_size")
+        if size:
+            return int(size)
+    return 320  # the paper's input size
+
+
+def run_inference(
+    image: str | Path,
+    output_dir: str | Path,
+    model_dir: str | Path,
+    arch: str = "inception_v3",
+    replicate: int = 0,
+    methods: Sequence[str] | None = None,
+    preset: str = "paper",
+    mask: str | Path | None = None,
+    map_format: str = "nrrd",
+    image_size: int | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    intensity_range: Sequence[float] | None = None,
+    checks: bool = True,
+) -> dict:
+    """Explain one image with one trained replicate; returns what ``prediction.json`` holds."""
+    t0 = time.time()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(image, out, Path(model_dir), arch, int(replicate), methods, preset, mask, map_format,
+                    image_size, device, seed, intensity_range, checks, t0)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        source, problem = (exc.source, exc.problem) if isinstance(exc, DataError) else ("", str(exc))
+        atomic_write_bytes(out / "error.json", json.dumps({"source": source, "problem": problem,
+                                                          "type": type(exc).__name__}).encode())
+        raise
+
+
+def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, mask, map_format, image_size, device,
+         seed, intensity_range, checks, t0) -> dict:
+    if map_format not in MAP_FORMATS:
+        raise ValueError(f"map_format must be one of {sorted(MAP_FORMATS)}, got {map_format!r}")
+    methods = list(methods or METHODS)
+    weights = model_dir / f"{arch}_seed{replicate}.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no such model file (architecture {arch}, replicate {replicate})")
+    img, ref = read_input(image, intensity_range)
+    gt = read_mask(mask, img.shape) if mask else None
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = _image_size(weights, image_size)
+    x = to_network_input(torch.from_numpy(resize_image(img, (size, size)))[None]).to(dev)
+    net = load_weights(get_network(arch), weights).to(dev).eval()
+    with torch.no_grad():
+        probs = torch.softmax(predict(net, x).float(), 1)[0].cpu()
+    target = torch.tensor([int(probs.argmax())], device=dev)
+    maps = explain(net, x, methods, targets=target, preset=preset, seed=seed)
+
+    def on_grid(m: torch.Tensor) -> np.ndarray:
+        return np.clip(resize_image(m[0].float().cpu().numpy(), img.shape), 0.0, 1.0)
+
+    (out / "maps").mkdir(exist_ok=True)
+    files = {}
+    grid_maps = {}
+    for m in methods:
+        grid_maps[m] = on_grid(maps[m])
+        files[m] = f"maps/{m}{MAP_FORMATS[map_format]}"
+        _write_map(out / files[m], grid_maps[m], ref)
+
+    live: dict = {}
+    if checks:
+        others = _replicates(model_dir, arch, replicate)
+        if others:
+            other = load_weights(get_network(arch), others[0]).to(dev).eval()
+            om = explain(other, x, methods, targets=target, preset=preset, seed=seed)
+            live["repeatability"] = {"against": others[0].name,
+                                     "ssim": {m: float(ssim(maps[m], om[m], data_range=1.0)[0]) for m in methods}}
+            del other
+        else:
+            live["repeatability"] = {"against": None, "ssim": None, "why": "no other replicate beside the weights"}
+        final = None
+        for name, state in randomization_states(net, arch, mode="cascading", seed=seed):
+            final = (name, state)
+        rm = explain(final[1], x, methods, targets=target, preset=preset, seed=seed)
+        live["randomization"] = {"state": final[0], "mode": "cascading",
+                                 "ssim": {m: float(ssim(maps[m], rm[m], data_range=1.0)[0]) for m in methods}}
+    if gt is not None:
+        g = torch.from_numpy(gt)[None]
+        live["auprc"] = {m: float(auprc(torch.from_numpy(grid_maps[m])[None].double(), g)[0]) for m in methods}
+        live["mask_pixels"] = int(gt.sum())
+
+    results_file = model_dir / "results.json"
+    verdicts = None
+    if results_file.is_file():
+        res = json.loads(results_file.read_text())
+        verdicts = {"file": results_file.name, "preset": res.get("provenance", {}).get("config", {}).get("preset"),
+                    "n_images": res.get("provenance", {}).get("config", {}).get("n_images"),
+                    "methods": {m: {c: v.get("passed") for c, v in res["verdicts"][m].items()}
+                                for m in methods if m in res.get("verdicts", {})},
+                    "details": {m: res["verdicts"][m] for m in methods if m in res.get("verdicts", {})}}
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "input": {"name": Path(image).name, "shape": list(img.shape), "spacing": list(ref.GetSpacing()),
+                  "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection())},
+        "model": {"arch": arch, "replicate": replicate, "file": weights.name, "sha256": file_sha256(weights),
+                  "image_size": size},
+        "preset": preset, "methods": methods, "device": str(dev),
+        "probabilities": [float(p) for p in probs], "predicted_class": int(probs.argmax()),
+        "explained_class": int(target[0]), "maps": files, "checks": live, "verdicts": verdicts,
+        "seconds": round(time.time() - t0, 2),
+    }
+    atomic_write_bytes(out / "prediction.json", json.dumps(result, indent=2).encode())
+    stale = out / "error.json"
+    if stale.exists():
+        stale.unlink()
+    return result

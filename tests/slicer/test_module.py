@@ -1,0 +1,236 @@
+"""The Slicer module's logic on real MRML nodes (slicer-core wheel) and the real bundle inference."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+MODULE_DIR = REPO / "SaliencyTrust"
+slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is not installed")
+sys.path.insert(0, str(MODULE_DIR))
+
+from SaliencyTrustLib import logic as L  # noqa: E402
+
+METHODS = ("grad", "gradcam", "gbp")
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    slicer.mrmlScene = s  # slicer.util helpers use the global scene
+    for name in ("Red", "Yellow", "Green"):
+        c = s.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        c.SetLayoutName(name)
+    yield s
+    s.Clear(1)
+
+
+def load_dicom(scene, path: Path):
+    """A SynthCXR DICOM into a scalar volume node, read by Slicer's own ITK/GDCM storage node."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CXR")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(True)
+    assert storage.ReadData(node)
+    return node
+
+
+def matrix(node) -> np.ndarray:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def request(b: dict, **kw) -> L.Request:
+    return L.Request(bundle_dir=str(b["bundle"]), model_dir=str(b["models"]), arch=b["arch"],
+                     methods=kw.pop("methods", METHODS), preset="quick", device="cpu", python=sys.executable, **kw)
+
+
+def table_rows(table) -> list[dict]:
+    t = table.GetTable()
+    cols = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]
+    return [{cols[c]: t.GetValue(r, c).ToString() for c in range(len(cols))} for r in range(t.GetNumberOfRows())]
+
+
+@pytest.mark.slow
+def test_local_run_puts_aligned_overlays_and_trust_table_in_the_scene(scene, trained_bundle, tmp_path):
+    import torch
+    from saliency_trust.metrics import auprc
+
+    volume = load_dicom(scene, trained_bundle["dicom"])
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lesion")
+    arr = slicer.util.arrayFromVolume(volume)
+    # An ROI over the centre-right quarter, in RAS through the volume's own IJK-to-RAS matrix.
+    ijk_to_ras = matrix(volume)
+    c = ijk_to_ras @ np.array([arr.shape[2] * 0.6, arr.shape[1] * 0.5, 0, 1])
+    roi.SetCenter(*c[:3])
+    roi.SetSize(abs(ijk_to_ras[0, 0]) * arr.shape[2] / 4, abs(ijk_to_ras[1, 1]) * arr.shape[1] / 4, 10)
+
+    res = L.run_local(scene, volume, request(trained_bundle), tmp_path / "work", score_node=roi, timeout=600)
+
+    # One overlay per method, on exactly the input's grid, values in [0, 1].
+    assert set(res.map_nodes) == set(METHODS)
+    for node in res.map_nodes.values():
+        assert node.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+        np.testing.assert_allclose(matrix(node), matrix(volume), atol=1e-5)
+        values = slicer.util.arrayFromVolume(node)
+        assert values.dtype == np.float32 and values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0
+        disp = node.GetDisplayNode()
+        assert disp.GetColorNodeID() == L.perceptual_color_node(scene).GetID()
+        assert (disp.GetWindowLevelMin(), disp.GetWindowLevelMax()) == (0.0, 1.0)
+    # The colour table is perceptual: monotone lightness from black to pale yellow.
+    lut = L.perceptual_color_node(scene)
+    rgb = np.array([lut.GetLookupTable().GetTableValue(i)[:3] for i in range(256)])
+    luma = rgb @ [0.2126, 0.7152, 0.0722]
+    assert np.all(np.diff(luma) > -1e-3) and luma[0] < 0.02 and luma[-1] > 0.9
+
+    # Foreground layer of every slice view.
+    assert L.show_overlay(scene, volume, res.map_nodes["gradcam"], 0.4) == 3
+    comps = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for i in range(comps.GetNumberOfItems()):
+        comp = comps.GetItemAsObject(i)
+        assert comp.GetBackgroundVolumeID() == volume.GetID()
+        assert comp.GetForegroundVolumeID() == res.map_nodes["gradcam"].GetID()
+        assert comp.GetForegroundOpacity() == pytest.approx(0.4)
+
+    # The table: one row per method, the dataset-level verdicts and this image's checks.
+    rows = table_rows(res.table_node)
+    assert [r["method"] for r in rows] == list(METHODS)
+    assert list(rows[0]) == list(L.TABLE_COLUMNS)
+    saved = json.loads((trained_bundle["models"] / "results.json").read_text())
+    pred = res.prediction
+    for r in rows:
+        for crit in L.CRITERIA:
+            want = {True: "pass", False: "FAIL", None: "n/a"}[saved["verdicts"][r["method"]][crit]["passed"]]
+            assert r[crit] == want, (r, crit)
+        assert r["trust"] == ("passes all" if r["method"] not in res.failing else
+                              "FAILS " + ", ".join(res.failing[r["method"]]))
+        assert float(r["repeatability_here_ssim"]) == pytest.approx(
+            pred["checks"]["repeatability"]["ssim"][r["method"]], abs=5e-4)
+        assert float(r["randomization_here_ssim"]) == pytest.approx(
+            pred["checks"]["randomization"]["ssim"][r["method"]], abs=5e-4)
+    assert res.banner() == "" if not res.failing else "Do not trust these maps" in res.banner()
+    assert "Predicted" in res.summary() and len(pred["probabilities"]) == 2
+
+    # ROI scoring equals the engine's AUPRC on the overlay and the ROI mask as the scene holds them.
+    mask = L.mask_from_roi(volume, roi)
+    assert 0 < mask.sum() < mask.size
+    inside = [roi.IsPointInROIWorld(list((matrix(volume) @ np.array([i, j, 0, 1]))[:3]))
+              for j in range(0, arr.shape[1], 7) for i in range(0, arr.shape[2], 7)]
+    assert np.array_equal(np.array(inside), mask[0, ::7, ::7].ravel())  # our vectorized test = Slicer's own
+    for r in rows:
+        m = r["method"]
+        overlay = torch.from_numpy(slicer.util.arrayFromVolume(res.map_nodes[m])[0].astype(np.float64))
+        engine = float(auprc(overlay[None], torch.from_numpy(mask[0])[None])[0])
+        assert pred["checks"]["auprc"][m] == pytest.approx(engine, abs=1e-12)
+        assert float(r["auprc_here"]) == pytest.approx(engine, abs=5e-4)
+
+
+def _node_count(scene) -> int:
+    return scene.GetNumberOfNodes()
+
+
+def test_bad_input_volumes_get_clear_messages_and_leave_the_scene_unchanged(scene, tmp_path):
+    import vtk
+
+    three_d = slicer.util.addVolumeFromArray(np.zeros((5, 16, 16), np.int16), name="CT")
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    label.SetAndObserveImageData(vtk.vtkImageData())
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    rgb = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "photo")
+    img = vtk.vtkImageData()
+    img.SetDimensions(8, 8, 1)
+    img.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    rgb.SetAndObserveImageData(img)
+    before = _node_count(scene)
+    req = L.Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(tmp_path), python=sys.executable)
+    cases = {three_d: "not a 2-D image (dimensions 16 x 16 x 5)", label: "is a label map", empty: "no image data",
+             rgb: "3 components per voxel", None: "Select an input volume"}
+    for node, words in cases.items():
+        with pytest.raises(L.InputVolumeError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            L.run_local(scene, node, req, tmp_path / "work")
+    assert _node_count(scene) == before
+    assert not (tmp_path / "work" / "output").exists()  # refused before any process started
+
+
+@pytest.mark.slow
+def test_failed_bundle_process_reaches_the_user_and_leaves_the_scene_unchanged(scene, trained_bundle, tmp_path):
+    volume = load_dicom(scene, trained_bundle["dicom"])
+    before = _node_count(scene)
+    with pytest.raises(L.BundleError, match=r"densenet121_seed7\.pt: no such model file"):
+        L.run_local(scene, volume, request(trained_bundle, replicate=7), tmp_path / "work", timeout=600)
+    assert _node_count(scene) == before
+    # A process that is cancelled says so and adds nothing either.
+    image, _ = L.prepare(volume, None, tmp_path / "in2")
+    proc = L.BundleProcess(request(trained_bundle), image, tmp_path / "out2").start()
+    proc.cancel()
+    with pytest.raises(L.BundleError, match="Cancelled"):
+        proc.result()
+    assert _node_count(scene) == before
+    # A results folder that cannot be loaded rolls back the nodes it had added.
+    out = tmp_path / "broken"
+    (out / "maps").mkdir(parents=True)
+    (out / "maps" / "grad.nrrd").write_bytes(b"NRRD0004\nnot really\n")
+    (out / "prediction.json").write_text(json.dumps({"maps": {"grad": "maps/grad.nrrd"}, "methods": ["grad"]}))
+    with pytest.raises(L.SaliencyTrustError):
+        L.load_results(scene, volume, out)
+    assert _node_count(scene) == before + (1 if scene.GetFirstNodeByName(L.COLOR_NODE_NAME) else 0)
+
+
+@pytest.mark.slow
+def test_segmentation_scoring_equals_the_engine(scene, trained_bundle, tmp_path):
+    import torch
+    from saliency_trust.metrics import auprc
+
+    volume = load_dicom(scene, trained_bundle["dicom"])
+    arr = slicer.util.arrayFromVolume(volume)
+    truth = np.zeros(arr.shape, np.uint8)
+    truth[0, 20:40, 30:50] = 1
+    label = slicer.util.addVolumeFromArray(truth, name="truth", nodeClassName="vtkMRMLLabelMapVolumeNode")
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    label.SetIJKToRASMatrix(m)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesion")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, seg)
+    mask = L.mask_from_segmentation(volume, seg)
+    assert np.array_equal(mask, truth.astype(bool))
+    res = L.run_local(scene, volume, request(trained_bundle, methods=("gradcam",), checks=False), tmp_path / "w",
+                      score_node=seg, timeout=600)
+    overlay = torch.from_numpy(slicer.util.arrayFromVolume(res.map_nodes["gradcam"])[0].astype(np.float64))
+    engine = float(auprc(overlay[None], torch.from_numpy(mask[0])[None])[0])
+    assert res.prediction["checks"]["auprc"]["gradcam"] == pytest.approx(engine, abs=1e-12)
+    assert table_rows(res.table_node)[0]["repeatability_here_ssim"] == ""  # checks were off
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            out.add((node.module or "").split(".")[0])
+    return out
+
+
+def test_logic_imports_no_qt_and_the_module_only_what_slicer_has():
+    lib = set().union(*(_imports(p) for p in (MODULE_DIR / "SaliencyTrustLib").glob("*.py")))
+    assert not lib & {"qt", "ctk", "PythonQt", "slicer.ScriptedLoadableModule"}, lib
+    # The library must load without Slicer's application: slicer-core is enough (already imported above).
+    assert L.check_input_volume and L.BundleProcess
+    slicer_has = {"qt", "ctk", "vtk", "slicer", "numpy", "SaliencyTrustLib", "PyTorchUtils", "__future__"}
+    module = _imports(MODULE_DIR / "SaliencyTrust.py")
+    extra = {m for m in module if m not in slicer_has and m not in sys.stdlib_module_names}
+    assert not extra, f"SaliencyTrust.py imports what Slicer lacks: {extra}"
+    assert not lib - slicer_has - set(sys.stdlib_module_names) - {"requests"}, lib
