@@ -499,3 +499,42 @@ def run_local(scene, volume, request: Request, work_dir: str | Path, score_node=
     image, mask = prepare(volume, score_node, work / "input")
     out = run_bundle(request, image, work / "output", mask, timeout=timeout)
     return load_results(scene, volume, out)
+
+
+def render_slice(scene, background, foreground, opacity: float = 0.5, size: int = 512) -> np.ndarray:
+    """The slice view's blended picture (RGB ``[size, size, 3]`` uint8), offscreen, through Slicer's own
+    slice logic: the same reslice, colour mapping and layer blending a slice view shows."""
+    slicer = _slicer()
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    if scene.GetNodeByID("vtkMRMLColorTableNodeGrey") is None:
+        colors = slicer.vtkSlicerColorLogic()
+        colors.SetMRMLScene(scene)
+    for node in (background, foreground):
+        if node is not None and node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+    if background is not None and not background.GetDisplayNode().GetColorNodeID():
+        background.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+    app = slicer.vtkMRMLApplicationLogic()
+    app.SetMRMLScene(scene)
+    logic = slicer.vtkMRMLSliceLogic()
+    logic.SetMRMLApplicationLogic(app)
+    logic.SetMRMLScene(scene)
+    slice_node = logic.AddSliceNode("SaliencyTrustOffscreen")
+    try:
+        comp = logic.GetSliceCompositeNode()
+        comp.SetBackgroundVolumeID(background.GetID() if background else None)
+        comp.SetForegroundVolumeID(foreground.GetID() if foreground else None)
+        comp.SetForegroundOpacity(float(opacity))
+        slice_node.SetOrientationToAxial()
+        slice_node.SetDimensions(size, size, 1)
+        logic.FitSliceToAll()
+        producer = logic.GetImageDataConnection().GetProducer()
+        producer.Update()
+        image = producer.GetOutputDataObject(0)
+        rgba = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(size, size, -1)
+        return np.ascontiguousarray(rgba[::-1, :, :3])  # VTK rows run bottom-up
+    finally:
+        for node in (slice_node, comp):
+            if node is not None and scene.IsNodePresent(node):
+                scene.RemoveNode(node)

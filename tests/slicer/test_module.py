@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -120,6 +121,14 @@ def test_local_run_puts_aligned_overlays_and_trust_table_in_the_scene(scene, tra
     assert res.banner() == "" if not res.failing else "Do not trust these maps" in res.banner()
     assert "Predicted" in res.summary() and len(pred["probabilities"]) == 2
 
+    # Offscreen picture through Slicer's own slice logic: the overlay changes what the view shows.
+    picture = L.render_slice(scene, volume, res.map_nodes["gradcam"], 0.5, size=256)
+    plain = L.render_slice(scene, volume, None, 0.0, size=256)
+    assert picture.shape == (256, 256, 3) and np.abs(picture.astype(int) - plain).mean() > 5
+    assert (picture[..., 0].astype(int) - picture[..., 2]).mean() > (plain[..., 0].astype(int) - plain[..., 2]).mean()
+    if os.environ.get("SALIENCY_TRUST_SCREENSHOT"):
+        _save_screenshot(Path(os.environ["SALIENCY_TRUST_SCREENSHOT"]), picture, rows, res)
+
     # ROI scoring equals the engine's AUPRC on the overlay and the ROI mask as the scene holds them.
     mask = L.mask_from_roi(volume, roi)
     assert 0 < mask.sum() < mask.size
@@ -234,3 +243,32 @@ def test_logic_imports_no_qt_and_the_module_only_what_slicer_has():
     extra = {m for m in module if m not in slicer_has and m not in sys.stdlib_module_names}
     assert not extra, f"SaliencyTrust.py imports what Slicer lacks: {extra}"
     assert not lib - slicer_has - set(sys.stdlib_module_names) - {"requests"}, lib
+
+
+def _save_screenshot(path: Path, picture: np.ndarray, rows: list[dict], res) -> None:
+    """The README picture: the rendered slice view beside the module's trust table."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1, 2.1]})
+    a.imshow(picture)
+    a.set_title("Grad-CAM over the radiograph (slice view, offscreen)", fontsize=9)
+    a.axis("off")
+    cols = ["method", "trust", "utility", "randomization", "repeatability", "reproducibility",
+            "repeatability_here_ssim", "randomization_here_ssim", "auprc_here"]
+    short = ["method", "trust", "utility", "random.", "repeat.", "reprod.", "SSIM rep.", "SSIM rand.", "AUPRC"]
+    t = b.table([[r[c] for c in cols] for r in rows], colLabels=short, loc="center", cellLoc="center")
+    t.auto_set_font_size(False)
+    t.set_fontsize(8)
+    t.scale(1, 1.6)
+    for (i, _j), cell in t.get_celld().items():
+        if i > 0 and cell.get_text().get_text().startswith(("FAIL", "FAILS")):
+            cell.set_facecolor("#f9dcdc")
+    b.axis("off")
+    b.set_title(res.summary() + ("\n" + res.banner() if res.banner() else ""), fontsize=8, wrap=True)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -162,6 +162,19 @@ def _write_map(path: Path, values: np.ndarray, ref) -> None:
     tmp.replace(path)
 
 
+#: Loaded networks by (architecture, file, SHA-256, device): one instance per worker process.
+_NETWORKS: dict[tuple[str, str, str, str], torch.nn.Module] = {}
+
+
+def _network(arch: str, path: Path, dev: torch.device, cache: bool) -> torch.nn.Module:
+    if not cache:
+        return load_weights(get_network(arch), path).to(dev).eval()
+    key = (arch, str(path.resolve()), file_sha256(path), str(dev))
+    if key not in _NETWORKS:
+        _NETWORKS[key] = load_weights(get_network(arch), path).to(dev).eval()
+    return _NETWORKS[key]
+
+
 def _replicates(model_dir: Path, arch: str, replicate: int) -> list[Path]:
     own = model_dir / f"{arch}_seed{replicate}.pt"
     return [p for p in sorted(model_dir.glob(f"{arch}_seed*.pt")) if p != own]
@@ -193,14 +206,18 @@ def run_inference(
     seed: int = 0,
     intensity_range: Sequence[float] | None = None,
     checks: bool = True,
+    cache_networks: bool = False,
 ) -> dict:
-    """Explain one image with one trained replicate; returns what ``prediction.json`` holds."""
+    """Explain one image with one trained replicate; returns what ``prediction.json`` holds.
+
+    ``cache_networks`` keeps loaded networks for the next call (the service's one instance per worker).
+    """
     t0 = time.time()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         return _run(image, out, Path(model_dir), arch, int(replicate), methods, preset, mask, map_format,
-                    image_size, device, seed, intensity_range, checks, t0)
+                    image_size, device, seed, intensity_range, checks, cache_networks, t0)
     except (DataError, ValueError, FileNotFoundError) as exc:
         source, problem = (exc.source, exc.problem) if isinstance(exc, DataError) else ("", str(exc))
         atomic_write_bytes(out / "error.json", json.dumps({"source": source, "problem": problem,
@@ -209,7 +226,7 @@ def run_inference(
 
 
 def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, mask, map_format, image_size, device,
-         seed, intensity_range, checks, t0) -> dict:
+         seed, intensity_range, checks, cache, t0) -> dict:
     if map_format not in MAP_FORMATS:
         raise ValueError(f"map_format must be one of {sorted(MAP_FORMATS)}, got {map_format!r}")
     methods = list(methods or METHODS)
@@ -221,7 +238,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = _image_size(weights, image_size)
     x = to_network_input(torch.from_numpy(resize_image(img, (size, size)))[None]).to(dev)
-    net = load_weights(get_network(arch), weights).to(dev).eval()
+    net = _network(arch, weights, dev, cache)
     with torch.no_grad():
         probs = torch.softmax(predict(net, x).float(), 1)[0].cpu()
     target = torch.tensor([int(probs.argmax())], device=dev)
@@ -242,7 +259,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     if checks:
         others = _replicates(model_dir, arch, replicate)
         if others:
-            other = load_weights(get_network(arch), others[0]).to(dev).eval()
+            other = _network(arch, others[0], dev, cache)
             om = explain(other, x, methods, targets=target, preset=preset, seed=seed)
             live["repeatability"] = {"against": others[0].name,
                                      "ssim": {m: float(ssim(maps[m], om[m], data_range=1.0)[0]) for m in methods}}
@@ -271,7 +288,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
                     "details": {m: res["verdicts"][m] for m in methods if m in res.get("verdicts", {})}}
     result = {
         "schema_version": SCHEMA_VERSION,
-        "input": {"name": Path(image).name, "shape": list(img.shape), "spacing": list(ref.GetSpacing()),
+        "input": {"shape": list(img.shape), "spacing": list(ref.GetSpacing()),
                   "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection())},
         "model": {"arch": arch, "replicate": replicate, "file": weights.name, "sha256": file_sha256(weights),
                   "image_size": size},

@@ -1,0 +1,69 @@
+"""Server mode: send the exported input to a SaliencyTrust service and lay its results out like a local run.
+
+Standard library only (urllib), so it runs in Slicer's Python without extra packages. The
+downloaded folder has the same ``prediction.json`` + ``maps/`` layout as the bundle writes, so
+``logic.load_results`` builds the same scene from either mode.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+from SaliencyTrustLib.logic import BundleError, Request
+
+
+def _multipart(fields: dict[str, str], files: dict[str, Path]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for k, v in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    for k, path in files.items():
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}{"".join(path.suffixes)}"'
+                "\r\nContent-Type: application/octet-stream\r\n\r\n")
+        parts.append(head.encode() + path.read_bytes() + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _open(req: urllib.request.Request, timeout: float):
+    try:
+        return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310  (the user's configured URL)
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read().decode()).get("detail", "")
+        except (ValueError, AttributeError):
+            detail = ""
+        raise BundleError(f"The SaliencyTrust server refused the request (HTTP {exc.code}): {detail}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise BundleError(f"Cannot reach the SaliencyTrust server at {req.full_url}: {reason}") from None
+
+
+def infer(url: str, model: str, image: str | Path, output_dir: str | Path, request: Request,
+          mask: str | Path | None = None, token: str | None = None, timeout: float = 600.0) -> Path:
+    """POST the image to ``{url}/infer/{model}``, download the maps; returns the local output folder."""
+    base = url.rstrip("/")
+    out = Path(output_dir)
+    (out / "maps").mkdir(parents=True, exist_ok=True)
+    fields = {"methods": ",".join(request.methods), "preset": request.preset, "replicate": str(request.replicate),
+              "checks": "true" if request.checks else "false"}
+    files = {"image": Path(image), **({"mask": Path(mask)} if mask else {})}
+    body, ctype = _multipart(fields, files)
+    headers = {"Content-Type": ctype, **({"Authorization": f"Bearer {token}"} if token else {})}
+    with _open(urllib.request.Request(f"{base}/infer/{model}", data=body, headers=headers, method="POST"),
+               timeout) as r:
+        prediction = json.loads(r.read().decode())
+    local = {}
+    for method, link in prediction["maps"].items():
+        name = f"maps/{method}.nii.gz"
+        with _open(urllib.request.Request(base + link, headers=headers), timeout) as r:
+            (out / name).write_bytes(r.read())
+        local[method] = name
+    prediction["maps"] = local
+    prediction["server"] = {"url": base, "id": prediction.get("id")}
+    (out / "prediction.json").write_text(json.dumps(prediction, indent=2))
+    return out

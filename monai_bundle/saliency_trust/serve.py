@@ -1,0 +1,366 @@
+"""MONAI-Label-style HTTP service: maps and trust metrics for one uploaded image.
+
+    python -m saliency_trust.serve --bundle monai_bundle --host 127.0.0.1 --port 8000
+
+Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
+
+* ``GET /info``: models (architecture, replicates, training data, dataset-level verdicts),
+  methods, presets;
+* ``POST /infer/{model}``: multipart upload ``image`` (DICOM, NIfTI, NRRD or PNG; the type is
+  read from the content, never from the name), optional ``mask``, and form fields ``methods``,
+  ``preset``, ``replicate``, ``checks``. Runs the bundle's inference workflow and returns its
+  ``prediction.json`` with ``maps`` turned into links under ``/results/{id}/maps/...`` (NIfTI on
+  the input's grid);
+* ``GET /results/{id}/{file}``: a result file, until the result expires (``--ttl`` seconds).
+
+Requests are queued for one worker thread that owns the device and keeps one instance of each
+network; a request waits at most ``--timeout`` seconds (queue time included) and then gets 504.
+Security: binds to 127.0.0.1 unless told otherwise and refuses a non-loopback address without a
+token; ``SALIENCY_TRUST_TOKEN`` set = every endpoint needs ``Authorization: Bearer <token>``;
+uploads are capped (``--max-upload-mb``); no path is built from user input (result ids and file
+names are looked up, not joined); logs carry request ids, sizes and timings, never file names,
+DICOM tags or other identifiers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saliency_trust.saliency.presets import PRESETS
+
+log = logging.getLogger("saliency_trust.serve")
+METHODS = ("grad", "sg", "ig", "sig", "gradcam", "gbp", "ggcam", "xrai")
+TOKEN_ENV = "SALIENCY_TRUST_TOKEN"
+
+
+# ---------------------------------------------------------------------------------------------
+# Content sniffing
+
+
+def sniff(head: bytes) -> str | None:
+    """The file type from its first bytes: ``dicom``, ``png``, ``nifti``, ``nifti_gz``, ``nrrd`` or None."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"NRRD000"):
+        return "nrrd"
+    if head[:2] == b"\x1f\x8b":
+        try:
+            inner = gzip.GzipFile(fileobj=__import__("io").BytesIO(head)).read(352)
+        except (OSError, EOFError):
+            inner = b""
+        return "nifti_gz" if _is_nifti(inner) else None
+    return "nifti" if _is_nifti(head) else None
+
+
+def _is_nifti(h: bytes) -> bool:
+    if len(h) < 348:
+        return False
+    size_le, size_be = int.from_bytes(h[:4], "little"), int.from_bytes(h[:4], "big")
+    return (348 in (size_le, size_be) and h[344:347] in (b"n+1", b"ni1")) or 540 in (size_le, size_be)
+
+
+SUFFIX = {"dicom": ".dcm", "png": ".png", "nrrd": ".nrrd", "nifti": ".nii", "nifti_gz": ".nii.gz"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and results
+
+
+@dataclass
+class Model:
+    """One servable model: a folder of replicates of one architecture (plus an optional results.json)."""
+
+    name: str
+    folder: Path
+    arch: str
+    replicates: list[int]
+
+    def info(self) -> dict:
+        meta = self.folder / f"{self.arch}_seed{self.replicates[0]}.metrics.json"
+        m = json.loads(meta.read_text()) if meta.is_file() else {}
+        res = self.folder / "results.json"
+        verdicts = None
+        if res.is_file():
+            r = json.loads(res.read_text())
+            verdicts = {meth: {c: v.get("passed") for c, v in crit.items()} for meth, crit in r["verdicts"].items()}
+        return {"name": self.name, "architecture": self.arch, "replicates": self.replicates,
+                "image_size": m.get("image_size"),
+                "training": {k: m.get(k) for k in ("n_train", "n_val", "max_epochs", "val_auc", "best_epoch")}
+                | {"dataset": Path(m["dataset_dir"]).name if m.get("dataset_dir") else None},
+                "verdicts": verdicts}
+
+
+def discover_models(bundle: Path, models_dir: Path | None = None) -> dict[str, Model]:
+    """Model folders: ``models_dir`` itself and each sub-folder holding ``<arch>_seed<k>.pt`` files."""
+    root = models_dir or bundle / "models"
+    out: dict[str, Model] = {}
+    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []:
+        by_arch: dict[str, list[int]] = {}
+        for w in folder.glob("*_seed*.pt"):
+            arch, _, seed = w.stem.rpartition("_seed")
+            if arch in ("inception_v3", "densenet121") and seed.isdigit():
+                by_arch.setdefault(arch, []).append(int(seed))
+        if not by_arch:
+            continue
+        arch = max(by_arch, key=lambda a: (len(by_arch[a]), a == "inception_v3"))
+        name = folder.name if folder != root else "default"
+        out[name] = Model(name, folder, arch, sorted(by_arch[arch]))
+    return out
+
+
+@dataclass
+class Result:
+    folder: Path
+    files: dict[str, Path]
+    expires: float
+
+
+@dataclass
+class State:
+    bundle: Path
+    models: dict[str, Model]
+    work: Path
+    token: str | None
+    max_upload: int
+    timeout: float
+    ttl: float
+    max_queue: int
+    device: str | None
+    results: dict[str, Result] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: int = 0
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "saliency-trust-gpu"))
+
+    def sweep(self) -> int:
+        """Remove expired results and their files; returns how many."""
+        now = time.time()
+        with self.lock:
+            gone = [k for k, r in self.results.items() if r.expires <= now]
+            for k in gone:
+                shutil.rmtree(self.results.pop(k).folder, ignore_errors=True)
+        return len(gone)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(state: State):
+    """The FastAPI application over ``state``."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+    from fastapi.responses import FileResponse, JSONResponse
+
+    @asynccontextmanager
+    async def lifespan(app):
+        async def sweeper() -> None:
+            while True:
+                await asyncio.sleep(max(0.5, min(state.ttl / 4, 60.0)))
+                state.sweep()
+
+        task = asyncio.create_task(sweeper())
+        yield
+        task.cancel()
+        state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="SaliencyTrust", version="1", description=__doc__.split("\n\n")[0], lifespan=lifespan)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > 2 * state.max_upload + 2**20:  # image + mask + form
+            return JSONResponse({"detail": f"upload exceeds the {state.max_upload // 2**20} MiB limit"},
+                                status_code=413)
+        if state.token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {state.token}".encode()):
+                return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+    @app.get("/info")
+    def info() -> dict:
+        """Models, methods and presets this service offers."""
+        return {"models": {k: m.info() for k, m in state.models.items()}, "methods": list(METHODS),
+                "presets": {k: v.name for k, v in PRESETS.items()}, "max_upload_mb": state.max_upload / 2**20,
+                "timeout_s": state.timeout, "result_ttl_s": state.ttl}
+
+    async def save_upload(upload: UploadFile, folder: Path, stem: str) -> Path:
+        head = b""
+        size = 0
+        tmp = folder / f".{stem}.part"
+        with tmp.open("wb") as f:
+            while chunk := await upload.read(1 << 20):
+                size += len(chunk)
+                if size > state.max_upload:
+                    raise HTTPException(413, f"{stem} upload exceeds the {state.max_upload // 2**20} MiB limit")
+                if len(head) < 4096:
+                    head += chunk[: 4096 - len(head)]
+                f.write(chunk)
+        if size == 0:
+            raise HTTPException(400, f"{stem} upload is empty")
+        kind = sniff(head)
+        if kind is None:
+            raise HTTPException(415, f"{stem} upload is not a DICOM, NIfTI, NRRD or PNG file (checked by content)")
+        path = folder / f"{stem}{SUFFIX[kind]}"
+        tmp.replace(path)
+        return path
+
+    @app.post("/infer/{model}")
+    async def infer(model: str, image: UploadFile = File(...), mask: UploadFile | None = File(None),
+                    methods: str = Form(",".join(METHODS)), preset: str = Form("quick"), replicate: int = Form(-1),
+                    checks: bool = Form(True)) -> Any:
+        """Explain one image: prediction, live checks, verdicts and links to the maps."""
+        if model not in state.models:
+            raise HTTPException(404, f"no model named {model!r}; GET /info lists them")
+        m = state.models[model]
+        wanted = [x.strip() for x in methods.replace("[", "").replace("]", "").replace('"', "").split(",") if x.strip()]
+        bad = [x for x in wanted if x not in METHODS]
+        if bad or not wanted:
+            raise HTTPException(422, f"unknown methods {bad}; choose from {list(METHODS)}")
+        if preset not in PRESETS:
+            raise HTTPException(422, f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        rep = m.replicates[0] if replicate < 0 else replicate
+        if rep not in m.replicates:
+            raise HTTPException(422, f"model {model!r} has replicates {m.replicates}, not {rep}")
+        rid = uuid.uuid4().hex
+        folder = state.work / rid
+        (folder / "in").mkdir(parents=True)
+        t0 = time.time()
+        try:
+            img_path = await save_upload(image, folder / "in", "image")
+            mask_path = await save_upload(mask, folder / "in", "mask") if mask is not None else None
+            with state.lock:
+                if state.pending >= state.max_queue:
+                    raise HTTPException(503, f"queue full ({state.max_queue} requests waiting); retry later")
+                state.pending += 1
+            try:
+                job = asyncio.get_running_loop().run_in_executor(
+                    state.executor, _run, state, m, rep, img_path, mask_path, folder / "out", wanted, preset, checks)
+                result = await asyncio.wait_for(asyncio.shield(job), timeout=state.timeout)
+            except TimeoutError:
+                raise HTTPException(504, f"no result within {state.timeout:.0f} s (queue wait included)") from None
+            finally:
+                with state.lock:
+                    state.pending -= 1
+        except HTTPException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if "error" in result:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("request %s: rejected (%s) in %.2f s", rid, result["error"]["type"], time.time() - t0)
+            raise HTTPException(422, result["error"]["message"])
+        shutil.rmtree(folder / "in", ignore_errors=True)
+        files = {rel: folder / "out" / rel for rel in result["maps"].values()}
+        files["prediction.json"] = folder / "out" / "prediction.json"
+        with state.lock:
+            state.results[rid] = Result(folder, files, time.time() + state.ttl)
+        result["id"] = rid
+        result["expires_in_s"] = state.ttl
+        result["maps"] = {k: f"/results/{rid}/{rel}" for k, rel in result["maps"].items()}
+        log.info("request %s: %d methods, %.2f s", rid, len(wanted), time.time() - t0)
+        return result
+
+    @app.get("/results/{rid}/{name:path}")
+    def results(rid: str, name: str):
+        """A file of a result that has not expired yet."""
+        state.sweep()
+        with state.lock:
+            r = state.results.get(rid)
+            path = r.files.get(name) if r else None
+        if path is None or not path.is_file():
+            raise HTTPException(404, "no such result (it may have expired)")
+        media = "application/json" if name.endswith(".json") else "application/gzip"
+        return FileResponse(path, media_type=media, filename=Path(name).name)
+
+    return app
+
+
+def _run(state: State, m: Model, rep: int, image: Path, mask: Path | None, out: Path, methods, preset, checks) -> dict:
+    """The bundle's inference workflow in the worker thread; user errors come back as a dict."""
+    from saliency_trust.data.errors import DataError
+    from saliency_trust.workflows.infer import run_inference
+
+    try:
+        return run_inference(image, out, m.folder, arch=m.arch, replicate=rep, methods=methods, preset=preset,
+                             mask=mask, map_format="nifti", device=state.device, checks=checks,
+                             cache_networks=True)
+    except DataError as exc:  # name the upload, never the server's path
+        what = "mask" if mask is not None and Path(exc.source).name == mask.name else "image"
+        return {"error": {"type": "DataError", "message": f"uploaded {what}: {exc.problem}"}}
+    except (ValueError, FileNotFoundError) as exc:
+        return {"error": {"type": type(exc).__name__, "message": str(exc).replace(str(m.folder), m.name)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    p = argparse.ArgumentParser(prog="python -m saliency_trust.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", default="monai_bundle", help="bundle folder")
+    p.add_argument("--models-dir", default=None, help="folder of model folders (default <bundle>/models)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=64.0)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queue wait included")
+    p.add_argument("--ttl", type=float, default=900.0, help="seconds a result stays downloadable")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most")
+    p.add_argument("--device", default=None)
+    p.add_argument("--work-dir", default=None, help="where results live (default: a fresh temporary folder)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = os.environ.get(TOKEN_ENV) or None
+    if not _is_loopback(a.host) and token is None:
+        p.error(f"refusing to listen on {a.host} without a token: set {TOKEN_ENV}")
+    bundle = Path(a.bundle).resolve()
+    models = discover_models(bundle, Path(a.models_dir).resolve() if a.models_dir else None)
+    if not models:
+        p.error(f"no models found under {a.models_dir or bundle / 'models'} (<arch>_seed<k>.pt files)")
+    work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="saliency-trust-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    state = State(bundle, models, work, token, int(a.max_upload_mb * 2**20), a.timeout, a.ttl, a.max_queue, a.device)
+    log.info("serving %d model(s) %s on %s:%d (auth %s)", len(models), sorted(models), a.host, a.port,
+             "on" if token else "off")
+    import uvicorn
+
+    try:
+        uvicorn.run(create_app(state), host=a.host, port=a.port, log_level="warning", access_log=False)
+    finally:
+        if not a.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""The HTTP service end to end: a real uvicorn on localhost, real uploads, maps equal to the local bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tests.conftest import REPO
+
+httpx = pytest.importorskip("httpx")
+TOKEN = "test-token-5b1f"
+METHODS = ["grad", "gradcam"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_bundle, tmp_path_factory):
+    port = _free_port()
+    work = tmp_path_factory.mktemp("serve")
+    log = (work / "server.log").open("w")
+    import torch
+
+    env = dict(os.environ, SALIENCY_TRUST_TOKEN=TOKEN, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saliency_trust.serve", "--bundle", str(REPO / "monai_bundle"), "--models-dir",
+         str(trained_bundle["models"]), "--port", str(port), "--max-upload-mb", "1", "--ttl", "8",
+         "--work-dir", str(work / "results"), "--device", "cpu"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/info", headers=auth, timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+        assert proc.poll() is None, (work / "server.log").read_text()
+    else:
+        proc.kill()
+        pytest.fail("service did not start: " + (work / "server.log").read_text())
+    yield {"url": url, "auth": auth, "work": work / "results", "proc": proc, "log": work / "server.log"}
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+def _post(server, path: Path, methods=METHODS, **extra):
+    files = {"image": ("whatever.bin", path.read_bytes(), "application/octet-stream")}
+    data = {"methods": ",".join(methods), "preset": "quick", "checks": "false", **extra}
+    return httpx.post(f"{server['url']}/infer/default", files=files, data=data, headers=server["auth"], timeout=300)
+
+
+def _local(trained_bundle, image: Path, out: Path, methods=METHODS, checks=False) -> dict:
+    from saliency_trust.workflows.infer import run_inference
+
+    run_inference(image, out, trained_bundle["models"], arch="densenet121", methods=methods, preset="quick",
+                  checks=checks, device="cpu")
+    return {m: sitk.GetArrayFromImage(sitk.ReadImage(str(out / "maps" / f"{m}.nrrd"))) for m in methods}
+
+
+def _download(server, result: dict) -> dict[str, np.ndarray]:
+    maps = {}
+    for m, link in result["maps"].items():
+        r = httpx.get(server["url"] + link, headers=server["auth"], timeout=60)
+        assert r.status_code == 200, r.text
+        path = server["work"].parent / f"dl-{result['id']}-{m}.nii.gz"
+        path.write_bytes(r.content)
+        maps[m] = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    return maps
+
+
+def _dicoms(trained_bundle, n: int) -> list[Path]:
+    return sorted((trained_bundle["data"] / "stage_2_train_images").glob("*.dcm"))[:n]
+
+
+@pytest.mark.slow
+def test_upload_dicom_gives_the_local_maps_and_info_lists_the_model(server, trained_bundle, tmp_path):
+    info = httpx.get(f"{server['url']}/info", headers=server["auth"]).json()
+    model = info["models"]["default"]
+    assert model["architecture"] == "densenet121" and model["replicates"] == [0, 1]
+    assert set(model["verdicts"]["gradcam"]) == {"utility", "randomization", "repeatability", "reproducibility"}
+    assert "quick" in info["presets"] and info["methods"][0] == "grad"
+    assert httpx.get(f"{server['url']}/openapi.json", headers=server["auth"]).json()["paths"]["/infer/{model}"]
+
+    r = _post(server, trained_bundle["dicom"], checks="true")
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert len(res["probabilities"]) == 2 and set(res["checks"]) == {"repeatability", "randomization"}
+    assert res["verdicts"]["methods"]["grad"] is not None
+    got = _download(server, res)
+    want = _local(trained_bundle, trained_bundle["dicom"], tmp_path / "local")
+    for m in METHODS:
+        np.testing.assert_array_equal(got[m], want[m])  # same process settings: bitwise the same maps
+    ref = sitk.ReadImage(str(trained_bundle["dicom"]))
+    nii = sitk.ReadImage(str(next(server["work"].parent.glob(f"dl-{res['id']}-grad.nii.gz"))))
+    assert nii.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(nii.GetSpacing(), ref.GetSpacing(), rtol=1e-6)
+    # Nothing identifying in the log: no file name, no DICOM UIDs.
+    text = server["log"].read_text()
+    assert trained_bundle["dicom"].stem not in text and "whatever.bin" not in text
+
+
+@pytest.mark.slow
+def test_bad_requests_get_the_right_status_and_the_server_keeps_serving(server, trained_bundle, tmp_path):
+    url, auth = server["url"], server["auth"]
+    dicom = trained_bundle["dicom"]
+    assert httpx.get(f"{url}/info").status_code == 401
+    assert httpx.get(f"{url}/info", headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = httpx.post(f"{url}/infer/default", files={"image": ("a.dcm", dicom.read_bytes())},
+                   headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and "token" in r.json()["detail"]
+
+    big = dicom.read_bytes() + os.urandom(1_200_000)  # over the 1 MiB limit, read in full
+    r = httpx.post(f"{url}/infer/default", files={"image": ("big.dcm", big)}, headers=auth, timeout=60)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    huge = b"\0" * 4_000_000  # over the limit by Content-Length alone
+    r = httpx.post(f"{url}/infer/default", files={"image": ("huge.dcm", huge)}, headers=auth, timeout=60)
+    assert r.status_code == 413
+
+    r = httpx.post(f"{url}/infer/default", files={"image": ("scan.dcm", b"patient notes, not an image\n" * 20)},
+                   headers=auth)
+    assert r.status_code == 415 and "checked by content" in r.json()["detail"]
+    broken = dicom.read_bytes()[:600]  # DICOM preamble and magic, then cut off
+    r = httpx.post(f"{url}/infer/default", files={"image": ("x.png", broken)}, headers=auth, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"].startswith("uploaded image: not a readable DICOM")
+    assert str(server["work"]) not in r.json()["detail"]
+    assert _post(server, dicom, methods=["nope"]).status_code == 422
+    assert httpx.post(f"{url}/infer/nomodel", files={"image": ("a", dicom.read_bytes())},
+                      headers=auth).status_code == 404
+    assert httpx.get(f"{url}/results/{'0' * 32}/prediction.json", headers=auth).status_code == 404
+    assert httpx.get(f"{url}/results/..%2F..%2Fetc/passwd", headers=auth).status_code == 404
+
+    r = _post(server, dicom)
+    assert r.status_code == 200, r.text  # still serving after all of that
+    assert server["proc"].poll() is None
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_requests_all_return_their_own_correct_maps(server, trained_bundle, tmp_path):
+    images = _dicoms(trained_bundle, 4)
+    want = {p: _local(trained_bundle, p, tmp_path / p.stem) for p in images}
+    jobs = [images[i % 4] for i in range(20)]
+    out: list = [None] * 20
+
+    def call(i: int) -> None:
+        r = _post(server, jobs[i])
+        out[i] = (r.status_code, r.json())
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(o is not None and o[0] == 200 for o in out), [o and o[0] for o in out]
+    assert len({o[1]["id"] for o in out}) == 20
+    for i, (_, res) in enumerate(out):
+        got = _download(server, res)
+        for m in METHODS:
+            np.testing.assert_array_equal(got[m], want[jobs[i]][m])
+
+
+@pytest.mark.slow
+def test_results_expire_and_their_files_are_removed(server, trained_bundle):
+    r = _post(server, trained_bundle["dicom"])
+    res = r.json()
+    folder = server["work"] / res["id"]
+    assert folder.is_dir()
+    link = server["url"] + res["maps"]["grad"]
+    assert httpx.get(link, headers=server["auth"]).status_code == 200
+    deadline = time.time() + 20
+    while folder.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not folder.exists()
+    assert httpx.get(link, headers=server["auth"]).status_code == 404
+
+
+@pytest.mark.slow
+def test_slicer_server_mode_builds_the_same_scene_as_local_mode(server, trained_bundle, tmp_path):
+    slicer = pytest.importorskip("slicer")
+    sys.path.insert(0, str(REPO / "SaliencyTrust"))
+    from SaliencyTrustLib import client
+    from SaliencyTrustLib import logic as L
+
+    from tests.slicer.test_module import load_dicom, matrix, table_rows
+
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    volume = load_dicom(scene, trained_bundle["dicom"])
+    req = L.Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(trained_bundle["models"]),
+                    arch="densenet121", methods=("grad", "gradcam"), preset="quick", device="cpu",
+                    python=sys.executable)
+    local = L.run_local(scene, volume, req, tmp_path / "local", timeout=600)
+    image, mask = L.prepare(volume, None, tmp_path / "srv_in")
+    out = client.infer(server["url"], "default", image, tmp_path / "srv_out", req, token=TOKEN)
+    remote = L.load_results(scene, volume, out, prefix="server")
+    assert set(remote.map_nodes) == set(local.map_nodes)
+    for m in local.map_nodes:
+        a, b = (slicer.util.arrayFromVolume(r.map_nodes[m]) for r in (local, remote))
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(matrix(remote.map_nodes[m]), matrix(local.map_nodes[m]), atol=1e-5)
+    assert table_rows(remote.table_node) == table_rows(local.table_node)
+    assert remote.prediction["probabilities"] == local.prediction["probabilities"]
+    with pytest.raises(L.BundleError, match="HTTP 401"):
+        client.infer(server["url"], "default", image, tmp_path / "bad", req, token="wrong")
+    json.dumps(remote.prediction)
