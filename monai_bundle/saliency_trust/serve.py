@@ -38,9 +38,13 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
 
 from saliency_trust.saliency.presets import PRESETS
 
@@ -172,13 +176,8 @@ def _is_loopback(host: str) -> bool:
 # The app
 
 
-def create_app(state: State):
+def create_app(state: State) -> FastAPI:
     """The FastAPI application over ``state``."""
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-    from fastapi.responses import FileResponse, JSONResponse
-
     @asynccontextmanager
     async def lifespan(app):
         async def sweeper() -> None:
