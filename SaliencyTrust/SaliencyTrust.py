@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Annotated, Optional  # noqa: UP035  (parameterNodeWrapper reads these annotations)
 
@@ -202,8 +203,8 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.process = None
         self.work = None
-        self.server_output = None
-        self.error = None
+        self.server = None  # (thread, {"out" | "error": ...}) while a server request runs
+        self.cancelled = False
 
     def getParameterNode(self):
         return SaliencyTrustParameterNode(super().getParameterNode())
@@ -250,33 +251,55 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
     def start(self, p) -> None:
         """Check and export the input, then launch the bundle (local) or the upload (server); returns at once."""
         self.cancel()
+        self.cancelled = False
         self.work = Path(tempfile.mkdtemp(prefix="SaliencyTrust-"))
         image, mask = lib.prepare(p.inputVolume, p.scoreAgainst, self.work / "input")
         if p.useServer:
             from SaliencyTrustLib import client
 
             token = os.environ.get("SALIENCY_TRUST_TOKEN") or slicer.util.settingsValue("SaliencyTrust/Token", "")
-            self.server_output = client.infer(p.serverUrl, p.arch, image, self.work / "output", self.request(p),
-                                              mask=mask, token=token or None)
-            self.process = None
+            box = {}
+            request, url, out = self.request(p), p.serverUrl, self.work / "output"
+
+            def call() -> None:  # the HTTP round trip off the Qt thread; no Qt or MRML calls in here
+                try:
+                    box["out"] = client.infer(url, p.arch, image, out, request, mask=mask, token=token or None)
+                except Exception as exc:  # handed to finish() on the Qt thread
+                    box["error"] = exc
+
+            thread = threading.Thread(target=call, daemon=True)
+            thread.start()
+            self.server, self.process = (thread, box), None
         else:
             self.process = lib.BundleProcess(self.request(p), image, self.work / "output", mask).start()
 
     def poll(self) -> tuple[list[str], bool]:
+        if self.server is not None:
+            return [], not self.server[0].is_alive()
         if self.process is None:
             return [], True
         return self.process.new_lines(), not self.process.running
 
     def finish(self, p):
         try:
-            out = self.server_output if self.process is None else self.process.result()
+            if self.server is not None:
+                box = self.server[1]
+                if self.cancelled:
+                    raise lib.BundleError("Cancelled; nothing was added to the scene.")
+                if "error" in box:
+                    err = box["error"]
+                    raise err if isinstance(err, lib.SaliencyTrustError) else lib.BundleError(str(err))
+                out = box["out"]
+            else:
+                out = self.process.result()
             return lib.load_results(slicer.mrmlScene, p.inputVolume, out)
         finally:
             if self.work is not None:
                 shutil.rmtree(self.work, ignore_errors=True)
-            self.process, self.work, self.server_output = None, None, None
+            self.process, self.work, self.server = None, None, None
 
     def cancel(self) -> None:
+        self.cancelled = True
         if self.process is not None:
             self.process.cancel()
 

@@ -432,11 +432,18 @@ def load_results(scene, input_node, output_dir: str | Path, prefix: str | None =
     All-or-nothing: if anything fails, the nodes added so far are removed again.
     """
     out = Path(output_dir)
-    prediction = json.loads((out / "prediction.json").read_text())
+    try:
+        prediction = json.loads((out / "prediction.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SaliencyTrustError(f"Could not read the bundle's prediction.json in {out}: {exc}") from None
     prefix = prefix or f"{input_node.GetName()} saliency"
+    had_color = (scene.GetNodeByID("vtkMRMLColorTableNodeFileInferno.txt") is not None
+                 or scene.GetNodesByName(COLOR_NODE_NAME).GetNumberOfItems() > 0)
     added = []
     try:
         color = perceptual_color_node(scene)
+        if not had_color:
+            added.append(color)
         nodes = {}
         for m, rel in prediction["maps"].items():
             node = _load_map(scene, out / rel, f"{prefix} {m}")
@@ -455,21 +462,29 @@ def load_results(scene, input_node, output_dir: str | Path, prefix: str | None =
         failing = fill_table(table, prediction)
         table.SetAttribute("SaliencyTrust.prediction", json.dumps(
             {k: prediction[k] for k in ("probabilities", "predicted_class", "preset")}))
-    except Exception:
-        for node in added:
-            scene.RemoveNode(node)
-        raise
+    except Exception as exc:
+        for node in reversed(added):
+            if scene.IsNodePresent(node):
+                scene.RemoveNode(node)
+        if isinstance(exc, SaliencyTrustError):
+            raise
+        raise SaliencyTrustError(f"Could not load the results in {out}: {type(exc).__name__}: {exc}") from exc
     return Results(prediction, nodes, table, failing, out)
 
 
 def _match_geometry(node, input_node) -> None:
     """Refuse a map whose grid differs from the input's (it would be drawn in the wrong place)."""
+    import vtk
+
     a, b = node.GetImageData().GetDimensions(), input_node.GetImageData().GetDimensions()
     if a != b:
         raise SaliencyTrustError(f"Map {node.GetName()} has dimensions {a}, the input {b}.")
-    if not (np.allclose(node.GetSpacing(), input_node.GetSpacing(), atol=1e-4)
-            and np.allclose(node.GetOrigin(), input_node.GetOrigin(), atol=1e-3)):
-        raise SaliencyTrustError(f"Map {node.GetName()} is not on the input's grid.")
+    ma, mb = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ma)
+    input_node.GetIJKToRASMatrix(mb)
+    diff = max(abs(ma.GetElement(r, c) - mb.GetElement(r, c)) for r in range(3) for c in range(4))
+    if diff > 1e-3:
+        raise SaliencyTrustError(f"Map {node.GetName()} is not on the input's grid (IJK-to-RAS differs by {diff:.3g}).")
 
 
 def show_overlay(scene, background, foreground, opacity: float = 0.5) -> int:

@@ -1,13 +1,15 @@
 """``make demo``: the whole study on SynthCXR in one command, on the quick CPU profile.
 
 For each task (opacity with boxes, pneumothorax with masks): SynthCXR data, two InceptionV3
-replicates, one DenseNet121 and two U-Net localization networks trained through the bundle's own
-configs; then the four-criteria assessment with the ``quick`` preset and its report. A third
-InceptionV3 is trained on a copy of the opacity set whose training positives carry a corner
+DenseNet121 replicates, one InceptionV3 and two U-Net localization networks trained through the
+bundle's own configs; then the assessment with the ``quick`` preset and its report: all four
+criteria on opacity; utility, repeatability and reproducibility on pneumothorax (its cascading
+randomization too with ``--randomize-all``, about 2 min more). A third
+DenseNet121 is trained on a copy of the opacity set whose training positives carry a corner
 marker (a shortcut); its maps are scored on the same clean test images. Prints the validation
 scores, each task's verdict table, the sanity checks and where the reports are.
 
-    python -m saliency_trust.workflows.demo --out demo_out [--n 300] [--size 112] [--epochs 5]
+    python -m saliency_trust.workflows.demo --out demo_out [--n 240] [--size 112] [--randomize-all]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -23,10 +26,13 @@ from saliency_trust.data.synth import generate
 BUNDLE = Path(__file__).resolve().parents[2]  # monai_bundle/
 #: (task, generator seed); each task gets its own classifiers and localization network.
 TASKS = (("opacity", 0), ("pneumothorax", 1))
-#: (architecture, seed): two InceptionV3 replicates and one DenseNet121, as the paper.
-CLASSIFIERS = (("inception_v3", 0), ("inception_v3", 1), ("densenet121", 0))
+#: (architecture, seed): two replicates of the primary architecture and one of the second. The paper's
+#: primary is InceptionV3; at the CPU profile's 112 px its last block is 2 x 2 and its maps barely
+#: localize (measured: Grad-CAM AUPRC 0.09 vs 0.10 untrained), while DenseNet121's do (0.21 vs 0.10,
+#: XRAI 0.78 vs 0.29), so the demo swaps the roles. ``configs/trust.json`` keeps the paper's order.
+CLASSIFIERS = (("densenet121", 0), ("densenet121", 1), ("inception_v3", 0))
 #: The quick preset made lighter still for two CPU cores (recorded in each results.json).
-DEMO_RECIPE = {"sg_samples": 4, "sig_samples": 3, "sig_steps": 4, "ig_steps": 6, "xrai_steps": 6}
+DEMO_RECIPE = {"sg_samples": 4, "sig_samples": 2, "sig_steps": 4, "ig_steps": 6, "xrai_steps": 6}
 CRITERIA = ("utility", "randomization", "repeatability", "reproducibility")
 
 
@@ -74,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns a non-zero exit code when a classifier misses the AUC bar."""
     p = argparse.ArgumentParser(prog="python -m saliency_trust.workflows.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--n", type=int, default=300, help="images per task")
+    p.add_argument("--n", type=int, default=240, help="images per task")
     p.add_argument("--size", type=int, default=112, help="image size (quick profile)")
-    p.add_argument("--epochs", type=int, default=5, help="InceptionV3 epochs")
+    p.add_argument("--epochs", type=int, default=6, help="InceptionV3 epochs")
     p.add_argument("--densenet-epochs", type=int, default=4, help="DenseNet121 converges faster")
-    p.add_argument("--baseline-epochs", type=int, default=10, help="U-Net epochs (about 2 s each here)")
+    p.add_argument("--baseline-epochs", type=int, default=16, help="U-Net epochs (about 2 s each here)")
     p.add_argument("--shortcut-epochs", type=int, default=3, help="the shortcut is learnt at once")
-    p.add_argument("--images", type=int, default=10, help="lesion-positive test images assessed per task")
+    p.add_argument("--images", type=int, default=8, help="lesion-positive test images assessed per task")
+    p.add_argument("--randomize-all", action="store_true", help="cascading randomization on both tasks")
     p.add_argument("--pairs", type=int, default=20, help="random pairs per image for the randomization baseline")
     p.add_argument("--min-auc", type=float, default=0.90)
     p.add_argument("--skip-assessment", action="store_true", help="train only")
@@ -106,20 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     if not (shortcut_data / "split.csv").is_file():
         generate(shortcut_data, "opacity", n=a.n, size=a.size, seed=TASKS[0][1], shortcut=True)
     sc_models = out / "models" / "opacity_shortcut"
-    m = train("train.json", arch="inception_v3", seed=0, max_epochs=a.shortcut_epochs, learning_rate=0.001,
+    primary = CLASSIFIERS[0][0]
+    m = train("train.json", arch=primary, seed=0, max_epochs=a.shortcut_epochs, learning_rate=0.001,
               dataset_dir=str(shortcut_data), output_dir=str(sc_models), image_size=a.size)
-    rows.append(("opacity+shortcut", "inception_v3", 0, "val_auc", m["val_auc"]))
+    rows.append(("opacity+shortcut", primary, 0, "val_auc", m["val_auc"]))
     timings["training_min"] = (time.time() - t0) / 60
 
     reports, results = {}, {}
     if not a.skip_assessment:
-        for task, _ in TASKS:
+        for k, (task, _) in enumerate(TASKS):
             results[task] = assess(out / "data" / task, out / "models" / task, out / "trust" / task, a,
-                                   list(CLASSIFIERS), localizers=2, randomize=1)
+                                   list(CLASSIFIERS), localizers=2, randomize=1 if k == 0 or a.randomize_all else 0)
             reports[task] = out / "trust" / task / "report.html"
+            # Beside the weights, so inference.json, the Slicer module and the service show the verdicts.
+            shutil.copy(out / "trust" / task / "results.json", out / "models" / task / "results.json")
         # The shortcut model, scored on the clean opacity test images (utility only).
         results["opacity_shortcut"] = assess(out / "data" / "opacity", sc_models, out / "trust" / "opacity_shortcut",
-                                             a, [("inception_v3", 0)], localizers=0, randomize=0)
+                                             a, [(primary, 0)], localizers=0, randomize=0)
         reports["opacity_shortcut"] = out / "trust" / "opacity_shortcut" / "report.html"
     minutes = (time.time() - t0) / 60
     timings["assessment_min"] = minutes - timings["training_min"]
