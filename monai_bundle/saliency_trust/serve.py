@@ -259,6 +259,7 @@ def create_app(state: State) -> FastAPI:
         folder = state.work / rid
         (folder / "in").mkdir(parents=True)
         t0 = time.time()
+        running = None
         try:
             img_path = await save_upload(image, folder / "in", "image")
             mask_path = await save_upload(mask, folder / "in", "mask") if mask is not None else None
@@ -267,16 +268,20 @@ def create_app(state: State) -> FastAPI:
                     raise HTTPException(503, f"queue full ({state.max_queue} requests waiting); retry later")
                 state.pending += 1
             try:
-                job = asyncio.get_running_loop().run_in_executor(
+                running = asyncio.get_running_loop().run_in_executor(
                     state.executor, _run, state, m, rep, img_path, mask_path, folder / "out", wanted, preset, checks)
-                result = await asyncio.wait_for(asyncio.shield(job), timeout=state.timeout)
+                result = await asyncio.wait_for(asyncio.shield(running), timeout=state.timeout)
             except TimeoutError:
-                raise HTTPException(504, f"no result within {state.timeout:.0f} s (queue wait included)") from None
+                # The worker may still be busy with it: its folder goes when the job ends.
+                running.add_done_callback(lambda _f: shutil.rmtree(folder, ignore_errors=True))
+                log.info("request %s: timed out after %.1f s", rid, time.time() - t0)
+                raise HTTPException(504, f"no result within {state.timeout:g} s (queue wait included)") from None
             finally:
                 with state.lock:
                     state.pending -= 1
-        except HTTPException:
-            shutil.rmtree(folder, ignore_errors=True)
+        except HTTPException as exc:
+            if exc.status_code != 504:
+                shutil.rmtree(folder, ignore_errors=True)
             raise
         if "error" in result:
             shutil.rmtree(folder, ignore_errors=True)

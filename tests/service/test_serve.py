@@ -220,3 +220,32 @@ def test_slicer_server_mode_builds_the_same_scene_as_local_mode(server, trained_
     with pytest.raises(L.BundleError, match="HTTP 401"):
         client.infer(server["url"], "default", image, tmp_path / "bad", req, token="wrong")
     json.dumps(remote.prediction)
+
+
+@pytest.mark.slow
+def test_a_request_over_the_time_limit_gets_504_and_its_files_go(trained_bundle, tmp_path):
+    """The app in process (ASGI transport) with a 10 ms limit: 504, then the worker's folder is removed."""
+    import asyncio
+
+    from saliency_trust.serve import State, create_app, discover_models
+
+    work = tmp_path / "work"
+    work.mkdir()
+    state = State(REPO / "monai_bundle", discover_models(REPO / "monai_bundle", trained_bundle["models"]), work,
+                  None, 2**20, 0.01, 60.0, 4, "cpu")
+    app = create_app(state)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            files = {"image": ("a", trained_bundle["dicom"].read_bytes())}
+            return await client.post("/infer/default", files=files, data={"methods": "grad", "preset": "quick"})
+
+    r = asyncio.run(go())
+    assert r.status_code == 504 and "no result within" in r.json()["detail"]
+    assert state.pending == 0
+    deadline = time.time() + 120
+    while any(work.iterdir()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(work.iterdir())
+    state.executor.shutdown(wait=True)

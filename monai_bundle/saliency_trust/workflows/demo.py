@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=6, help="InceptionV3 epochs")
     p.add_argument("--densenet-epochs", type=int, default=4, help="DenseNet121 converges faster")
     p.add_argument("--baseline-epochs", type=int, default=16, help="U-Net epochs (about 2 s each here)")
-    p.add_argument("--shortcut-epochs", type=int, default=3, help="the shortcut is learnt at once")
+    p.add_argument("--shortcut-epochs", type=int, default=2, help="the shortcut is learnt at once")
     p.add_argument("--images", type=int, default=8, help="lesion-positive test images assessed per task")
     p.add_argument("--randomize-all", action="store_true", help="cascading randomization on both tasks")
     p.add_argument("--pairs", type=int, default=20, help="random pairs per image for the randomization baseline")
