@@ -120,17 +120,33 @@ def mask_from_roi(volume, roi) -> np.ndarray:
 
 
 def mask_from_segmentation(volume, segmentation) -> np.ndarray:
-    """Boolean ``[K, J, I]`` mask: union of all segments, resampled onto ``volume``'s grid."""
+    """Boolean ``[K, J, I]`` mask: union of all segments, resampled onto ``volume``'s grid.
+
+    Exported through a temporary label map node (Segmentations logic), removed again afterwards.
+    """
+    import vtk
+
     slicer = _slicer()
     seg = segmentation.GetSegmentation()
-    ids = [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
-    if not ids:
+    ids = vtk.vtkStringArray()
+    for n in range(seg.GetNumberOfSegments()):
+        ids.InsertNextValue(seg.GetNthSegmentID(n))
+    if ids.GetNumberOfValues() == 0:
         raise SaliencyTrustError(f"Segmentation '{segmentation.GetName()}' has no segments to score against.")
-    shape = slicer.util.arrayFromVolume(volume).shape
-    out = np.zeros(shape, dtype=bool)
-    for sid in ids:
-        out |= slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, sid, volume).reshape(shape) > 0
-    return out
+    scene = segmentation.GetScene()
+    existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SaliencyTrust temporary mask")
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, label, volume):
+            raise SaliencyTrustError(f"Could not rasterize '{segmentation.GetName()}' on the input's grid.")
+        return slicer.util.arrayFromVolume(label).copy() > 0
+    finally:
+        # Everything the export added (label map, its display node, its colour table), except the
+        # subject hierarchy singleton, which a Slicer application always has anyway.
+        new = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in new:
+            if node.GetID() not in existing and node.GetClassName() != "vtkMRMLSubjectHierarchyNode":
+                scene.RemoveNode(node)
 
 
 def score_mask(volume, score_node) -> np.ndarray | None:

@@ -268,11 +268,11 @@ def create_app(state: State) -> FastAPI:
                     raise HTTPException(503, f"queue full ({state.max_queue} requests waiting); retry later")
                 state.pending += 1
             try:
-                running = asyncio.get_running_loop().run_in_executor(
-                    state.executor, _run, state, m, rep, img_path, mask_path, folder / "out", wanted, preset, checks)
-                result = await asyncio.wait_for(asyncio.shield(running), timeout=state.timeout)
+                running = state.executor.submit(_run, state, m, rep, img_path, mask_path, folder / "out", wanted,
+                                                preset, checks)
+                result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), timeout=state.timeout)
             except TimeoutError:
-                # The worker may still be busy with it: its folder goes when the job ends.
+                # The worker may still be busy with it: its folder goes when the job ends (worker thread callback).
                 running.add_done_callback(lambda _f: shutil.rmtree(folder, ignore_errors=True))
                 log.info("request %s: timed out after %.1f s", rid, time.time() - t0)
                 raise HTTPException(504, f"no result within {state.timeout:g} s (queue wait included)") from None

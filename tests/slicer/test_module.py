@@ -211,8 +211,11 @@ def test_segmentation_scoring_equals_the_engine(scene, trained_bundle, tmp_path)
     label.SetIJKToRASMatrix(m)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesion")
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, seg)
+    L.mask_from_segmentation(volume, seg)  # the first call may create the subject hierarchy singleton
+    before = _node_count(scene)
     mask = L.mask_from_segmentation(volume, seg)
     assert np.array_equal(mask, truth.astype(bool))
+    assert _node_count(scene) == before  # nothing left behind
     res = L.run_local(scene, volume, request(trained_bundle, methods=("gradcam",), checks=False), tmp_path / "w",
                       score_node=seg, timeout=600)
     overlay = torch.from_numpy(slicer.util.arrayFromVolume(res.map_nodes["gradcam"])[0].astype(np.float64))
@@ -259,7 +262,9 @@ def _save_screenshot(path: Path, picture: np.ndarray, rows: list[dict], res) -> 
     cols = ["method", "trust", "utility", "randomization", "repeatability", "reproducibility",
             "repeatability_here_ssim", "randomization_here_ssim", "auprc_here"]
     short = ["method", "trust", "utility", "random.", "repeat.", "reprod.", "SSIM rep.", "SSIM rand.", "AUPRC"]
-    t = b.table([[r[c] for c in cols] for r in rows], colLabels=short, loc="center", cellLoc="center")
+    widths = [0.08, 0.24, 0.08, 0.09, 0.08, 0.08, 0.11, 0.11, 0.08]
+    t = b.table([[r[c] for c in cols] for r in rows], colLabels=short, loc="center", cellLoc="center",
+                colWidths=widths)
     t.auto_set_font_size(False)
     t.set_fontsize(8)
     t.scale(1, 1.6)
