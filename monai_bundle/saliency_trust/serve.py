@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import gzip
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -46,10 +47,10 @@ from typing import Any
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
+from saliency_trust.saliency import METHODS
 from saliency_trust.saliency.presets import PRESETS
 
 log = logging.getLogger("saliency_trust.serve")
-METHODS = ("grad", "sg", "ig", "sig", "gradcam", "gbp", "ggcam", "xrai")
 TOKEN_ENV = "SALIENCY_TRUST_TOKEN"
 
 
@@ -67,7 +68,7 @@ def sniff(head: bytes) -> str | None:
         return "nrrd"
     if head[:2] == b"\x1f\x8b":
         try:
-            inner = gzip.GzipFile(fileobj=__import__("io").BytesIO(head)).read(352)
+            inner = gzip.GzipFile(fileobj=io.BytesIO(head)).read(352)
         except (OSError, EOFError):
             inner = b""
         return "nifti_gz" if _is_nifti(inner) else None

@@ -106,15 +106,9 @@ def test_two_processes_under_torchrun_equal_one(setup, tmp_path):
     from tests.conftest import REPO
 
     root, data, p = setup
-    models = tmp_path / "models"
-    models.mkdir()
-    for src, dst in (("d0", "densenet121_seed0"), ("d1", "densenet121_seed1"), ("i0", "inception_v3_seed0"),
-                     ("u0", "unet_seed0"), ("u1", "unet_seed1")):
-        (models / f"{dst}.pt").write_bytes(p[src].read_bytes())
-    classifiers = [{"arch": "densenet121", "path": str(models / "densenet121_seed0.pt")},
-                   {"arch": "densenet121", "path": str(models / "densenet121_seed1.pt")},
-                   {"arch": "inception_v3", "path": str(models / "inception_v3_seed0.pt")}]
-    localizers = [str(models / "unet_seed0.pt"), str(models / "unet_seed1.pt")]
+    classifiers = [{"arch": "densenet121", "path": str(p["d0"])}, {"arch": "densenet121", "path": str(p["d1"])},
+                   {"arch": "inception_v3", "path": str(p["i0"])}]
+    localizers = [str(p["u0"]), str(p["u1"])]
     kwargs = {"methods": ["grad", "sg", "gradcam"], "preset": "quick", "n_images": 5, "pairs_per_image": 3,
               "randomize": 1, "block": 2}  # blocks [0, 1] [2, 3] [4]: rank 0 takes two, rank 1 one
     # Same device and thread count as each torchrun process: CPU reductions depend on the thread count.

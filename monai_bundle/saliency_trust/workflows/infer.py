@@ -35,7 +35,7 @@ import torch
 from saliency_trust.data.dicom import read_dicom
 from saliency_trust.data.errors import DataError
 from saliency_trust.data.groundtruth import resize_image
-from saliency_trust.data.readers import read_image
+from saliency_trust.data.readers import _is_dicom, _pixels, read_image
 from saliency_trust.metrics import auprc, ssim
 from saliency_trust.networks import file_sha256, get_network, load_weights, randomization_states, to_network_input
 from saliency_trust.saliency import METHODS, explain, predict
@@ -51,15 +51,6 @@ MAP_FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def _is_dicom(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def _sitk_read(path: Path):
@@ -140,10 +131,8 @@ def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     if _suffix(path) in VOLUME_SUFFIXES:
         arr = _plane(sitk.GetArrayFromImage(_sitk_read(path)), path)
     elif _suffix(path) in PICTURE_SUFFIXES:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            arr = _plane(np.asarray(im.convert("L")), path)
+        arr = _pixels(path, "mask")
+        arr = _plane(arr.any(axis=2) if arr.ndim == 3 else arr, path)
     else:
         raise DataError(str(path), "mask must be NIfTI, NRRD, MHA or PNG")
     if arr.shape != tuple(shape):
