@@ -60,8 +60,8 @@ class SaliencyTrustParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     scoreAgainst: Optional[vtkMRMLNode]  # noqa: UP045  segmentation or markups ROI
-    bundleDir: str = str(DEFAULT_BUNDLE)
-    modelDir: str = str(DEFAULT_BUNDLE / "models")
+    bundleDir: Path = DEFAULT_BUNDLE  # ctkPathLineEdit binds to pathlib.Path fields
+    modelDir: Path = DEFAULT_BUNDLE / "models"
     arch: str = "inception_v3"
     replicate: int = 0
     methods: str = ",".join(lib.METHODS)
@@ -245,7 +245,7 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
 
     def request(self, p) -> lib.Request:
         methods = [m.strip() for m in p.methods.split(",") if m.strip()]
-        return lib.Request(bundle_dir=p.bundleDir, model_dir=p.modelDir, arch=p.arch, replicate=p.replicate,
+        return lib.Request(bundle_dir=str(p.bundleDir), model_dir=str(p.modelDir), arch=p.arch, replicate=p.replicate,
                            methods=methods, preset=p.preset)
 
     def start(self, p) -> None:
