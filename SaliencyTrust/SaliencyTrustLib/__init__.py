@@ -13,12 +13,11 @@ from SaliencyTrustLib.logic import (
     check_input_volume,
     load_results,
     prepare,
-    remove_results,
     run_bundle,
     run_local,
     show_overlay,
 )
 
 __all__ = ["CRITERIA", "METHODS", "TABLE_COLUMNS", "BundleError", "BundleProcess", "InputVolumeError", "Request",
-           "Results", "SaliencyTrustError", "check_input_volume", "load_results", "prepare", "remove_results",
+           "Results", "SaliencyTrustError", "check_input_volume", "load_results", "prepare",
            "run_bundle", "run_local", "show_overlay"]

@@ -516,13 +516,6 @@ def show_overlay(scene, background, foreground, opacity: float = 0.5) -> int:
     return n
 
 
-def remove_results(scene, results: Results) -> None:
-    """Take one run's nodes out of the scene again."""
-    for node in [*results.map_nodes.values(), results.table_node]:
-        if node is not None and scene.IsNodePresent(node):
-            scene.RemoveNode(node)
-
-
 def run_local(scene, volume, request: Request, work_dir: str | Path, score_node=None,
               timeout: float | None = None) -> Results:
     """The whole local flow, blocking (the widget drives the same steps without blocking)."""

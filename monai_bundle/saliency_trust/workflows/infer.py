@@ -151,16 +151,19 @@ def _write_map(path: Path, values: np.ndarray, ref) -> None:
     tmp.replace(path)
 
 
-#: Loaded networks by (architecture, file, SHA-256, device): one instance per worker process.
-_NETWORKS: dict[tuple[str, str, str, str], torch.nn.Module] = {}
+#: Loaded networks and their file hashes by (architecture, file, size, mtime, device): one instance
+#: per worker process; a replaced weights file (new size or mtime) is loaded and hashed again.
+_NETWORKS: dict[tuple, tuple[torch.nn.Module, str]] = {}
 
 
-def _network(arch: str, path: Path, dev: torch.device, cache: bool) -> torch.nn.Module:
+def _network(arch: str, path: Path, dev: torch.device, cache: bool) -> tuple[torch.nn.Module, str]:
+    """The network and the SHA-256 of its weights file (read once per file version when cached)."""
     if not cache:
-        return load_weights(get_network(arch), path).to(dev).eval()
-    key = (arch, str(path.resolve()), file_sha256(path), str(dev))
+        return load_weights(get_network(arch), path).to(dev).eval(), file_sha256(path)
+    st = path.stat()
+    key = (arch, str(path.resolve()), st.st_size, st.st_mtime_ns, str(dev))
     if key not in _NETWORKS:
-        _NETWORKS[key] = load_weights(get_network(arch), path).to(dev).eval()
+        _NETWORKS[key] = (load_weights(get_network(arch), path).to(dev).eval(), file_sha256(path))
     return _NETWORKS[key]
 
 
@@ -227,7 +230,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = _image_size(weights, image_size)
     x = to_network_input(torch.from_numpy(resize_image(img, (size, size)))[None]).to(dev)
-    net = _network(arch, weights, dev, cache)
+    net, weights_sha = _network(arch, weights, dev, cache)
     with torch.no_grad():
         probs = torch.softmax(predict(net, x).float(), 1)[0].cpu()
     target = torch.tensor([int(probs.argmax())], device=dev)
@@ -248,7 +251,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     if checks:
         others = _replicates(model_dir, arch, replicate)
         if others:
-            other = _network(arch, others[0], dev, cache)
+            other, _ = _network(arch, others[0], dev, cache)
             om = explain(other, x, methods, targets=target, preset=preset, seed=seed)
             live["repeatability"] = {"against": others[0].name,
                                      "ssim": {m: float(ssim(maps[m], om[m], data_range=1.0)[0]) for m in methods}}
@@ -279,7 +282,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
         "schema_version": SCHEMA_VERSION,
         "input": {"shape": list(img.shape), "spacing": list(ref.GetSpacing()),
                   "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection())},
-        "model": {"arch": arch, "replicate": replicate, "file": weights.name, "sha256": file_sha256(weights),
+        "model": {"arch": arch, "replicate": replicate, "file": weights.name, "sha256": weights_sha,
                   "image_size": size},
         "preset": preset, "methods": methods, "device": str(dev),
         "probabilities": [float(p) for p in probs], "predicted_class": int(probs.argmax()),
