@@ -4,7 +4,7 @@ Writes one JSON file per (architecture, dtype) run under ``--out``; every ratio 
 baseline measured in the same run, on the same model, batch, dtype and device.
 
     python bench/saliency_bench.py --out bench/results                 # CPU defaults (small)
-    python bench/saliency_bench.py --device cuda --size 320 --batch 32  # GPU, paper recipe
+    python bench/saliency_bench.py --device cuda --size 320 --batch 32 --rows 64 128  # GPU, paper recipe
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 from saliency_trust.networks import get_network
 from saliency_trust.saliency import METHODS, SegmentCache, explain, get_recipe
+from saliency_trust.saliency.engine import auto_max_rows
 from saliency_trust.saliency.explain import default_cam_layer
-from saliency_trust.saliency.guided import LayerCapture, ReluMode, find_module
+from saliency_trust.saliency.guided import LayerCapture, find_module, guide_relus
 
 
 def _sync(device: torch.device) -> None:
@@ -32,13 +34,16 @@ def _sync(device: torch.device) -> None:
 
 def _timeit(fn: Callable[[], object], device: torch.device, repeat: int = 1,
             warmup: Callable[[], object] | None = None) -> float:
+    """Median seconds of ``repeat`` runs, each synchronized, after one warm-up run."""
     (warmup or fn)()  # allocator, cudnn autotune for the chunk shapes, compiled kernels
     _sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeat):
+        t0 = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / repeat
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def bare_loop(model, x, targets, dtype: str, rows: int, n_rows: int) -> Callable[[], None]:
@@ -78,8 +83,10 @@ def pair_recipe(model, x, targets, recipe, cam: tuple[str, bool], n_images: int)
             xt = xt.contiguous().requires_grad_(True)
             want_cam = expected_keys and pair.CONVOLUTION_LAYER_VALUES in expected_keys
             cap = LayerCapture(layer, post_relu) if want_cam else contextlib.nullcontext()
-            with (ReluMode() if guided else contextlib.nullcontext()), cap:
+            with cap:
                 out = model(xt)[:, t].sum()
+            if guided:
+                guide_relus(out)
             if want_cam:
                 act = cap.activation
                 ga = torch.autograd.grad(out, act)[0]
@@ -152,29 +159,35 @@ def captum_recipe(model, x, targets, recipe, cam: tuple[str, bool], internal_bat
 
 
 def run(arch: str, device: torch.device, size: int, batch: int, dtype: str, preset: str,
-        compare_images: int, out_dir: Path, skip_references: bool) -> dict:
+        compare_images: int, out_dir: Path, references: list[str], rows_candidates: list[int]) -> dict:
     torch.manual_seed(0)
     model = get_network(arch).to(device).eval()
     x = (torch.rand((batch, 3, size, size), device=device) * 2 - 1)
     with torch.no_grad():
         targets = model(x).argmax(1)
     recipe = get_recipe(preset, dtype=dtype)
-    rows = recipe.max_rows or (64 if device.type == "cuda" else 16)
-    recipe = recipe.with_overrides(max_rows=rows)
     cam = default_cam_layer(model)
     res: dict = {
         "arch": arch, "device": str(device), "card": torch.cuda.get_device_name(device) if device.type == "cuda" else
         platform.processor() or platform.machine(), "torch": torch.__version__, "size": size, "batch": batch,
-        "dtype": dtype, "preset": preset, "rows_per_chunk": rows, "date": time.strftime("%Y-%m-%d"),
-        "threads": torch.get_num_threads(),
+        "dtype": dtype, "preset": preset, "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
+        "timing": "median of repeated synchronized runs after a warm-up",
     }
-    # Two floors: chunks of `rows` (what multi-pass methods run) and one chunk of the batch
-    # (what single-pass methods run); each method is compared with the one of its own shape.
-    n_bare = max(rows * 4, batch)
-    t_bare = _timeit(bare_loop(model, x, targets, dtype, rows, n_bare), device)
-    res["bare"] = {"passes_per_s": n_bare / t_bare, "ms_per_pass": 1e3 * t_bare / n_bare, "rows": rows}
+    # The floor: forward + input-only gradient in chunks of `rows`. Each candidate chunk size is
+    # measured; the recipe then runs with the fastest, and every ratio is against that floor.
+    res["auto_rows_default_budget"] = auto_max_rows(model, x, recipe.memory_budget_mb, dtype)
+    res["bare_candidates"] = {}
+    for r in rows_candidates:
+        n = r * 8
+        t_r = _timeit(bare_loop(model, x, targets, dtype, r, n), device, repeat=3)
+        res["bare_candidates"][str(r)] = {"passes_per_s": n / t_r, "ms_per_pass": 1e3 * t_r / n}
+    rows = int(max(res["bare_candidates"], key=lambda r: res["bare_candidates"][r]["passes_per_s"]))
+    res["rows_per_chunk"] = rows
+    res["bare"] = dict(res["bare_candidates"][str(rows)], rows=rows)
+    recipe = recipe.with_overrides(max_rows=rows)
+    # Single-pass methods run the batch as one chunk: their floor is one chunk of that size.
     single = min(batch, rows)
-    t_single = _timeit(bare_loop(model, x, targets, dtype, single, batch), device, repeat=3)
+    t_single = _timeit(bare_loop(model, x, targets, dtype, single, batch), device, repeat=10)
     res["bare_batch"] = {"passes_per_s": batch / t_single, "ms_per_pass": 1e3 * t_single / batch, "rows": single}
     res["methods"] = {}
     cache = SegmentCache()
@@ -184,11 +197,13 @@ def run(arch: str, device: torch.device, size: int, batch: int, dtype: str, pres
         def call(n: int, m: str = m) -> None:
             explain(model, x[:n], methods=[m], targets=targets[:n], preset=recipe, segment_cache=cache)
 
-        # Cheap methods warm up on the whole batch; SIG and XRAI on two images (same chunk shape);
-        # XRAI's timed run therefore segments the other images: that is its cold cost.
-        cheap = p * batch <= 2000
-        t = _timeit(lambda call=call: call(batch), device, repeat=3 if cheap else 1,
-                    warmup=None if cheap else (lambda call=call: call(2)))
+        if m == "xrai":
+            # The warm-up segments every image (not timed): this row is XRAI for a later model state.
+            t = _timeit(lambda call=call: call(batch), device)
+        else:
+            repeat = 10 if p <= 2 else 3 if p * batch <= 2000 else 1
+            t = _timeit(lambda call=call: call(batch), device, repeat=repeat,
+                        warmup=None if repeat > 1 else (lambda call=call: call(2)))
         entry = {"images_per_s": batch / t, "passes_per_image": p}
         if p:
             floor = res["bare"] if p > 2 else res["bare_batch"]
@@ -196,33 +211,38 @@ def run(arch: str, device: torch.device, size: int, batch: int, dtype: str, pres
             entry["ratio_to_bare"] = entry["passes_per_s"] / floor["passes_per_s"]
         res["methods"][m] = entry
         print(arch, dtype, m, {k: round(v, 3) for k, v in entry.items()}, flush=True)
-    t_full = _timeit(lambda: explain(model, x, targets=targets, preset=recipe, segment_cache=cache), device,
-                     warmup=lambda: explain(model, x[:2], targets=targets[:2], preset=recipe, segment_cache=cache))
     P = recipe.passes_per_image()
-    res["full_recipe"] = {"passes_per_image": P, "s_per_image": t_full / batch, "images_per_s": batch / t_full,
-                          "passes_per_s": batch * P / t_full,
-                          "ratio_to_bare": batch * P / t_full / res["bare"]["passes_per_s"],
-                          "segments_cached": True}
-    t0 = time.perf_counter()
-    explain(model, x, methods=["xrai"], targets=targets, preset=recipe, segment_cache=cache)
-    _sync(device)
-    warm = time.perf_counter() - t0
-    res["methods"]["xrai"]["warm_images_per_s"] = batch / warm
-    res["methods"]["xrai"]["warm_ratio_to_bare"] = batch * recipe.passes_per_image(["xrai"]) / warm / \
-        res["bare"]["passes_per_s"]
-    print(arch, dtype, "full", res["full_recipe"], flush=True)
+
+    def full(cache: SegmentCache) -> Callable[[], None]:
+        return lambda: explain(model, x, targets=targets, preset=recipe, segment_cache=cache)
+
+    # Cold: the first model state, which also segments every image for XRAI (on the host's
+    # threads, while the device runs the passes). Cached: every later state of the study.
+    for key, seg_cache in (("full_recipe_cold", SegmentCache()), ("full_recipe", cache)):
+        t_full = _timeit(full(seg_cache), device, warmup=lambda: explain(
+            model, x[:2], targets=targets[:2], preset=recipe, segment_cache=SegmentCache()))
+        res[key] = {"passes_per_image": P, "s_per_image": t_full / batch, "images_per_s": batch / t_full,
+                    "passes_per_s": batch * P / t_full,
+                    "ratio_to_bare": batch * P / t_full / res["bare"]["passes_per_s"],
+                    "segments_cached": key == "full_recipe"}
+        print(arch, dtype, key, res[key], flush=True)
     _write(out_dir, res)
-    if not skip_references and dtype == "float32":
+    if dtype == "float32" and references:
         n = min(compare_images, batch)
-        res["pair"] = {"s_per_image": pair_recipe(model, x[:n], targets[:n], recipe, cam, n), "images": n}
-        res["pair"]["speedup"] = res["pair"]["s_per_image"] / res["full_recipe"]["s_per_image"]
-        print(arch, "pair", res["pair"], flush=True)
-        _write(out_dir, res)
-        nb = min(batch, max(compare_images * 2, 2))
-        res["captum"] = {"s_per_image": captum_recipe(model, x[:nb], targets[:nb], recipe, cam, rows), "images": nb}
-        res["captum"]["speedup"] = res["captum"]["s_per_image"] / res["full_recipe"]["s_per_image"]
-        print(arch, "captum", res["captum"], flush=True)
-        _write(out_dir, res)
+        if "pair" in references:
+            res["pair"] = {"s_per_image": pair_recipe(model, x[:n], targets[:n], recipe, cam, n), "images": n}
+            res["pair"]["speedup"] = res["pair"]["s_per_image"] / res["full_recipe"]["s_per_image"]
+            res["pair"]["speedup_cold"] = res["pair"]["s_per_image"] / res["full_recipe_cold"]["s_per_image"]
+            print(arch, "pair", res["pair"], flush=True)
+            _write(out_dir, res)
+        if "captum" in references:
+            nb = min(batch, max(compare_images * 2, 2))
+            res["captum"] = {"s_per_image": captum_recipe(model, x[:nb], targets[:nb], recipe, cam, rows),
+                             "images": nb}
+            res["captum"]["speedup"] = res["captum"]["s_per_image"] / res["full_recipe"]["s_per_image"]
+            res["captum"]["speedup_cold"] = res["captum"]["s_per_image"] / res["full_recipe_cold"]["s_per_image"]
+            print(arch, "captum", res["captum"], flush=True)
+            _write(out_dir, res)
     return res
 
 
@@ -244,14 +264,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 4 on CPU")
     p.add_argument("--preset", default=None, help="default paper on CUDA, quick on CPU")
     p.add_argument("--compare-images", type=int, default=2, help="images for the PAIR / Captum runs")
-    p.add_argument("--skip-references", action="store_true")
+    p.add_argument("--references", nargs="*", default=["pair", "captum"], choices=["pair", "captum"],
+                   help="the libraries to compare with (none: --references)")
+    p.add_argument("--rows", type=int, nargs="+", default=None,
+                   help="chunk sizes to try for the floor; the fastest is used (default 64 on CUDA, 16 on CPU)")
     a = p.parse_args()
     dev = torch.device(a.device)
     gpu = dev.type == "cuda"
     for arch in a.arch:
         for dtype in a.dtype:
             run(arch, dev, a.size or (320 if gpu else 96), a.batch or (32 if gpu else 4), dtype,
-                a.preset or ("paper" if gpu else "quick"), a.compare_images, Path(a.out), a.skip_references)
+                a.preset or ("paper" if gpu else "quick"), a.compare_images, Path(a.out), a.references,
+                a.rows or [64 if gpu else 16])
 
 
 if __name__ == "__main__":

@@ -109,3 +109,62 @@ def test_torch_compile_parity_with_eager():
     compiled = explain(model, x, compile=True, **kw)
     for m in kw["methods"]:
         assert torch.allclose(eager[m], compiled[m], rtol=1e-4, atol=1e-6), m
+
+
+def test_guided_graph_hooks_equal_the_function_mode_on_torchvision_networks():
+    """The engine's GBP (hooks on the recorded ReLU nodes) vs an independent ReLU-replacing mode."""
+    from saliency_trust.networks import get_network
+    from saliency_trust.saliency.guided import ReluMode, guide_relus
+
+    for arch, relus in (("densenet121", 121), ("inception_v3", 94)):
+        torch.manual_seed(0)
+        net = get_network(arch).eval()
+        x = images(2, size=96, dtype=torch.float32)
+        t = torch.tensor([1, 0])
+        xi = x.clone().requires_grad_(True)
+        with ReluMode():
+            ref = torch.autograd.grad(net(xi).gather(1, t[:, None]).sum(), xi)[0]
+        xi = x.clone().requires_grad_(True)
+        score = net(xi).gather(1, t[:, None]).sum()
+        assert guide_relus(score) == relus  # every ReLU, module or functional, in place or not
+        ours = torch.autograd.grad(score, xi)[0]
+        assert torch.allclose(ours, ref, rtol=1e-6, atol=0), arch
+        assert torch.allclose(explain(net, x, methods="gbp", targets=t, raw=True)["gbp"], ref, rtol=1e-6, atol=0)
+        plain = explain(net, x, methods="grad", targets=t, raw=True)["grad"]
+        assert not torch.allclose(ours, plain, rtol=0.1)
+
+
+def test_guided_backprop_refuses_a_network_without_relus():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match="needs ReLUs"):
+        explain(net, images(1), methods="gbp", targets=[0])
+
+
+def test_chunks_are_balanced_and_fixed_when_compiled():
+    from saliency_trust.saliency.engine import GradientEngine
+
+    eng = GradientEngine(tiny(), max_rows=64)
+    assert eng.chunk_rows(400) == 58  # 7 chunks of <= 58 rows, not 6 x 64 + 16
+    assert eng.chunk_rows(128) == 64 and eng.chunk_rows(16) == 16 and eng.chunk_rows(65) == 33
+    assert GradientEngine(tiny(), max_rows=64, compile=True).chunk_rows(400) == 64
+
+
+def test_segments_split_over_threads_equal_serial_segmentation():
+    import numpy as np
+    from saliency_trust.saliency.xrai import SegmentCache, _Pending, segment_labels
+
+    recipe = get_recipe("quick", xrai_segment_size=64)
+    hwc = images(2, size=48).permute(0, 2, 3, 1).numpy()
+    serial = segment_labels(hwc[0], recipe)
+    for parts in (1, 4, 6):
+        assert np.array_equal(_Pending(hwc[0], recipe, parts).result(), serial), parts
+    cache = SegmentCache()
+    cache.prefetch(list(hwc), recipe)  # returns at once; atoms_batch picks the running tasks up
+    got = cache.atoms_batch(list(hwc), recipe, torch.device("cpu"))
+    fresh = [SegmentCache().atoms(im, recipe, torch.device("cpu")) for im in hwc]
+    for a, b in zip(got, fresh, strict=True):
+        assert torch.equal(a.membership, b.membership) and torch.equal(a.inverse, b.inverse)
+    assert cache.misses == 2 and cache.hits == 0
+    cache.atoms_batch(list(hwc), recipe, torch.device("cpu"))
+    assert cache.hits == 2

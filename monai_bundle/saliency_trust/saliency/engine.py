@@ -7,21 +7,24 @@ Every gradient method of the paper is a path integral of input gradients:
 with ``j`` over noise samples (or baselines) and ``k`` over integration steps: GRAD and GBP
 (one sample, one step), IG (steps), SG (samples), SIG (samples x steps) and XRAI's IG
 (two baselines x steps). :func:`integrate` flattens all (b, j, k) rows, feeds them through the
-model in chunks of ``max_rows`` rows, accumulates each (b, j) group with ``index_add_`` and
-folds a group into its image as soon as its last step is done, so memory stays at one chunk
-plus the images in flight, whatever the number of steps or samples.
+model in chunks of at most ``max_rows`` rows (balanced, so that no small ragged chunk is left at
+the end), accumulates each (b, j) group with ``index_add_`` and folds a group into its image as
+soon as its last step is done, so memory stays at one chunk plus the images in flight, whatever
+the number of steps or samples. All chunk bookkeeping is host arithmetic: the loop never waits
+for the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from saliency_trust.saliency.guided import LayerCapture, ReluMode
+from saliency_trust.saliency.guided import LayerCapture, guide_relus
 
 GroupFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,6 +39,7 @@ class IntegrationPath:
     point: GroupFn  # (b [n], j [n]) -> P [n, C, H, W]
     baseline: GroupFn  # (b [n], j [n]) -> Z [n, C, H, W]
     finalize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (S, P, Z) -> attr
+    prepare: Callable[[int, int], None] | None = None  # (first, last image of a chunk), before point()
 
 
 class GradientEngine:
@@ -73,10 +77,11 @@ class GradientEngine:
             targets = torch.cat([targets, targets[-1:].expand(pad)])
         else:
             xin = x
-        with self._autocast(x.device), (ReluMode() if guided else contextlib.nullcontext()), \
-                (capture if capture is not None else contextlib.nullcontext()):
+        with self._autocast(x.device), (capture if capture is not None else contextlib.nullcontext()):
             logits = (self.compiled if fixed else self.model)(xin)
         score = logits.to(x.dtype).gather(1, targets[:, None]).sum()
+        if guided:
+            guide_relus(score)
         if capture is not None:
             act = capture.activation
             capture.activation = None
@@ -87,6 +92,12 @@ class GradientEngine:
         (g,) = torch.autograd.grad(score, [x])
         return g, None, None
 
+    def chunk_rows(self, total: int) -> int:
+        """Rows per chunk for ``total`` rows: ``max_rows`` spread evenly (fixed when compiled)."""
+        if self.compiled is not None:
+            return self.max_rows  # one graph shape; the last chunk is padded
+        return max(1, math.ceil(total / max(1, math.ceil(total / self.max_rows))))
+
     def integrate(self, images: torch.Tensor, targets: torch.Tensor, path: IntegrationPath) -> torch.Tensor:
         """Attributions ``[B, C, H, W]`` of ``images`` along ``path`` (see module docstring)."""
         B = images.shape[0]
@@ -94,8 +105,11 @@ class GradientEngine:
         total = B * J * K
         out = torch.zeros_like(images)
         carry_group, carry_sum = -1, None
-        for start in range(0, total, self.max_rows):
-            stop = min(start + self.max_rows, total)
+        rows = self.chunk_rows(total)
+        for start in range(0, total, rows):
+            stop = min(start + rows, total)
+            if path.prepare is not None:
+                path.prepare(start // (J * K), (stop - 1) // (J * K))
             r = torch.arange(start, stop, device=images.device)
             g, k = r // K, r % K
             b, j = g // J, g % J

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,12 @@ def default_cam_layer(model: nn.Module) -> tuple[str, bool]:
     raise ValueError(f"no default Grad-CAM layer for {type(model).__name__}; pass cam_layer='<module name>'")
 
 
+@lru_cache(maxsize=64)
+def _bilinear_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_bilinear_matrix` kept on the device (no host copy, so no wait, on later calls)."""
+    return _bilinear_matrix(n_in, n_out, torch.empty(0, device=device, dtype=dtype))
+
+
 def _bilinear_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
     """``[n_out, n_in]`` weights of skimage's order-1 resize: half-pixel centres, mirror boundary."""
     src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
@@ -53,8 +60,8 @@ def _bilinear_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
 
 def upsample_cam(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling of ``[B, h, w]`` maps exactly as PAIR core's ``skimage.transform.resize``."""
-    ry = _bilinear_matrix(cam.shape[-2], size[0], cam)
-    rx = _bilinear_matrix(cam.shape[-1], size[1], cam)
+    ry = _bilinear_weights(cam.shape[-2], size[0], cam.device, cam.dtype)
+    rx = _bilinear_weights(cam.shape[-1], size[1], cam.device, cam.dtype)
     return ry @ cam @ rx.T
 
 
@@ -65,37 +72,50 @@ def image_seed(image: torch.Tensor, seed: int) -> int:
     return int.from_bytes(h.digest()[:8], "little") & (2**63 - 1)
 
 
-def smoothing_noise(image: torch.Tensor, samples: int, sigma_frac: float, seed: int) -> torch.Tensor:
+def smoothing_noise(image: torch.Tensor, samples: int, sigma_frac: float, seed: int,
+                    host: torch.Tensor | None = None) -> torch.Tensor:
     """The ``[samples, C, H, W]`` Gaussian noise SG/SIG add to one ``[C, H, W]`` image.
 
     sigma = ``sigma_frac`` x (max - min) of the image (PAIR's ``stdev_spread``). The generator
     lives on the image's device, seeded by :func:`image_seed`, so the noise is reproducible and
-    does not depend on which other images share the batch.
+    does not depend on which other images share the batch. ``host``, the image's copy in host
+    memory if the caller has one, seeds the generator without waiting for the device.
     """
     gen = torch.Generator(device=image.device)
-    gen.manual_seed(image_seed(image, seed))
+    gen.manual_seed(image_seed(image if host is None else host, seed))
     sigma = sigma_frac * (image.max() - image.min())
     noise = torch.randn((samples, *image.shape), generator=gen, device=image.device, dtype=image.dtype)
     return noise * sigma
 
 
 class _Noise:
-    """Per-image noise made on first use and dropped once the stream has moved past the image."""
+    """Per-image noise made when a chunk first reaches the image, dropped once the chunks move past it.
 
-    def __init__(self, images: torch.Tensor, samples: int, sigma: float, seed: int) -> None:
-        self.images, self.samples, self.sigma, self.seed = images, samples, sigma, seed
+    ``prepare(first, last)`` (called by the engine with host integers before each chunk) fills
+    the images of the chunk; ``__call__(b, j)`` then only indexes on the device.
+    """
+
+    def __init__(self, images: torch.Tensor, host: torch.Tensor, samples: int, sigma: float, seed: int) -> None:
+        self.images, self.host = images, host
+        self.samples, self.sigma, self.seed = samples, sigma, seed
         self._cache: dict[int, torch.Tensor] = {}
+        self._first = 0
+        self._stack: torch.Tensor | None = None
+
+    def prepare(self, first: int, last: int) -> None:
+        for stale in [k for k in self._cache if k < first]:
+            del self._cache[stale]
+        for bb in range(first, last + 1):
+            if bb not in self._cache:
+                self._cache[bb] = smoothing_noise(self.images[bb], self.samples, self.sigma, self.seed,
+                                                  host=self.host[bb])
+        self._first = first
+        span = [self._cache[bb] for bb in range(first, last + 1)]
+        self._stack = span[0] if len(span) == 1 else torch.cat(span)
 
     def __call__(self, b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        ub = torch.unique(b).tolist()
-        for stale in [k for k in self._cache if k < ub[0]]:
-            del self._cache[stale]
-        for bb in ub:
-            if bb not in self._cache:
-                self._cache[bb] = smoothing_noise(self.images[bb], self.samples, self.sigma, self.seed)
-        stack = torch.cat([self._cache[bb] for bb in ub])
-        pos = torch.searchsorted(torch.tensor(ub, device=b.device), b)
-        return stack[pos * self.samples + j]
+        assert self._stack is not None, "prepare() first"
+        return self._stack[(b - self._first) * self.samples + j]
 
 
 def _linspace(steps: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +197,15 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
     B, C, H, W = x.shape
     dev = x.device
     raw: dict[str, torch.Tensor] = {}
-    rows = engine.max_rows
+    rows = engine.chunk_rows(B)
+    # One host copy of the images, made before any pass is queued: it seeds the noise and keys
+    # the XRAI segments without making the device wait later on.
+    host = x.detach().cpu() if {"sg", "sig", "xrai"} & set(todo) else None
+    hwc = None
+    if "xrai" in todo:
+        hwc = host.permute(0, 2, 3, 1).numpy()
+        if dev.type == "cuda":  # segment on the host's cores while the device runs the passes
+            cache.prefetch(list(hwc), recipe)
     need_cam = bool({"gradcam", "ggcam"} & set(todo))
     if "grad" in todo or need_cam:
         layer = None
@@ -208,7 +236,8 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
         return x[b]
 
     def const(value: float):
-        return lambda b, j: torch.full((b.shape[0], C, H, W), value, device=dev, dtype=x.dtype)
+        one = torch.full((1, 1, 1, 1), value, device=dev, dtype=x.dtype)
+        return lambda b, j: one.expand(b.shape[0], C, H, W)  # a view: nothing written per chunk
 
     def ig_finalize(S, P, Z):
         return (P - Z) * S
@@ -217,18 +246,18 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
         a, w = _linspace(recipe.ig_steps, x)
         raw["ig"] = engine.integrate(x, t, IntegrationPath(1, a, w, same, const(recipe.ig_baseline), ig_finalize))
     if "sg" in todo:
-        noise = _Noise(x, recipe.sg_samples, recipe.sg_sigma, recipe.seed)
+        noise = _Noise(x, host, recipe.sg_samples, recipe.sg_sigma, recipe.seed)
         one = torch.ones(1, device=dev, dtype=x.dtype)
         fin = (lambda S, P, Z: S * S) if recipe.sg_magnitude else (lambda S, P, Z: S)
-        raw["sg"] = engine.integrate(
-            x, t, IntegrationPath(recipe.sg_samples, one, one, lambda b, j: x[b] + noise(b, j), same, fin))
+        raw["sg"] = engine.integrate(x, t, IntegrationPath(
+            recipe.sg_samples, one, one, lambda b, j, n=noise: x[b] + n(b, j), same, fin, noise.prepare))
     if "sig" in todo:
-        noise = _Noise(x, recipe.sig_samples, recipe.sg_sigma, recipe.seed + 1)  # independent of SG's noise
+        noise = _Noise(x, host, recipe.sig_samples, recipe.sg_sigma, recipe.seed + 1)  # independent of SG's
         a, w = _linspace(recipe.sig_steps, x)
         fin = (lambda S, P, Z: ((P - Z) * S) ** 2) if recipe.sg_magnitude else ig_finalize
         black = const(recipe.ig_baseline)
-        raw["sig"] = engine.integrate(
-            x, t, IntegrationPath(recipe.sig_samples, a, w, lambda b, j: x[b] + noise(b, j), black, fin))
+        raw["sig"] = engine.integrate(x, t, IntegrationPath(
+            recipe.sig_samples, a, w, lambda b, j, n=noise: x[b] + n(b, j), black, fin, noise.prepare))
     if "xrai" in todo:
         lo = x.flatten(1).min(1).values
         hi = x.flatten(1).max(1).values
@@ -240,7 +269,6 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
         a, w = _linspace(recipe.xrai_steps, x)
         ig2 = engine.integrate(x, t, IntegrationPath(2, a, w, same, xrai_base, ig_finalize))
         attr = ig2.max(1).values  # signed max over channels
-        hwc = x.permute(0, 2, 3, 1).cpu().numpy()
-        atoms = [cache.atoms(hwc[i], recipe, dev) for i in range(B)]
+        atoms = cache.atoms_batch(list(hwc), recipe, dev)
         raw["xrai"] = xrai_greedy(attr, atoms, recipe.xrai_min_pixel_diff, recipe.xrai_area_threshold).to(x.dtype)
     return raw

@@ -1,11 +1,17 @@
 """Guided ReLUs and Grad-CAM layer capture without touching the user's model.
 
 Module hooks miss functional ReLUs (torchvision InceptionV3 has no ``nn.ReLU`` at all, and
-DenseNet121 ends with ``F.relu``), and swapping modules mutates the model. Instead
-:class:`ReluMode`, a ``TorchFunctionMode`` active only during our own guided forward pass,
-turns every ReLU call -- ``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place forms,
-which ``nn.ReLU`` also goes through -- into a guided ReLU whose backward passes gradient only
-where the forward output is > 0 and the incoming gradient is > 0.
+DenseNet121 ends with ``F.relu``), and swapping modules mutates the model. Instead the forward
+pass runs unchanged, with the framework's own kernels, and :func:`guide_relus` then walks the
+autograd graph it recorded and puts a pre-hook on every ReLU node -- ``nn.ReLU``, ``F.relu``,
+``torch.relu``, ``Tensor.relu`` and their in-place forms all record the same node -- that
+clamps the incoming gradient at 0. The node's own backward then keeps it only where the
+forward output is > 0: together that is guided backpropagation's rule. The hooks live on
+this one graph and are gone with it; nothing is registered on the model.
+
+:class:`ReluMode` does the same by replacing every ReLU call with :func:`guided_relu` through
+a ``TorchFunctionMode``; it pays a Python dispatch on every operation, so the engine uses the
+graph walk and the tests use the mode as an independent check of it.
 
 :class:`LayerCapture` records the Grad-CAM layer with a forward hook that is removed on exit.
 """
@@ -41,6 +47,39 @@ class _GuidedReLU(torch.autograd.Function):
 def guided_relu(x: torch.Tensor) -> torch.Tensor:
     """ReLU whose backward is guided backpropagation's (Springenberg et al. 2015)."""
     return _GuidedReLU.apply(x)
+
+
+_RELU_NODES = frozenset({"ReluBackward0", "ReluBackward1"})
+
+
+def _clamp_incoming(grad_outputs: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if g is None else g.clamp(min=0) for g in grad_outputs)
+
+
+def guide_relus(output: torch.Tensor) -> int:
+    """Make every ReLU in ``output``'s autograd graph backpropagate the guided way; returns their number.
+
+    Call it between the forward pass and ``torch.autograd.grad``. Raises ``ValueError`` when
+    the graph holds no ReLU (guided backprop would silently be the plain gradient).
+    """
+    root = output.grad_fn
+    if root is None:
+        raise ValueError("the output does not depend on the input through autograd; nothing to guide")
+    seen = set()  # the node objects themselves, kept alive so that no id is reused mid-walk
+    stack = [root]
+    n = 0
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.name() in _RELU_NODES:
+            node.register_prehook(_clamp_incoming)
+            n += 1
+        stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
+    if n == 0:
+        raise ValueError("guided backprop needs ReLUs, and the model's forward pass used none")
+    return n
 
 
 class ReluMode(TorchFunctionMode):

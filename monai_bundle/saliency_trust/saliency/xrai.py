@@ -16,7 +16,11 @@ pixels (first index on ties), give those pixels that gain, until the covered fra
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,21 +32,68 @@ from skimage.transform import resize
 from saliency_trust.saliency.presets import Recipe
 
 
-def segment_labels(image_hwc: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """Felzenszwalb label maps ``[scales, H, W]`` (int32) on the image grid, as PAIR computes them."""
+def _segment_input(image_hwc: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """The copy Felzenszwalb sees: scaled to [-1, 1], resized to ``xrai_segment_size`` (as PAIR)."""
     im = image_hwc.astype(np.float64)
     lo, hi = im.min(), im.max()
     im = (im - lo) / (hi - lo) if hi > lo else np.zeros_like(im)
     im = im * 2.0 - 1.0
     size = recipe.xrai_segment_size
-    small = resize(im, (size, size), order=3, mode="constant", preserve_range=True, anti_aliasing=True)
+    return resize(im, (size, size), order=3, mode="constant", preserve_range=True, anti_aliasing=True)
+
+
+def _segment_scales(image_hwc: np.ndarray, recipe: Recipe, scales: Sequence[int]) -> np.ndarray:
+    small = _segment_input(image_hwc, recipe)
     labels = []
-    for scale in recipe.xrai_scales:
+    for scale in scales:
         seg = felzenszwalb(small, scale=scale, sigma=recipe.xrai_sigma, min_size=recipe.xrai_min_segment)
         seg = resize(seg, image_hwc.shape[:2], order=0, preserve_range=True, mode="constant",
                      anti_aliasing=False).astype(np.int32)
         labels.append(seg)
     return np.stack(labels)
+
+
+def segment_labels(image_hwc: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """Felzenszwalb label maps ``[scales, H, W]`` (int32) on the image grid, as PAIR computes them."""
+    return _segment_scales(image_hwc, recipe, recipe.xrai_scales)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads for segmentation: skimage's Felzenszwalb and resize release the GIL."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=min(32, _workers()), thread_name_prefix="xrai-segments")
+        return _POOL
+
+
+class _Pending:
+    """One image's segmentation running on the pool, its scales split over ``parts`` tasks."""
+
+    def __init__(self, image_hwc: np.ndarray, recipe: Recipe, parts: int) -> None:
+        scales = list(recipe.xrai_scales)
+        parts = max(1, min(parts, len(scales)))
+        self.groups = [list(range(i, len(scales), parts)) for i in range(parts)]
+        self.futures = [_pool().submit(_segment_scales, image_hwc, recipe, [scales[k] for k in g])
+                        for g in self.groups]
+
+    def result(self) -> np.ndarray:
+        """The ``[scales, H, W]`` labels in the recipe's scale order (waits for the tasks)."""
+        labels: dict[int, np.ndarray] = {}
+        for g, fut in zip(self.groups, self.futures, strict=True):
+            labels.update(zip(g, fut.result(), strict=True))
+        return np.stack([labels[k] for k in range(len(labels))])
 
 
 def disk(radius: int) -> torch.Tensor:
@@ -97,13 +148,16 @@ def atoms_from_masks(masks: torch.Tensor) -> Atoms:
 class SegmentCache:
     """Per-image XRAI atoms, keyed by image content and segmentation settings (LRU).
 
-    Segmentation runs once per image on the CPU (skimage, as PAIR); the dilated masks and
-    their atoms are built on the device and kept, so later model states skip all of it.
+    Segmentation runs once per image on the host (skimage, as PAIR), in a pool of threads:
+    :meth:`prefetch` starts it without waiting, so ``explain`` on a GPU segments while the
+    device runs the gradient passes. The dilated masks and their atoms are built on the device
+    and kept, so later model states skip all of it.
     """
 
     def __init__(self, capacity: int = 512) -> None:
         self.capacity = capacity
         self._store: OrderedDict[str, Atoms] = OrderedDict()
+        self._pending: dict[str, _Pending] = {}
         self.hits = 0
         self.misses = 0
 
@@ -114,20 +168,36 @@ class SegmentCache:
                        recipe.xrai_min_segment, recipe.xrai_dilation)).encode())
         return h.hexdigest()
 
-    def atoms(self, image_hwc: np.ndarray, recipe: Recipe, device: torch.device) -> Atoms:
+    def prefetch(self, images_hwc: Sequence[np.ndarray], recipe: Recipe) -> list[str]:
+        """Start segmenting the images not cached yet (returns at once); their keys, in order."""
+        keys = [self.key(im, recipe) for im in images_hwc]
+        todo = {k: im for k, im in zip(keys, images_hwc, strict=True)
+                if k not in self._store and k not in self._pending}
+        parts = _workers() // max(1, len(todo))  # few images: split each image's scales over threads
+        for k, im in todo.items():
+            self._pending[k] = _Pending(im, recipe, parts)
+        return keys
+
+    def atoms(self, image_hwc: np.ndarray, recipe: Recipe, device: torch.device, key: str | None = None) -> Atoms:
         """The atoms of one image's dilated segments (computed once, then kept)."""
-        k = self.key(image_hwc, recipe)
+        k = key or self.key(image_hwc, recipe)
         if k in self._store:
             self.hits += 1
             self._store.move_to_end(k)
             return self._store[k]
         self.misses += 1
-        labels = torch.from_numpy(segment_labels(image_hwc, recipe)).to(device)
+        pending = self._pending.pop(k, None) or _Pending(image_hwc, recipe, _workers())
+        labels = torch.from_numpy(pending.result()).to(device)
         atoms = atoms_from_masks(masks_from_labels(labels, recipe.xrai_dilation))
         self._store[k] = atoms
         if len(self._store) > self.capacity:
             self._store.popitem(last=False)
         return atoms
+
+    def atoms_batch(self, images_hwc: Sequence[np.ndarray], recipe: Recipe, device: torch.device) -> list[Atoms]:
+        """:meth:`atoms` of several images, their segmentations run side by side."""
+        keys = self.prefetch(images_hwc, recipe)
+        return [self.atoms(im, recipe, device, key=k) for im, k in zip(images_hwc, keys, strict=True)]
 
 
 DEFAULT_CACHE = SegmentCache()
