@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 python3 -c "import torch, sys; print(sys.version, torch.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu 2>&1 | grep -E "^E |passed|failed" | tail -15 > "$OUT/pytest_gpu.log"
 cat "$OUT/pytest_gpu.log"
-timeout 220 python3 bench/saliency_bench.py --out "$OUT" --device cuda --arch densenet121 \
-  --dtype float32 --batch 32 --rows 64 128 --references pair captum 2>&1 | grep -v -i warn | tail -30
-timeout 140 python3 bench/saliency_bench.py --out "$OUT" --device cuda --arch inception_v3 \
+timeout 200 python3 bench/saliency_bench.py --out "$OUT" --device cuda --arch densenet121 \
   --dtype float32 --batch 32 --rows 64 128 --references pair 2>&1 | grep -v -i warn | tail -30
+timeout 110 python3 bench/saliency_bench.py --out "$OUT" --device cuda --arch inception_v3 \
+  --dtype float32 --batch 32 --rows 64 128 --references 2>&1 | grep -v -i warn | tail -30

@@ -67,3 +67,13 @@ def test_metrics_cuda_equal_cpu():
     assert torch.allclose(ssim(a, b, 1.0), ssim(a.cuda(), b.cuda(), 1.0).cpu(), atol=1e-12)
     assert torch.allclose(auprc(a, m), auprc(a.cuda(), m.cuda()).cpu(), atol=1e-12)
     assert torch.allclose(spearman(a, b), spearman(a.cuda(), b.cuda()).cpu(), atol=1e-12)
+
+
+def test_auto_rows_probe_once_and_fit_half_the_free_memory():
+    from saliency_trust.saliency.engine import _PER_ROW, auto_max_rows
+
+    model, x = tiny(dtype=torch.float32).cuda(), images(2, size=64, dtype=torch.float32).cuda()
+    rows = auto_max_rows(model, x, None, "float32")
+    assert 1 <= rows <= 1024 and len(_PER_ROW[model]) == 1
+    assert auto_max_rows(model, x, 1, "float32") <= rows  # a 1 MB budget: fewer rows, same probe
+    assert len(_PER_ROW[model]) == 1

@@ -168,3 +168,11 @@ def test_segments_split_over_threads_equal_serial_segmentation():
     assert cache.misses == 2 and cache.hits == 0
     cache.atoms_batch(list(hwc), recipe, torch.device("cpu"))
     assert cache.hits == 2
+
+
+def test_each_modules_mode_is_restored():
+    model = tiny()
+    model.train()
+    model.relu1.eval()  # a mixed model: model.train(was_training) would flip this one
+    explain(model, images(1), methods="grad", targets=[0])
+    assert model.training and model.conv1.training and not model.relu1.training

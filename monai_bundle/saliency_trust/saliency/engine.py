@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -136,17 +137,34 @@ class GradientEngine:
         return out
 
 
-def auto_max_rows(model: nn.Module, images: torch.Tensor, budget_mb: int, engine_dtype: str) -> int:
-    """Rows per chunk that fit ``budget_mb`` of activation memory (probe on CUDA, a default on CPU)."""
+_PER_ROW: weakref.WeakKeyDictionary[nn.Module, dict[tuple, float]] = weakref.WeakKeyDictionary()
+
+
+def auto_max_rows(model: nn.Module, images: torch.Tensor, budget_mb: int | None, engine_dtype: str) -> int:
+    """Rows per chunk that fit ``budget_mb`` of activation memory (probe on CUDA, a default on CPU).
+
+    ``budget_mb=None``: half of the device memory free now (what the caching allocator holds
+    unused counts as free). The probe -- one 2-row pass -- runs once per model, input shape and
+    dtype; later calls reuse its figure. At most 1024 rows.
+    """
     if images.device.type != "cuda":
         return 32
-    torch.cuda.synchronize(images.device)
-    torch.cuda.reset_peak_memory_stats(images.device)
-    base = torch.cuda.memory_allocated(images.device)
-    probe = GradientEngine(model, dtype=engine_dtype, max_rows=2)
-    x = images[:1].expand(2, *images.shape[1:]).contiguous()
-    probe.gradients(x, torch.zeros(2, dtype=torch.long, device=images.device))
-    torch.cuda.synchronize(images.device)
-    per_row = max((torch.cuda.max_memory_allocated(images.device) - base) / 2, 1)
-    rows = int(budget_mb * 2**20 // per_row)
-    return max(1, min(rows, 1024))
+    dev = images.device
+    key = (tuple(images.shape[1:]), images.dtype, engine_dtype, str(dev))
+    memo = _PER_ROW.setdefault(model, {})
+    if key not in memo:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        probe = GradientEngine(model, dtype=engine_dtype, max_rows=2)
+        x = images[:1].expand(2, *images.shape[1:]).contiguous()
+        probe.gradients(x, torch.zeros(2, dtype=torch.long, device=dev))
+        torch.cuda.synchronize(dev)
+        memo[key] = max((torch.cuda.max_memory_allocated(dev) - base) / 2, 1)
+    if budget_mb is None:
+        free, _ = torch.cuda.mem_get_info(dev)
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        budget = free / 2
+    else:
+        budget = budget_mb * 2**20
+    return max(1, min(int(budget // memo[key]), 1024))

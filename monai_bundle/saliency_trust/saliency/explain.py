@@ -159,7 +159,8 @@ def explain(
     ``raw=True`` the unprocessed attributions (``[B, C, H, W]`` for gradient methods, ``[B, H, W]``
     for Grad-CAM, GGCAM and XRAI). ``preset`` is ``"paper"`` or ``"quick"``; any
     :class:`~saliency_trust.saliency.presets.Recipe` field can be overridden by keyword.
-    The model is put in eval mode for the call and restored; nothing else on it changes.
+    The model is put in eval mode for the call and each module's mode restored after it; nothing
+    else on it changes.
     """
     recipe = get_recipe(preset, **overrides)
     todo = _check_methods(methods)
@@ -167,8 +168,9 @@ def explain(
         raise ValueError(f"images must be [B, C, H, W], got {tuple(images.shape)}")
     x = images.detach() if images.is_floating_point() else images.detach().float()
     B, dev = x.shape[0], x.device
-    was_training = model.training
-    model.eval()
+    training = [m for m in model.modules() if m.training]  # usually none: a walk, not model.eval()'s writes
+    for m in training:
+        m.training = False
     try:
         max_rows = recipe.max_rows or auto_max_rows(model, x, recipe.memory_budget_mb, recipe.dtype)
         engine = GradientEngine(model, dtype=recipe.dtype, compile=recipe.compile, max_rows=max_rows)
@@ -180,7 +182,8 @@ def explain(
             t = torch.as_tensor(targets, dtype=torch.long, device=dev).reshape(B)
         rawmaps = _raw_maps(engine, model, x, t, todo, recipe, segment_cache or DEFAULT_CACHE)
     finally:
-        model.train(was_training)
+        for m in training:
+            m.training = True
     if raw:
         return {m: rawmaps[m] for m in todo}
     out = {m: postprocess(rawmaps[m], recipe.percentile) for m in todo if m != "ggcam"}

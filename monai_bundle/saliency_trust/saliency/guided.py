@@ -152,7 +152,7 @@ class LayerCapture:
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name`` (dotted path), with a clear error when it is absent."""
-    modules = dict(model.named_modules())
-    if name not in modules:
-        raise ValueError(f"model has no layer {name!r} for Grad-CAM; give cam_layer= one of its module names")
-    return modules[name]
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"model has no layer {name!r} for Grad-CAM; give cam_layer= one of its module names") from None

@@ -60,7 +60,7 @@ class Recipe:
     dtype: str = "float32"  # or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the gradient-only passes
     max_rows: int | None = None  # rows (images x steps x samples) per chunk; None: from memory_budget_mb
-    memory_budget_mb: int = 4096
+    memory_budget_mb: int | None = None  # activation memory per chunk; None: half the free device memory
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_overrides(self, **overrides: Any) -> Recipe:
@@ -90,8 +90,7 @@ class Recipe:
 
 PRESETS: dict[str, Recipe] = {
     "paper": Recipe(),
-    "quick": Recipe(name="quick", ig_steps=8, sg_samples=8, sig_samples=4, sig_steps=6, xrai_steps=12,
-                    memory_budget_mb=1024),
+    "quick": Recipe(name="quick", ig_steps=8, sg_samples=8, sig_samples=4, sig_steps=6, xrai_steps=12),
 }
 
 
