@@ -176,3 +176,22 @@ def test_each_modules_mode_is_restored():
     model.relu1.eval()  # a mixed model: model.train(was_training) would flip this one
     explain(model, images(1), methods="grad", targets=[0])
     assert model.training and model.conv1.training and not model.relu1.training
+
+
+def test_segmentation_pool_works_in_a_forked_child():
+    import multiprocessing as mp
+
+    from saliency_trust.saliency.xrai import _pool
+
+    _pool().submit(int).result()  # the parent's pool exists and has threads
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as p:
+        assert p.apply_async(_segment_in_child).get(timeout=60) == 6
+
+
+def _segment_in_child() -> int:
+    from saliency_trust.saliency.xrai import _Pending
+
+    hwc = images(1, size=32).permute(0, 2, 3, 1).numpy()[0]
+    # One task: with the parent's executor it would wait forever for a thread the child lacks.
+    return _Pending(hwc, get_recipe("quick", xrai_segment_size=32), 1).result(timeout=20).shape[0]

@@ -62,6 +62,16 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
+def _forget_pool() -> None:
+    """In a forked child: the parent's threads are not there, so start afresh on first use."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -88,11 +98,11 @@ class _Pending:
         self.futures = [_pool().submit(_segment_scales, image_hwc, recipe, [scales[k] for k in g])
                         for g in self.groups]
 
-    def result(self) -> np.ndarray:
+    def result(self, timeout: float | None = None) -> np.ndarray:
         """The ``[scales, H, W]`` labels in the recipe's scale order (waits for the tasks)."""
         labels: dict[int, np.ndarray] = {}
         for g, fut in zip(self.groups, self.futures, strict=True):
-            labels.update(zip(g, fut.result(), strict=True))
+            labels.update(zip(g, fut.result(timeout), strict=True))
         return np.stack([labels[k] for k in range(len(labels))])
 
 
