@@ -40,6 +40,10 @@ def test_assessment_writes_results_and_resumes_identically(setup):
     assert first["schema_version"] == 1 and first["methods"] == ["grad", "gradcam", "xrai"]
     assert first["provenance"]["config"]["preset"] == "quick" and first["provenance"]["config"]["data_range"] == 1.0
     assert len(first["provenance"]["config"]["classifiers"][0]["sha256"]) == 64
+    # The resume key covers the engine's sources: steps saved by other code are not reused.
+    from saliency_trust.workflows.train import code_fingerprint
+
+    assert first["provenance"]["config"]["code"] == code_fingerprint() and len(code_fingerprint()) == 64
     assert len(first["randomization"]) == 2 and len(first["randomization"][0]["states"]) == 9
     for m in first["methods"]:
         v = first["verdicts"][m]

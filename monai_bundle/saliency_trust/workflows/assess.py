@@ -42,7 +42,7 @@ from saliency_trust.criteria import (
 from saliency_trust.data import load_dataset
 from saliency_trust.networks import file_sha256, get_network, load_weights, to_network_input
 from saliency_trust.saliency import METHODS, SegmentCache, explain
-from saliency_trust.workflows.train import atomic_write_bytes, split_of, versions
+from saliency_trust.workflows.train import atomic_write_bytes, code_fingerprint, split_of, versions
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -184,7 +184,8 @@ def run_assessment(
               "ids": [r.id for r in positives], "methods": methods, "preset": preset, "seed": seed,
               "data_range": data_range, "pairs_per_image": pairs_per_image, "agreement_threshold": agreement_threshold,
               "recipe_overrides": overrides, "randomized_replicates": len(replicates), "block": block,
-              "classifiers": [{k: str(v) for k, v in m.items()} for m in models], "localizers": locs}
+              "classifiers": [{k: str(v) for k, v in m.items()} for m in models], "localizers": locs,
+              "code": code_fingerprint()}
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     steps = Steps(out_dir / ".steps", key, write=rank == 0)
     cache = SegmentCache()

@@ -122,6 +122,23 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "saliency_trust": saliency_trust.__version__}
 
 
+def code_fingerprint() -> str:
+    """SHA-256 over the engine's own sources (saliency, metrics, criteria, networks, data).
+
+    Part of the assessment's resume key, so that steps saved by other code are recomputed
+    rather than mixed into new results.
+    """
+    import saliency_trust
+
+    root = Path(saliency_trust.__file__).parent
+    h = hashlib.sha256()
+    for sub in ("saliency", "metrics", "criteria", "networks", "data"):
+        for f in sorted((root / sub).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 class BestModelSaver:
     """Ignite handler: after each validation, keep the best model and write its metrics file.
 
