@@ -204,11 +204,11 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
     # One host copy of the images, made before any pass is queued: it seeds the noise and keys
     # the XRAI segments without making the device wait later on.
     host = x.detach().cpu() if {"sg", "sig", "xrai"} & set(todo) else None
-    hwc = None
+    hwc, keys = None, None
     if "xrai" in todo:
-        hwc = host.permute(0, 2, 3, 1).numpy()
+        hwc = list(host.permute(0, 2, 3, 1).numpy())
         if dev.type == "cuda":  # segment on the host's cores while the device runs the passes
-            cache.prefetch(list(hwc), recipe)
+            keys = cache.prefetch(hwc, recipe)
     need_cam = bool({"gradcam", "ggcam"} & set(todo))
     if "grad" in todo or need_cam:
         layer = None
@@ -272,6 +272,6 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
         a, w = _linspace(recipe.xrai_steps, x)
         ig2 = engine.integrate(x, t, IntegrationPath(2, a, w, same, xrai_base, ig_finalize))
         attr = ig2.max(1).values  # signed max over channels
-        atoms = cache.atoms_batch(list(hwc), recipe, dev)
+        atoms = cache.atoms_batch(hwc, recipe, dev, keys)
         raw["xrai"] = xrai_greedy(attr, atoms, recipe.xrai_min_pixel_diff, recipe.xrai_area_threshold).to(x.dtype)
     return raw
