@@ -114,7 +114,9 @@ def test_torch_compile_parity_with_eager():
 def test_guided_graph_hooks_equal_the_function_mode_on_torchvision_networks():
     """The engine's GBP (hooks on the recorded ReLU nodes) vs an independent ReLU-replacing mode."""
     from saliency_trust.networks import get_network
-    from saliency_trust.saliency.guided import ReluMode, guide_relus
+    from saliency_trust.saliency.guided import guide_relus
+
+    from tests.saliency.models import ReluMode
 
     for arch, relus in (("densenet121", 121), ("inception_v3", 94)):
         torch.manual_seed(0)

@@ -9,9 +9,8 @@ clamps the incoming gradient at 0. The node's own backward then keeps it only wh
 forward output is > 0: together that is guided backpropagation's rule. The hooks live on
 this one graph and are gone with it; nothing is registered on the model.
 
-:class:`ReluMode` does the same by replacing every ReLU call with :func:`guided_relu` through
-a ``TorchFunctionMode``; it pays a Python dispatch on every operation, so the engine uses the
-graph walk and the tests use the mode as an independent check of it.
+(Replacing every ReLU call through a ``TorchFunctionMode`` gives the same gradients but pays a
+Python dispatch on every operation; the tests keep such a mode as an independent check.)
 
 :class:`LayerCapture` records the Grad-CAM layer with a forward hook that is removed on exit.
 """
@@ -29,24 +28,6 @@ _RELUS = {F.relu, torch.relu, torch.Tensor.relu}
 _RELUS_INPLACE = {torch.relu_, torch.Tensor.relu_}
 if hasattr(F, "relu_"):
     _RELUS_INPLACE.add(F.relu_)
-
-
-class _GuidedReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        out = x.clamp(min=0)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (out,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (out > 0).to(grad.dtype)
-
-
-def guided_relu(x: torch.Tensor) -> torch.Tensor:
-    """ReLU whose backward is guided backpropagation's (Springenberg et al. 2015)."""
-    return _GuidedReLU.apply(x)
 
 
 _RELU_NODES = frozenset({"ReluBackward0", "ReluBackward1"})
@@ -80,15 +61,6 @@ def guide_relus(output: torch.Tensor) -> int:
     if n == 0:
         raise ValueError("guided backprop needs ReLUs, and the model's forward pass used none")
     return n
-
-
-class ReluMode(TorchFunctionMode):
-    """While active, every ReLU call is a guided ReLU (module or functional, in place or not)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _RELUS or func in _RELUS_INPLACE:
-            return guided_relu(args[0])
-        return func(*args, **(kwargs or {}))
 
 
 class _ReluAfter(TorchFunctionMode):
