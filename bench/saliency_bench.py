@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import platform
 import statistics
 import time
@@ -44,6 +45,26 @@ def _timeit(fn: Callable[[], object], device: torch.device, repeat: int = 1,
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _paired(fn: Callable[[], object], floor: Callable[[], object], device: torch.device,
+            budget_s: float = 2.0) -> tuple[float, float, int]:
+    """Median seconds of ``fn`` and of ``floor``, run alternately (after one warm-up each).
+
+    Alternating cancels drift between the two (clocks, other tenants), which matters for calls
+    of a few tens of milliseconds; the pair repeats until about ``budget_s`` is spent (10 to 40 times).
+    """
+    t_fn = _timeit(fn, device)
+    t_floor = _timeit(floor, device)
+    repeat = max(10, min(40, int(budget_s / max(t_fn + t_floor, 1e-6))))
+    a, b = [], []
+    for _ in range(repeat):
+        for f, acc in ((fn, a), (floor, b)):
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b), repeat
 
 
 def bare_loop(model, x, targets, dtype: str, rows: int, n_rows: int) -> Callable[[], None]:
@@ -171,7 +192,8 @@ def run(arch: str, device: torch.device, size: int, batch: int, dtype: str, pres
         "arch": arch, "device": str(device), "card": torch.cuda.get_device_name(device) if device.type == "cuda" else
         platform.processor() or platform.machine(), "torch": torch.__version__, "size": size, "batch": batch,
         "dtype": dtype, "preset": preset, "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
-        "timing": "median of repeated synchronized runs after a warm-up",
+        "timing": "median of repeated synchronized runs after a warm-up; calls of <= 2000 passes are "
+                  "timed alternately with their floor (floor_paired)",
     }
     # The floor: forward + input-only gradient in chunks of `rows`. Each candidate chunk size (those
     # asked for, and explain's own default) is measured; the recipe then runs with the fastest, and
@@ -198,20 +220,33 @@ def run(arch: str, device: torch.device, size: int, batch: int, dtype: str, pres
         def call(n: int, m: str = m) -> None:
             explain(model, x[:n], methods=[m], targets=targets[:n], preset=recipe, segment_cache=cache)
 
+        floor = res["bare"] if p > 2 else res["bare_batch"]
+        entry: dict = {"passes_per_image": p}
         if m == "xrai":
             # The warm-up segments every image (not timed): this row is XRAI for a later model state.
             t = _timeit(lambda call=call: call(batch), device)
+        elif p * batch <= 2000:
+            # Short calls: timed alternately with the floor over the same passes, so that the ratio
+            # does not carry the drift between this measurement and the floor's at the start.
+            floor_fn = bare_loop(model, x, targets, dtype, floor["rows"], p * batch)
+            t, t_floor, reps = _paired(lambda call=call: call(batch), floor_fn, device)
+            floor = {"passes_per_s": p * batch / t_floor, "rows": floor["rows"]}
+            entry.update(floor_paired=floor, repeats=reps)
         else:
-            repeat = 10 if p <= 2 else 3 if p * batch <= 2000 else 1
-            t = _timeit(lambda call=call: call(batch), device, repeat=repeat,
-                        warmup=None if repeat > 1 else (lambda call=call: call(2)))
-        entry = {"images_per_s": batch / t, "passes_per_image": p}
+            t = _timeit(lambda call=call: call(batch), device, warmup=lambda call=call: call(2))
+        entry["images_per_s"] = batch / t
         if p:
-            floor = res["bare"] if p > 2 else res["bare_batch"]
             entry["passes_per_s"] = batch * p / t
             entry["ratio_to_bare"] = entry["passes_per_s"] / floor["passes_per_s"]
+            # Diagnostic: the floor at the chunk size the engine picked for this call (balanced
+            # chunks can be smaller than the best floor's), to tell chunk size from overhead.
+            used = min(p * batch, rows) if p <= 2 else math.ceil(p * batch / math.ceil(p * batch / rows))
+            if p > 2 and used != rows:
+                n_rows = min(p * batch, used * 4)
+                t_used = _timeit(bare_loop(model, x, targets, dtype, used, n_rows), device, repeat=3)
+                entry["bare_at_rows_used"] = {"rows": used, "passes_per_s": n_rows / t_used}
         res["methods"][m] = entry
-        print(arch, dtype, m, {k: round(v, 3) for k, v in entry.items()}, flush=True)
+        print(arch, dtype, m, {k: round(v, 3) for k, v in entry.items() if isinstance(v, float | int)}, flush=True)
     P = recipe.passes_per_image()
 
     def full(cache: SegmentCache) -> Callable[[], None]:

@@ -183,9 +183,9 @@ def test_each_modules_mode_is_restored():
 def test_segmentation_pool_works_in_a_forked_child():
     import multiprocessing as mp
 
-    from saliency_trust.saliency.xrai import _pool
+    from saliency_trust.saliency.hostwork import pool
 
-    _pool().submit(int).result()  # the parent's pool exists and has threads
+    pool("xrai-segments").submit(int).result()  # the parent's pool exists and has threads
     ctx = mp.get_context("fork")
     with ctx.Pool(1) as p:
         assert p.apply_async(_segment_in_child).get(timeout=60) == 6
@@ -197,3 +197,46 @@ def _segment_in_child() -> int:
     hwc = images(1, size=32).permute(0, 2, 3, 1).numpy()[0]
     # One task: with the parent's executor it would wait forever for a thread the child lacks.
     return _Pending(hwc, get_recipe("quick", xrai_segment_size=32), 1).result(timeout=20).shape[0]
+
+
+def test_noise_seed_is_sha256_of_the_float32_bytes_then_the_seed():
+    import hashlib
+
+    from saliency_trust.saliency.explain import image_seed
+
+    x = images(1, size=24)[0]  # float64: hashed as float32, [C, H, W] order
+    ref = hashlib.sha256(x.float().numpy().tobytes() + b"7").digest()
+    assert image_seed(x, 7) == int.from_bytes(ref[:8], "little") & (2**63 - 1)
+
+
+def test_hashes_on_threads_equal_serial_hashes_and_keys_agree():
+    from saliency_trust.saliency.hostwork import content_hash, content_hashes
+    from saliency_trust.saliency.xrai import SegmentCache
+
+    x = images(5, size=24)
+    threaded = [h.hexdigest() for h in content_hashes(x)]
+    assert threaded == [content_hash(im).hexdigest() for im in x]
+    assert len(set(threaded)) == 5
+    recipe = get_recipe("quick")
+    hwc = x.permute(0, 2, 3, 1).numpy()
+    assert SegmentCache.key(hwc[2], recipe) == SegmentCache.key_from(content_hash(x[2]), recipe)
+    assert SegmentCache.key(hwc[2], recipe) != SegmentCache.key(hwc[2], get_recipe("quick", xrai_dilation=3))
+
+
+def test_each_image_is_hashed_once_per_call(monkeypatch):
+    from saliency_trust.saliency import hostwork
+
+    calls = []
+
+    def counting(image, _orig=hostwork.content_hash):
+        calls.append(1)
+        return _orig(image)
+
+    monkeypatch.setattr(hostwork, "content_hash", counting)
+    x = images(3, size=32)
+    out = explain(tiny(), x, methods=["sg", "sig", "xrai"], preset="quick", targets=[0, 1, 0])
+    assert len(calls) == 3  # SG's and SIG's seeds and XRAI's keys all come from one hash per image
+    monkeypatch.undo()
+    again = explain(tiny(), x, methods=["sg", "sig", "xrai"], preset="quick", targets=[0, 1, 0])
+    for m in out:
+        assert torch.equal(out[m], again[m]), m

@@ -92,7 +92,7 @@ def test_smoothgrad_and_sig_match_pair_core_with_the_same_noise(method, monkeypa
                 x[b].numpy(), _pair_fn(model, t), stdev_spread=0.15, nsamples=n, magnitude=True,
                 x_baseline=np.full(x[b].shape, -1.0), x_steps=steps, batch_size=steps)
         scale = np.abs(ref).max()
-        assert np.allclose(ours[b].numpy() / scale, ref / scale, rtol=0, atol=2e-6)
+        assert np.allclose(ours[b].numpy() / scale, ref / scale, rtol=0, atol=5e-7)  # PAIR sums in float32
 
 
 def test_sg_noise_is_15_percent_of_each_images_range():

@@ -6,12 +6,15 @@ Every gradient method of the paper is a path integral of input gradients:
 
 with ``j`` over noise samples (or baselines) and ``k`` over integration steps: GRAD and GBP
 (one sample, one step), IG (steps), SG (samples), SIG (samples x steps) and XRAI's IG
-(two baselines x steps). :func:`integrate` flattens all (b, j, k) rows, feeds them through the
-model in chunks of at most ``max_rows`` rows (balanced, so that no small ragged chunk is left at
-the end), accumulates each (b, j) group with ``index_add_`` and folds a group into its image as
-soon as its last step is done, so memory stays at one chunk plus the images in flight, whatever
-the number of steps or samples. All chunk bookkeeping is host arithmetic: the loop never waits
-for the device.
+(two baselines x steps). A path without a baseline (SG) is one point per group with weight 1,
+fed to the model as it is: no interpolation arithmetic, and ``finalize`` gets only the sums.
+
+:func:`integrate` flattens all (b, j, k) rows, feeds them through the model in chunks of at
+most ``max_rows`` rows (balanced, so that no small ragged chunk is left at the end),
+accumulates each (b, j) group with ``index_add_`` and folds a group into its image as soon as
+its last step is done, so memory stays at one chunk plus the images in flight, whatever the
+number of steps or samples. All chunk bookkeeping is host arithmetic: the loop never waits for
+the device.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ class IntegrationPath:
     alphas: torch.Tensor  # [K] on the device
     weights: torch.Tensor  # [K] on the device
     point: GroupFn  # (b [n], j [n]) -> P [n, C, H, W]
-    baseline: GroupFn  # (b [n], j [n]) -> Z [n, C, H, W]
-    finalize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (S, P, Z) -> attr
+    baseline: GroupFn | None  # (b [n], j [n]) -> Z [n, C, H, W]; None: P itself, weight 1 (alphas unused)
+    finalize: Callable[..., torch.Tensor]  # (S, P, Z) -> attr; (S, None, None) without a baseline
     prepare: Callable[[int, int], None] | None = None  # (first, last image of a chunk), before point()
 
 
@@ -102,7 +105,8 @@ class GradientEngine:
     def integrate(self, images: torch.Tensor, targets: torch.Tensor, path: IntegrationPath) -> torch.Tensor:
         """Attributions ``[B, C, H, W]`` of ``images`` along ``path`` (see module docstring)."""
         B = images.shape[0]
-        J, K = path.samples, len(path.alphas)
+        pointwise = path.baseline is None
+        J, K = path.samples, 1 if pointwise else len(path.alphas)
         total = B * J * K
         out = torch.zeros_like(images)
         carry_group, carry_sum = -1, None
@@ -114,10 +118,13 @@ class GradientEngine:
             r = torch.arange(start, stop, device=images.device)
             g, k = r // K, r % K
             b, j = g // J, g % J
-            P, Z = path.point(b, j), path.baseline(b, j)
-            a = path.alphas[k].view(-1, 1, 1, 1)
-            grads, _, _ = self.gradients(Z + a * (P - Z), targets[b])
-            grads = grads * path.weights[k].view(-1, 1, 1, 1)
+            if pointwise:
+                grads, _, _ = self.gradients(path.point(b, j), targets[b])
+            else:
+                P, Z = path.point(b, j), path.baseline(b, j)
+                a = path.alphas[k].view(-1, 1, 1, 1)
+                grads, _, _ = self.gradients(Z + a * (P - Z), targets[b])
+                grads = grads * path.weights[k].view(-1, 1, 1, 1)
             g0 = int(start // K)
             n_local = int((stop - 1) // K) - g0 + 1
             S = torch.zeros((n_local, *images.shape[1:]), dtype=images.dtype, device=images.device)
@@ -132,7 +139,10 @@ class GradientEngine:
             if complete:
                 gg = torch.arange(g0, g0 + complete, device=images.device)
                 gb, gj = gg // J, gg % J
-                attr = path.finalize(S[:complete], path.point(gb, gj), path.baseline(gb, gj))
+                if pointwise:
+                    attr = path.finalize(S[:complete], None, None)
+                else:
+                    attr = path.finalize(S[:complete], path.point(gb, gj), path.baseline(gb, gj))
                 out.index_add_(0, gb, attr / J)
         return out
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from torch import nn
 
 from saliency_trust.saliency.engine import GradientEngine, IntegrationPath, auto_max_rows
 from saliency_trust.saliency.guided import LayerCapture, find_module
+from saliency_trust.saliency.hostwork import content_hash, content_hashes, seed_from
 from saliency_trust.saliency.postprocess import minmax, postprocess, visualize_grayscale
 from saliency_trust.saliency.presets import METHODS, Recipe, get_recipe
 from saliency_trust.saliency.xrai import DEFAULT_CACHE, SegmentCache, xrai_greedy
@@ -67,36 +68,36 @@ def upsample_cam(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def image_seed(image: torch.Tensor, seed: int) -> int:
     """A noise seed from the image's content and the recipe seed: independent of batch position."""
-    h = hashlib.sha256(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update(str(seed).encode())
-    return int.from_bytes(h.digest()[:8], "little") & (2**63 - 1)
+    return seed_from(content_hash(image), seed)
 
 
 def smoothing_noise(image: torch.Tensor, samples: int, sigma_frac: float, seed: int,
-                    host: torch.Tensor | None = None) -> torch.Tensor:
+                    state: Any = None) -> torch.Tensor:
     """The ``[samples, C, H, W]`` Gaussian noise SG/SIG add to one ``[C, H, W]`` image.
 
     sigma = ``sigma_frac`` x (max - min) of the image (PAIR's ``stdev_spread``). The generator
     lives on the image's device, seeded by :func:`image_seed`, so the noise is reproducible and
-    does not depend on which other images share the batch. ``host``, the image's copy in host
-    memory if the caller has one, seeds the generator without waiting for the device.
+    does not depend on which other images share the batch. ``state``, the image's
+    :func:`~saliency_trust.saliency.hostwork.content_hash` if the caller has it, saves hashing
+    again (and waiting for the device to copy the image out).
     """
     gen = torch.Generator(device=image.device)
-    gen.manual_seed(image_seed(image if host is None else host, seed))
+    gen.manual_seed(seed_from(content_hash(image) if state is None else state, seed))
     sigma = sigma_frac * (image.max() - image.min())
     noise = torch.randn((samples, *image.shape), generator=gen, device=image.device, dtype=image.dtype)
     return noise * sigma
 
 
-class _Noise:
-    """Per-image noise made when a chunk first reaches the image, dropped once the chunks move past it.
+class _NoisyImages:
+    """SG/SIG's points ``image + noise``, made per image when a chunk first reaches it and dropped
+    once the chunks move past it.
 
     ``prepare(first, last)`` (called by the engine with host integers before each chunk) fills
-    the images of the chunk; ``__call__(b, j)`` then only indexes on the device.
+    the images of the chunk; ``__call__(b, j)`` then only gathers rows on the device.
     """
 
-    def __init__(self, images: torch.Tensor, host: torch.Tensor, samples: int, sigma: float, seed: int) -> None:
-        self.images, self.host = images, host
+    def __init__(self, images: torch.Tensor, states: Sequence[Any], samples: int, sigma: float, seed: int) -> None:
+        self.images, self.states = images, states
         self.samples, self.sigma, self.seed = samples, sigma, seed
         self._cache: dict[int, torch.Tensor] = {}
         self._first = 0
@@ -107,8 +108,8 @@ class _Noise:
             del self._cache[stale]
         for bb in range(first, last + 1):
             if bb not in self._cache:
-                self._cache[bb] = smoothing_noise(self.images[bb], self.samples, self.sigma, self.seed,
-                                                  host=self.host[bb])
+                noise = smoothing_noise(self.images[bb], self.samples, self.sigma, self.seed, state=self.states[bb])
+                self._cache[bb] = noise.add_(self.images[bb])
         self._first = first
         span = [self._cache[bb] for bb in range(first, last + 1)]
         self._stack = span[0] if len(span) == 1 else torch.cat(span)
@@ -201,14 +202,18 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
     dev = x.device
     raw: dict[str, torch.Tensor] = {}
     rows = engine.chunk_rows(B)
-    # One host copy of the images, made before any pass is queued: it seeds the noise and keys
-    # the XRAI segments without making the device wait later on.
-    host = x.detach().cpu() if {"sg", "sig", "xrai"} & set(todo) else None
-    hwc, keys = None, None
+    # One host copy of the images, made before any pass is queued, hashed once on host threads:
+    # the hashes seed SG's and SIG's noise and key the XRAI segments, so the device never waits
+    # for them later on.
+    host, states, hwc, keys = None, [], [], []
+    if {"sg", "sig", "xrai"} & set(todo):
+        host = x.detach().cpu()
+        states = content_hashes(host)
     if "xrai" in todo:
         hwc = list(host.permute(0, 2, 3, 1).numpy())
+        keys = [cache.key_from(s, recipe) for s in states]
         if dev.type == "cuda":  # segment on the host's cores while the device runs the passes
-            keys = cache.prefetch(hwc, recipe)
+            cache.prefetch(hwc, recipe, keys)
     need_cam = bool({"gradcam", "ggcam"} & set(todo))
     if "grad" in todo or need_cam:
         layer = None
@@ -249,18 +254,19 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
         a, w = _linspace(recipe.ig_steps, x)
         raw["ig"] = engine.integrate(x, t, IntegrationPath(1, a, w, same, const(recipe.ig_baseline), ig_finalize))
     if "sg" in todo:
-        noise = _Noise(x, host, recipe.sg_samples, recipe.sg_sigma, recipe.seed)
+        noisy = _NoisyImages(x, states, recipe.sg_samples, recipe.sg_sigma, recipe.seed)
         one = torch.ones(1, device=dev, dtype=x.dtype)
         fin = (lambda S, P, Z: S * S) if recipe.sg_magnitude else (lambda S, P, Z: S)
-        raw["sg"] = engine.integrate(x, t, IntegrationPath(
-            recipe.sg_samples, one, one, lambda b, j, n=noise: x[b] + n(b, j), same, fin, noise.prepare))
+        # No baseline: the model sees image + noise itself, exactly PAIR's input.
+        sg_path = IntegrationPath(recipe.sg_samples, one, one, noisy, None, fin, noisy.prepare)
+        raw["sg"] = engine.integrate(x, t, sg_path)
     if "sig" in todo:
-        noise = _Noise(x, host, recipe.sig_samples, recipe.sg_sigma, recipe.seed + 1)  # independent of SG's
+        noisy = _NoisyImages(x, states, recipe.sig_samples, recipe.sg_sigma, recipe.seed + 1)  # independent of SG's
         a, w = _linspace(recipe.sig_steps, x)
         fin = (lambda S, P, Z: ((P - Z) * S) ** 2) if recipe.sg_magnitude else ig_finalize
         black = const(recipe.ig_baseline)
-        raw["sig"] = engine.integrate(x, t, IntegrationPath(
-            recipe.sig_samples, a, w, lambda b, j, n=noise: x[b] + n(b, j), black, fin, noise.prepare))
+        sig_path = IntegrationPath(recipe.sig_samples, a, w, noisy, black, fin, noisy.prepare)
+        raw["sig"] = engine.integrate(x, t, sig_path)
     if "xrai" in todo:
         lo = x.flatten(1).min(1).values
         hi = x.flatten(1).max(1).values

@@ -15,13 +15,10 @@ pixels (first index on ties), give those pixels that gain, until the covered fra
 
 from __future__ import annotations
 
-import hashlib
-import os
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +26,7 @@ import torch.nn.functional as F
 from skimage.segmentation import felzenszwalb
 from skimage.transform import resize
 
+from saliency_trust.saliency.hostwork import content_hash, derived, host_threads, pool
 from saliency_trust.saliency.presets import Recipe
 
 
@@ -58,36 +56,6 @@ def segment_labels(image_hwc: np.ndarray, recipe: Recipe) -> np.ndarray:
     return _segment_scales(image_hwc, recipe, recipe.xrai_scales)
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _forget_pool() -> None:
-    """In a forked child: the parent's threads are not there, so start afresh on first use."""
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _pool() -> ThreadPoolExecutor:
-    """Threads for segmentation: skimage's Felzenszwalb and resize release the GIL."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=min(32, _workers()), thread_name_prefix="xrai-segments")
-        return _POOL
-
-
 class _Pending:
     """One image's segmentation running on the pool, its scales split over ``parts`` tasks.
 
@@ -98,7 +66,7 @@ class _Pending:
         scales = list(recipe.xrai_scales)
         parts = max(1, min(parts, len(scales)))
         self.groups = [list(range(i, len(scales), parts)) for i in range(parts)]
-        self.futures = [_pool().submit(_segment_scales, image_hwc, recipe, [scales[k] for k in g])
+        self.futures = [pool("xrai-segments").submit(_segment_scales, image_hwc, recipe, [scales[k] for k in g])
                         for g in self.groups]
 
     def result(self, timeout: float | None = None) -> np.ndarray:
@@ -175,18 +143,26 @@ class SegmentCache:
         self.misses = 0
 
     @staticmethod
-    def key(image_hwc: np.ndarray, recipe: Recipe) -> str:
-        h = hashlib.sha1(np.ascontiguousarray(image_hwc, dtype=np.float32).tobytes())
-        h.update(repr((recipe.xrai_segment_size, recipe.xrai_scales, recipe.xrai_sigma,
-                       recipe.xrai_min_segment, recipe.xrai_dilation)).encode())
-        return h.hexdigest()
+    def key_from(state: Any, recipe: Recipe) -> str:
+        """The key of an image given its :func:`~saliency_trust.saliency.hostwork.content_hash`."""
+        return derived(state, repr(("xrai", recipe.xrai_segment_size, recipe.xrai_scales, recipe.xrai_sigma,
+                                    recipe.xrai_min_segment, recipe.xrai_dilation))).hex()
 
-    def prefetch(self, images_hwc: Sequence[np.ndarray], recipe: Recipe) -> list[str]:
-        """Start segmenting the images not cached yet (returns at once); their keys, in order."""
-        keys = [self.key(im, recipe) for im in images_hwc]
+    @staticmethod
+    def key(image_hwc: np.ndarray, recipe: Recipe) -> str:
+        """An image's key: its content (hashed in ``[C, H, W]`` order, as ``explain`` does) and the settings."""
+        return SegmentCache.key_from(content_hash(np.moveaxis(image_hwc, -1, 0)), recipe)
+
+    def prefetch(self, images_hwc: Sequence[np.ndarray], recipe: Recipe,
+                 keys: Sequence[str] | None = None) -> list[str]:
+        """Start segmenting the images not cached yet (returns at once); their keys, in order.
+
+        ``keys``: the images' keys if the caller has them (from :meth:`key_from`).
+        """
+        keys = [self.key(im, recipe) for im in images_hwc] if keys is None else list(keys)
         todo = {k: im for k, im in zip(keys, images_hwc, strict=True)
                 if k not in self._store and k not in self._pending}
-        parts = _workers() // max(1, len(todo))  # few images: split each image's scales over threads
+        parts = host_threads() // max(1, len(todo))  # few images: split each image's scales over threads
         for k, im in todo.items():
             self._pending[k] = _Pending(im, recipe, parts)
         return keys
@@ -199,7 +175,7 @@ class SegmentCache:
             self._store.move_to_end(k)
             return self._store[k]
         self.misses += 1
-        pending = self._pending.pop(k, None) or _Pending(image_hwc, recipe, _workers())
+        pending = self._pending.pop(k, None) or _Pending(image_hwc, recipe, host_threads())
         labels = torch.from_numpy(pending.result()).to(device)
         atoms = atoms_from_masks(masks_from_labels(labels, recipe.xrai_dilation))
         self._store[k] = atoms
