@@ -127,8 +127,11 @@ class GradientEngine:
                 grads = grads * path.weights[k].view(-1, 1, 1, 1)
             g0 = int(start // K)
             n_local = int((stop - 1) // K) - g0 + 1
-            S = torch.zeros((n_local, *images.shape[1:]), dtype=images.dtype, device=images.device)
-            S.index_add_(0, g - g0, grads)
+            if K == 1:  # one row per group: the sums are the gradients themselves
+                S = grads.to(images.dtype)
+            else:
+                S = torch.zeros((n_local, *images.shape[1:]), dtype=images.dtype, device=images.device)
+                S.index_add_(0, g - g0, grads)
             if carry_sum is not None and carry_group == g0:
                 S[0] += carry_sum
             complete = n_local if (stop % K == 0) else n_local - 1
