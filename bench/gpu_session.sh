@@ -20,3 +20,6 @@ timeout 200 python3 bench/saliency_bench.py --out "$OUT" --device cuda --arch de
   --dtype float32 --batch 32 --rows 64 128 --references pair 2>&1 | grep -v -i warn | tail -30
 timeout 110 python3 bench/saliency_bench.py --out "$OUT" --device cuda --arch inception_v3 \
   --dtype float32 --batch 32 --rows 64 128 --references 2>&1 | grep -v -i warn | tail -30
+# Last, so that a slow stage above cannot cost the fp32 figures: bf16 autocast against the bf16 floor.
+timeout 100 python3 bench/saliency_bench.py --out "$OUT" --device cuda --arch densenet121 \
+  --dtype bfloat16 --batch 32 --rows 64 128 --references 2>&1 | grep -v -i warn | tail -30

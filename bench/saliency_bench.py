@@ -47,16 +47,20 @@ def _timeit(fn: Callable[[], object], device: torch.device, repeat: int = 1,
     return statistics.median(times)
 
 
-def _paired(fn: Callable[[], object], floor: Callable[[], object], device: torch.device,
-            budget_s: float = 2.0) -> tuple[float, float, int]:
+#: Alternate timing of short calls: about this many seconds per method, within these repeats.
+PAIRED_BUDGET_S, PAIRED_REPEATS = 2.0, (10, 40)
+
+
+def _paired(fn: Callable[[], object], floor: Callable[[], object], device: torch.device) -> tuple[float, float, int]:
     """Median seconds of ``fn`` and of ``floor``, run alternately (after one warm-up each).
 
     Alternating cancels drift between the two (clocks, other tenants), which matters for calls
-    of a few tens of milliseconds; the pair repeats until about ``budget_s`` is spent (10 to 40 times).
+    of a few tens of milliseconds; the pair repeats until about ``PAIRED_BUDGET_S`` is spent.
     """
     t_fn = _timeit(fn, device)
     t_floor = _timeit(floor, device)
-    repeat = max(10, min(40, int(budget_s / max(t_fn + t_floor, 1e-6))))
+    lo, hi = PAIRED_REPEATS
+    repeat = max(lo, min(hi, int(PAIRED_BUDGET_S / max(t_fn + t_floor, 1e-6))))
     a, b = [], []
     for _ in range(repeat):
         for f, acc in ((fn, a), (floor, b)):
