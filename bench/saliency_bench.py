@@ -26,6 +26,7 @@ from saliency_trust.saliency import METHODS, SegmentCache, explain, get_recipe
 from saliency_trust.saliency.engine import auto_max_rows
 from saliency_trust.saliency.explain import default_cam_layer
 from saliency_trust.saliency.guided import LayerCapture, find_module, guide_relus
+from saliency_trust.saliency.hostwork import content_hashes, host_threads
 
 
 def _sync(device: torch.device) -> None:
@@ -216,6 +217,14 @@ def run(arch: str, device: torch.device, size: int, batch: int, dtype: str, pres
     single = min(batch, rows)
     t_single = _timeit(bare_loop(model, x, targets, dtype, single, batch), device, repeat=10)
     res["bare_batch"] = {"passes_per_s": batch / t_single, "ms_per_pass": 1e3 * t_single / batch, "rows": single}
+    # Host work on the critical path of SG, SIG and XRAI calls (before their first pass is queued):
+    # the images' copy to the host and their content hashes.
+    host = x.cpu()
+    res["host_setup_ms"] = {
+        "copy_to_host": 1e3 * _timeit(lambda: x.cpu(), device, repeat=5),
+        "content_hashes": 1e3 * _timeit(lambda: content_hashes(host), device, repeat=5),
+        "host_threads": host_threads(),
+    }
     res["methods"] = {}
     cache = SegmentCache()
     for m in METHODS:

@@ -21,6 +21,7 @@ def test_saliency_bench_runs_and_writes_every_figure(tmp_path, monkeypatch):
         assert entry["ratio_to_bare"] > 0, m
         if m != "xrai":
             assert entry["floor_paired"]["passes_per_s"] > 0 and entry["repeats"] == 3, m
+    assert saved["host_setup_ms"]["content_hashes"] > 0 and saved["host_setup_ms"]["copy_to_host"] >= 0
     for key in ("full_recipe", "full_recipe_cold"):
         assert saved[key]["passes_per_image"] == 66 and saved[key]["s_per_image"] > 0
     # Balanced chunks smaller than the floor's: the floor at the engine's own chunk size is there too.
