@@ -240,3 +240,15 @@ def test_each_image_is_hashed_once_per_call(monkeypatch):
     again = explain(tiny(), x, methods=["sg", "sig", "xrai"], preset="quick", targets=[0, 1, 0])
     for m in out:
         assert torch.equal(out[m], again[m]), m
+
+
+def test_uncollected_segmentations_are_bounded_by_the_cache_capacity():
+    from saliency_trust.saliency.xrai import SegmentCache
+
+    recipe = get_recipe("quick", xrai_segment_size=32, xrai_scales=(50,))
+    cache = SegmentCache(capacity=2)
+    hwc = list(images(3, size=32).permute(0, 2, 3, 1).numpy())
+    keys = cache.prefetch(hwc, recipe)  # never collected
+    assert list(cache._pending) == keys[1:]
+    atoms = cache.atoms(hwc[2], recipe, torch.device("cpu"))  # still picked up when asked for
+    assert cache.misses == 1 and atoms.inverse.numel() == 32 * 32 and len(cache._pending) == 1

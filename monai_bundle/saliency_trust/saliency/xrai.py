@@ -165,6 +165,10 @@ class SegmentCache:
         parts = host_threads() // max(1, len(todo))  # few images: split each image's scales over threads
         for k, im in todo.items():
             self._pending[k] = _Pending(im, recipe, parts)
+        # Segmentations started but never collected (a call that raised after its prefetch) are
+        # kept for a later call on the same images, but no more of them than the cache holds.
+        while len(self._pending) > self.capacity:
+            self._pending.pop(next(iter(self._pending)))
         return keys
 
     def atoms(self, image_hwc: np.ndarray, recipe: Recipe, device: torch.device, key: str | None = None) -> Atoms:
