@@ -252,3 +252,18 @@ def test_uncollected_segmentations_are_bounded_by_the_cache_capacity():
     assert list(cache._pending) == keys[1:]
     atoms = cache.atoms(hwc[2], recipe, torch.device("cpu"))  # still picked up when asked for
     assert cache.misses == 1 and atoms.inverse.numel() == 32 * 32 and len(cache._pending) == 1
+
+
+def test_segments_of_a_batch_start_together_when_keys_are_given(monkeypatch):
+    from saliency_trust.saliency import xrai
+    from saliency_trust.saliency.xrai import SegmentCache
+
+    recipe = get_recipe("quick", xrai_segment_size=32, xrai_scales=(50,))
+    hwc = list(images(3, size=32).permute(0, 2, 3, 1).numpy())
+    cache = SegmentCache()
+    keys = [cache.key(im, recipe) for im in hwc]
+    started = []
+    monkeypatch.setattr(cache, "atoms", lambda im, r, d, key=None: started.append(len(cache._pending)) or key)
+    assert cache.atoms_batch(hwc, recipe, torch.device("cpu"), keys) == keys
+    assert started[0] == 3  # all three images were segmenting before the first was collected
+    assert isinstance(next(iter(cache._pending.values())), xrai._Pending)

@@ -191,9 +191,10 @@ class SegmentCache:
                     keys: Sequence[str] | None = None) -> list[Atoms]:
         """:meth:`atoms` of several images, their segmentations run side by side.
 
-        ``keys``: what an earlier :meth:`prefetch` of the same images returned (saves hashing again).
+        ``keys``: the images' keys if the caller has them (saves hashing again). Images already
+        segmenting (an earlier :meth:`prefetch`) or cached are not started again.
         """
-        keys = self.prefetch(images_hwc, recipe) if keys is None else keys
+        keys = self.prefetch(images_hwc, recipe, keys)
         return [self.atoms(im, recipe, device, key=k) for im, k in zip(images_hwc, keys, strict=True)]
 
 
