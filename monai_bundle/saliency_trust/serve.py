@@ -47,6 +47,7 @@ from typing import Any
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
+from saliency_trust.results import load_results
 from saliency_trust.saliency import METHODS
 from saliency_trust.saliency.presets import PRESETS
 
@@ -102,15 +103,20 @@ class Model:
         meta = self.folder / f"{self.arch}_seed{self.replicates[0]}.metrics.json"
         m = json.loads(meta.read_text()) if meta.is_file() else {}
         res = self.folder / "results.json"
-        verdicts = None
+        verdicts, assessment = None, None
         if res.is_file():
-            r = json.loads(res.read_text())
-            verdicts = {meth: {c: v.get("passed") for c, v in crit.items()} for meth, crit in r["verdicts"].items()}
+            try:
+                r = load_results(res)
+                verdicts = {meth: r.passed(meth) for meth in r.methods}
+                assessment = {"preset": r.preset, "n_images": r.n_images, "synthetic": r.synthetic,
+                              "failing": r.failing()}
+            except ValueError as exc:
+                assessment = {"error": str(exc)}
         return {"name": self.name, "architecture": self.arch, "replicates": self.replicates,
                 "image_size": m.get("image_size"),
                 "training": {k: m.get(k) for k in ("n_train", "n_val", "max_epochs", "val_auc", "best_epoch")}
                 | {"dataset": Path(m["dataset_dir"]).name if m.get("dataset_dir") else None},
-                "verdicts": verdicts}
+                "verdicts": verdicts, "assessment": assessment}
 
 
 def discover_models(bundle: Path, models_dir: Path | None = None) -> dict[str, Model]:

@@ -43,12 +43,54 @@ def test_utility_scores_match_sklearn_and_count_degenerate_cases():
     out = utility_scores(torch.tensor(maps), torch.tensor(masks))
     assert out["empty_mask"] == 1 and out["constant_map"] == 1 and out["constant_map_index"] == [3]
     assert torch.isnan(out["auprc"][2])
-    for i in (0, 1, 3):
+    for i in (0, 1):
         p, r, _ = precision_recall_curve(masks[i].ravel(), maps[i].ravel())
         assert float(out["auprc"][i]) == pytest.approx(auc(r, p), abs=1e-12)
+    # A blank map has no ranking: undefined, although the trapezoid would give it about (1 + prevalence) / 2.
+    p, r, _ = precision_recall_curve(masks[3].ravel(), maps[3].ravel())
+    assert auc(r, p) == pytest.approx((1 + masks[3].mean()) / 2) and torch.isnan(out["auprc"][3])
+
+
+def test_a_blank_map_is_counted_and_does_not_move_a_mean():
+    """All-zero Grad-CAMs on some images: undefined AUPRC / SSIM, counted, mean = mean over the other images."""
+    from saliency_trust.criteria import map_agreement, randomization_verdict, utility_verdicts
+
+    rng = np.random.default_rng(5)
+    n = 12
+    masks = np.zeros((n, 24, 24), bool)
+    masks[:, 6:14, 8:16] = True
+    maps = rng.random((n, 24, 24))
+    maps[:, 6:14, 8:16] += 0.5
+    maps /= maps.max()
+    blanked = maps.copy()
+    blanked[[2, 7]] = 0.0
+    full = utility_scores(torch.tensor(maps), torch.tensor(masks))["auprc"].numpy()
+    out = utility_scores(torch.tensor(blanked), torch.tensor(masks))
+    keep = np.setdiff1d(np.arange(n), [2, 7])
+    assert out["constant_map"] == 2 and np.isnan(out["auprc"][[2, 7]].numpy()).all()
+    prior = np.full(n, 0.2)
+    v = utility_verdicts({"gradcam": out["auprc"].numpy()}, prior)["gradcam"]
+    assert v["n"] == n - 2 and v["n_undefined"] == 2
+    assert v["value"] == pytest.approx(full[keep].mean(), abs=1e-12)
+    assert v["comparisons"]["prior"]["n_pairs"] == n - 2
+    # SSIM: a blank map against another blank map would score 1.0; it is undefined instead.
+    other = maps.copy()
+    other[[2, 7]] = 0.0
+    agree = map_agreement({"gradcam": torch.tensor(blanked)}, {"gradcam": torch.tensor(other)})["gradcam"].numpy()
+    assert np.isnan(agree[[2, 7]]).all() and np.isfinite(agree[keep]).all()
+    ref = [structural_similarity(blanked[i], other[i], data_range=1.0) for i in (2, 7)]
+    assert ref == [1.0, 1.0]  # what skimage says, and what must not enter a mean
+    r = randomization_verdict(agree, np.full(n, 0.5), "logits", np.full(3 * n, 0.5), n_undefined=2)
+    assert r["n"] == n - 2 and r["value"] == pytest.approx(agree[keep].mean())
+    # Spearman of a constant map is undefined too (scipy says nan).
+    from saliency_trust.metrics import spearman
+
+    assert torch.isnan(spearman(torch.tensor(blanked[[2]]), torch.tensor(maps[[2]])))[0]
 
 
 def test_random_pair_ssim_uses_other_images_only():
+    from saliency_trust.criteria import per_image_chance
+
     rng = np.random.default_rng(2)
     maps = torch.tensor(rng.random((4, 20, 20)))
     vals = random_pair_ssim(maps, pairs_per_image=6, seed=3)
@@ -59,6 +101,14 @@ def test_random_pair_ssim_uses_other_images_only():
     ref = [structural_similarity(maps[i].numpy(), maps[j].numpy(), data_range=1.0)
            for i in range(4) for j in partner[i].tolist()]
     assert np.allclose(vals.numpy(), ref, atol=1e-12)
+    chance = per_image_chance(vals, 4).numpy()
+    assert np.allclose(chance, np.asarray(ref).reshape(4, 6).mean(1), atol=1e-12)
+    # Between two models: image i of the first against other images of the second.
+    second = torch.tensor(rng.random((4, 20, 20)))
+    cross = random_pair_ssim(maps, 6, seed=3, other=second)
+    ref = [structural_similarity(maps[i].numpy(), second[j].numpy(), data_range=1.0)
+           for i in range(4) for j in partner[i].tolist()]
+    assert np.allclose(cross.numpy(), ref, atol=1e-12)
 
 
 def test_statistics():

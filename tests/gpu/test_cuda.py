@@ -29,8 +29,8 @@ def test_noise_methods_cuda_equal_cpu_with_the_same_noise(monkeypatch):
 
     ex = sys.modules["saliency_trust.saliency.explain"]  # the module, not the function of that name
 
-    def cpu_noise(image, samples, sigma_frac, seed, state=None, _orig=ex.smoothing_noise):
-        return _orig(image.cpu(), samples, sigma_frac, seed, state=state).to(image.device)
+    def cpu_noise(image, samples, sigma_frac, seed, state=None, model_key="", _orig=ex.smoothing_noise):
+        return _orig(image.cpu(), samples, sigma_frac, seed, state=state, model_key=model_key).to(image.device)
 
     monkeypatch.setattr(ex, "smoothing_noise", cpu_noise)
     model, x = tiny(), images(2, size=32)

@@ -207,6 +207,62 @@ def test_noise_seed_is_sha256_of_the_float32_bytes_then_the_seed():
     x = images(1, size=24)[0]  # float64: hashed as float32, [C, H, W] order
     ref = hashlib.sha256(x.float().numpy().tobytes() + b"7").digest()
     assert image_seed(x, 7) == int.from_bytes(ref[:8], "little") & (2**63 - 1)
+    ref = hashlib.sha256(x.float().numpy().tobytes() + b"7|abc").digest()
+    assert image_seed(x, 7, "abc") == int.from_bytes(ref[:8], "little") & (2**63 - 1)
+
+
+def test_weights_fingerprint_is_a_sha256_of_the_state_and_follows_in_place_changes():
+    import hashlib
+
+    from saliency_trust.saliency.hostwork import weights_fingerprint
+
+    model = tiny()
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode() + t.contiguous().numpy().tobytes())
+    assert weights_fingerprint(model) == h.hexdigest()
+    twin = tiny()
+    twin.load_state_dict(model.state_dict())
+    assert weights_fingerprint(twin) == weights_fingerprint(model)
+    with torch.no_grad():
+        next(twin.parameters()).add_(1e-3)  # in place: the cached fingerprint must not be reused
+    assert weights_fingerprint(twin) != weights_fingerprint(model)
+
+
+def test_smoothgrad_noise_depends_on_the_model_weights_not_only_the_image(monkeypatch):
+    """Identical weights: identical noise and maps. Different weights: different noise (checked on the noise)."""
+    import sys
+
+    ex = sys.modules["saliency_trust.saliency.explain"]
+    drawn: list[torch.Tensor] = []
+
+    def recording(*args, **kwargs):
+        noise = orig(*args, **kwargs)
+        drawn.append(noise.clone())
+        return noise
+
+    orig = ex.smoothing_noise
+    monkeypatch.setattr(ex, "smoothing_noise", recording)
+    a, x = tiny(), images(2, size=16)
+    twin = tiny()
+    twin.load_state_dict(a.state_dict())
+    other = tiny(seed=5)
+    kw = {"methods": ["sg", "sig"], "targets": [0, 1], "preset": "quick", "raw": True}
+    maps_a = explain(a, x, **kw)
+    noise_a = list(drawn)
+    drawn.clear()
+    maps_twin = explain(twin, x, **kw)
+    noise_twin = list(drawn)
+    drawn.clear()
+    explain(other, x, **kw)
+    noise_other = list(drawn)
+    assert len(noise_a) == len(noise_other) == 4  # SG and SIG, two images each
+    assert all(torch.equal(p, q) for p, q in zip(noise_a, noise_twin, strict=True))
+    assert all(torch.equal(maps_a[m], maps_twin[m]) for m in kw["methods"])
+    assert not any(torch.equal(p, q) for p, q in zip(noise_a, noise_other, strict=True))
+    # Batched equals per image, with the model's key in the seed.
+    one = explain(a, x[1:], methods=["sg"], targets=[1], preset="quick", raw=True)["sg"]
+    assert torch.equal(one[0], maps_a["sg"][1])
 
 
 def test_hashes_on_threads_equal_serial_hashes_and_keys_agree():

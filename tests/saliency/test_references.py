@@ -10,6 +10,8 @@ from captum.attr import GuidedBackprop, IntegratedGradients, LayerGradCam
 from saliency_trust.saliency import explain, postprocess, smoothing_noise
 from saliency_trust.saliency.explain import default_cam_layer, upsample_cam
 from saliency_trust.saliency.guided import LayerCapture
+from saliency_trust.saliency.hostwork import weights_fingerprint
+from saliency_trust.saliency.presets import get_recipe
 
 from tests.saliency.models import images, tiny
 
@@ -82,7 +84,7 @@ def test_smoothgrad_and_sig_match_pair_core_with_the_same_noise(method, monkeypa
     ours = explain(model, x, methods=method, targets=[1, 0], raw=True, **kw)[method]
     for b, t in enumerate([1, 0]):
         seed = 0 if method == "sg" else 1  # the recipe seed, +1 for SIG (independent noise)
-        noise = smoothing_noise(x[b], n, 0.15, seed).numpy()
+        noise = smoothing_noise(x[b], n, 0.15, seed, model_key=weights_fingerprint(model)).numpy()
         monkeypatch.setattr(np.random, "normal", _replay(list(noise)))
         if method == "sg":
             ref = pair.GradientSaliency().GetSmoothedMask(x[b].numpy(), _pair_fn(model, t), stdev_spread=0.15,
@@ -105,7 +107,9 @@ def test_sg_noise_is_15_percent_of_each_images_range():
 
 def test_gradcam_matches_pair_core_and_captum():
     model, x = tiny(), images(3, size=24)
-    ours = explain(model, x, methods="gradcam", targets=[0, 1, 0], raw=True, cam_layer="block")["gradcam"]
+    # PAIR core today resizes with skimage (half-pixel centres): compare in that mode.
+    ours = explain(model, x, methods="gradcam", targets=[0, 1, 0], raw=True, cam_layer="block",
+                   cam_resize="half_pixel")["gradcam"]
     for b, t in enumerate([0, 1, 0]):
         fn = _pair_fn(model, t, model.block)
 
@@ -117,11 +121,60 @@ def test_gradcam_matches_pair_core_and_captum():
         assert np.allclose(ours[b].numpy(), ref, rtol=0, atol=1e-6)
     # Captum at the feature map's resolution (its upsampler is nearest/plain F.interpolate, not skimage's).
     cap = LayerGradCam(model, model.block).attribute(x, target=[0, 1, 0], relu_attributions=True)[:, 0]
-    low = explain(model, x, methods="gradcam", targets=[0, 1, 0], raw=True, cam_layer="block")
+    low = explain(model, x, methods="gradcam", targets=[0, 1, 0], raw=True, cam_layer="block",
+                  cam_resize="half_pixel")
     peak = cap.flatten(1).max(1).values.view(-1, 1, 1).detach()
     assert (peak == 0).any() and (peak > 0).any()  # one all-zero CAM: it must stay zero, not NaN
     expected = upsample_cam(cap.detach() / torch.where(peak > 0, peak, 1.0), (24, 24))
     assert torch.allclose(expected, low["gradcam"], rtol=0, atol=TOL)
+
+
+def _tf1_legacy_resize(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """TF1 ``resize_bilinear`` (align_corners=False, half_pixel_centers=False), written out from its definition."""
+    h, w = a.shape
+    out = np.empty((out_h, out_w))
+    for i in range(out_h):
+        y = i * h / out_h
+        y0 = int(np.floor(y))
+        y1, fy = min(y0 + 1, h - 1), y - y0
+        for j in range(out_w):
+            x = j * w / out_w
+            x0 = int(np.floor(x))
+            x1, fx = min(x0 + 1, w - 1), x - x0
+            top = a[y0, x0] + (a[y0, x1] - a[y0, x0]) * fx
+            bottom = a[y1, x0] + (a[y1, x1] - a[y1, x0]) * fx
+            out[i, j] = top + (bottom - top) * fy
+    return out
+
+
+def test_legacy_resize_equals_tf1_formula_and_differs_from_half_pixel():
+    rng = np.random.default_rng(1)
+    for h, w, H, W in ((8, 8, 320, 320), (3, 5, 17, 40), (2, 2, 9, 7), (1, 1, 4, 4)):
+        a = rng.random((h, w))
+        ours = upsample_cam(torch.tensor(a)[None], (H, W), "tf1_legacy")[0].numpy()
+        assert np.allclose(ours, _tf1_legacy_resize(a, H, W), rtol=0, atol=1e-6), (h, w, H, W)
+    # One 8 x 8 peak at 320 px: the legacy map sits about half a cell (20 px) up and left.
+    cam = np.zeros((8, 8))
+    cam[4, 4] = 1.0
+    legacy = upsample_cam(torch.tensor(cam)[None], (320, 320), "tf1_legacy")[0].numpy()
+    centred = upsample_cam(torch.tensor(cam)[None], (320, 320), "half_pixel")[0].numpy()
+    ly, lx = np.unravel_index(legacy.argmax(), legacy.shape)
+    cy, cx = np.unravel_index(centred.argmax(), centred.shape)
+    assert (ly, lx) == (160, 160) and (cy, cx) in ((179, 179), (180, 180), (179, 180), (180, 179))
+    assert np.abs(legacy - centred).max() > 0.3
+    with pytest.raises(ValueError):
+        upsample_cam(torch.tensor(cam)[None], (16, 16), "nearest")
+
+
+def test_paper_preset_uses_the_legacy_resize_and_half_pixel_is_available():
+    model, x = tiny(), images(2, size=24)
+    legacy = explain(model, x, methods="gradcam", targets=[0, 1], raw=True, cam_layer="block")["gradcam"]
+    centred = explain(model, x, methods="gradcam", targets=[0, 1], raw=True, cam_layer="block",
+                      cam_resize="half_pixel")["gradcam"]
+    assert get_recipe("paper").cam_resize == "tf1_legacy"
+    assert not torch.allclose(legacy, centred)
+    with pytest.raises(ValueError):
+        get_recipe("paper", cam_resize="bicubic")
 
 
 def test_upsample_equals_skimage_resize():
@@ -140,7 +193,7 @@ def test_gradcam_on_inception_matches_captum_on_mixed_7c():
     torch.manual_seed(0)
     net = get_network("inception_v3").double().eval()
     x = images(2, size=160)
-    ours = explain(net, x, methods="gradcam", targets=[1, 0], raw=True)["gradcam"]
+    ours = explain(net, x, methods="gradcam", targets=[1, 0], raw=True, cam_resize="half_pixel")["gradcam"]
     cap = LayerGradCam(net, net.Mixed_7c).attribute(x, target=[1, 0], relu_attributions=True)[:, 0].detach()
     assert cap.shape[-1] == 3
     peak = cap.flatten(1).max(1).values.view(-1, 1, 1)
@@ -155,14 +208,14 @@ def test_gradcam_on_densenet_uses_the_post_relu_map():
     net = get_network("densenet121").double().eval()
     x = images(2, size=64)
     assert default_cam_layer(net) == ("features", True)
-    ours = explain(net, x, methods="gradcam", targets=[1, 1], raw=True)["gradcam"]
+    ours = explain(net, x, methods="gradcam", targets=[1, 1], raw=True)["gradcam"]  # paper preset: legacy resize
     # Independent: rebuild DenseNet's head by hand on the post-ReLU features.
     feats = torch.relu(net.features(x)).detach().requires_grad_(True)
     logits = net.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(feats, 1), 1))
     (ga,) = torch.autograd.grad(logits[:, 1].sum(), feats)
     cam = torch.relu((ga.mean((2, 3), keepdim=True) * feats).sum(1, keepdim=True))
     cam = cam / cam.flatten(1).max(1).values.view(-1, 1, 1, 1)
-    cam = upsample_cam(cam[:, 0], (64, 64))
+    cam = torch.tensor(np.stack([_tf1_legacy_resize(c, 64, 64) for c in cam[:, 0].detach().numpy()]))
     assert torch.allclose(ours, cam, rtol=0, atol=TOL)
 
 

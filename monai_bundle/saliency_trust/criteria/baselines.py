@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from saliency_trust.metrics import ssim
-
 
 def average_mask_prior(masks: torch.Tensor) -> torch.Tensor:
     """The low utility baseline: the mean of the ground-truth masks ``[N, H, W]`` (float64 ``[H, W]``)."""
@@ -24,18 +22,31 @@ def leave_one_out_priors(masks: torch.Tensor) -> torch.Tensor:
 
 
 def random_pair_ssim(maps: torch.Tensor, pairs_per_image: int = 50, data_range: float = 1.0,
-                     seed: int = 0) -> torch.Tensor:
-    """The randomization baseline: SSIM between maps of *different* images of one model.
+                     seed: int = 0, other: torch.Tensor | None = None) -> torch.Tensor:
+    """Chance level: SSIM between maps of *different* images (the paper's randomization baseline).
 
-    For each image, ``pairs_per_image`` partners are drawn uniformly among the other images (the
-    paper's code: 50 random pairs per image). Returns the ``N * pairs_per_image`` SSIM values.
+    For each image i, ``pairs_per_image`` partners j != i are drawn uniformly (the paper's code: 50
+    random pairs per image); the pair is ``(maps[i], other[j])``, ``other`` defaulting to ``maps``
+    (for agreement between two models, ``other`` is the second model's maps). Returns the
+    ``N * pairs_per_image`` values grouped by image (image i's pairs at ``i * pairs_per_image``
+    onwards); a pair with a blank map is NaN.
     """
+    from saliency_trust.criteria.agreement import defined_ssim
+
     n = maps.shape[0]
     if n < 2:
         raise ValueError("random-pair SSIM needs at least two maps")
+    other = maps if other is None else other
+    if other.shape != maps.shape:
+        raise ValueError(f"map sets differ in shape: {tuple(maps.shape)} and {tuple(other.shape)}")
     g = torch.Generator().manual_seed(seed)
     partner = torch.randint(0, n - 1, (n, pairs_per_image), generator=g)
     partner = partner + (partner >= torch.arange(n)[:, None]).long()  # skip the image itself
     first = torch.arange(n).repeat_interleave(pairs_per_image)
     second = partner.reshape(-1).to(maps.device)
-    return ssim(maps[first.to(maps.device)], maps[second], data_range=data_range)
+    return defined_ssim(maps[first.to(maps.device)], other[second], data_range)
+
+
+def per_image_chance(pair_values: torch.Tensor, n_images: int) -> torch.Tensor:
+    """Each image's mean over its random pairs (NaN pairs ignored), float64 ``[N]``: paired with its own score."""
+    return pair_values.double().reshape(n_images, -1).nanmean(1)

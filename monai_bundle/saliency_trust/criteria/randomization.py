@@ -7,10 +7,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from saliency_trust.criteria.agreement import blank, defined_ssim
 from saliency_trust.criteria.baselines import random_pair_ssim
-from saliency_trust.metrics import spearman, ssim
-from saliency_trust.networks import RANDOMIZATION_BLOCKS, randomization_states
+from saliency_trust.metrics import spearman
+from saliency_trust.networks import randomization_blocks, randomization_states, verdict_state
 from saliency_trust.saliency import SegmentCache, explain, predict
+
+#: Which class a randomized model explains: its own prediction (the paper's pipeline) or the trained model's.
+TARGETS = ("own", "trained")
 
 
 def randomization_curves(
@@ -24,52 +28,73 @@ def randomization_curves(
     data_range: float = 1.0,
     pairs_per_image: int = 50,
     segment_cache: SegmentCache | None = None,
-    explain_fn: Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    explain_fn: Callable[[nn.Module, torch.Tensor | None], dict[str, torch.Tensor]] | None = None,
     examples: Sequence[int] = (),
     progress: bool = False,
+    target: str = "own",
+    trained_maps: dict[str, torch.Tensor] | None = None,
+    trained_targets: torch.Tensor | None = None,
     **overrides,
 ) -> dict:
     """SSIM and Spearman of every randomized state's maps to the trained maps, per image.
 
-    All states explain the class the *trained* model predicts for each image, so a change in the
-    map comes from the weights alone. Returns ``{"states": [...], "ssim": {method: [S, N]},
-    "spearman": {method: [S, N]}, "baseline": {method: [N * pairs_per_image]}}`` where the
-    baseline is SSIM between trained maps of different images (the paper's dotted line).
-    ``segment_cache`` lets XRAI segment each image once for all states. ``explain_fn(state,
-    targets)`` replaces the default ``explain`` call over all images (the assessment uses it to
-    shard images across processes); ``examples`` are image indices whose per-state maps are kept
-    under ``"examples"`` (``{method: [S, len(examples), H, W]}``) for the report's figures.
+    ``target="own"``: each state explains its own predicted class, as the paper's pipeline did
+    (argmax of the model being explained); ``"trained"``: the trained model's class, so a change
+    comes from the weights alone. ``trained_maps`` / ``trained_targets`` are the trained model's
+    maps and explained classes when the caller already has them (no second ``explain``). Blank
+    maps make SSIM and Spearman undefined (NaN; counted in ``"undefined"`` per state).
+
+    Returns ``{"states", "verdict_state", "ssim": {m: [S, N]}, "spearman": {m: [S, N]},
+    "undefined": {m: [S]}, "spearman_undefined": {m: [S]}, "class_changed": [S],
+    "baseline": {m: [N * pairs]}, "examples": {m: [S, len(examples), H, W]}, "trained_maps"}``,
+    ``baseline`` being SSIM between trained maps of different images (the paper's dotted line),
+    grouped by image. ``explain_fn(state, targets)`` replaces the default ``explain`` over all
+    images (the assessment shards images across processes with it).
     """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     cache = segment_cache or SegmentCache()
     if explain_fn is None:
-        def explain_fn(net: nn.Module, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-            return explain(net, images, methods, targets=targets, preset=preset, segment_cache=cache, **overrides)
+        def explain_fn(net: nn.Module, targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            return explain(net, images, methods, targets=targets, preset=preset, segment_cache=cache, seed=seed,
+                           **overrides)
     keep = torch.as_tensor(list(examples), dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    try:
-        targets = predict(model, images).argmax(1)
-    finally:
-        model.train(was_training)
-    trained = explain_fn(model, targets)
+    if trained_targets is None:
+        was_training = model.training
+        model.eval()
+        try:
+            trained_targets = predict(model, images).argmax(1)
+        finally:
+            model.train(was_training)
+    trained = trained_maps if trained_maps is not None else explain_fn(model, trained_targets)
     out: dict = {"states": [], "ssim": {m: [] for m in methods}, "spearman": {m: [] for m in methods},
-                 "examples": {m: [] for m in methods}}
+                 "examples": {m: [] for m in methods}, "undefined": {m: [] for m in methods},
+                 "spearman_undefined": {m: [] for m in methods}, "class_changed": []}
     states = randomization_states(model, arch, mode=mode, seed=seed)
     if progress:
         from tqdm.auto import tqdm
 
-        states = tqdm(states, total=len(RANDOMIZATION_BLOCKS[arch]), desc=f"randomization {arch}", unit="state",
+        states = tqdm(states, total=len(randomization_blocks(arch)), desc=f"randomization {arch}", unit="state",
                       leave=False)
     for name, state in states:
-        maps = explain_fn(state, targets)
+        own = predict(state, images).argmax(1)
+        targets = own if target == "own" else trained_targets
+        maps = explain_fn(state, targets.to(images.device))
         out["states"].append(name)
+        out["class_changed"].append(int((own.cpu() != trained_targets.cpu()).sum()))
         for m in methods:
-            out["ssim"][m].append(ssim(maps[m], trained[m], data_range=data_range))
-            out["spearman"][m].append(spearman(maps[m], trained[m]))
-            out["examples"][m].append(maps[m][keep.to(maps[m].device)].cpu())
+            a, b = maps[m], trained[m].to(maps[m].device)
+            s = defined_ssim(a, b, data_range)
+            r = spearman(a, b)
+            out["ssim"][m].append(s)
+            out["spearman"][m].append(r)
+            out["undefined"][m].append(int((blank(a) | blank(b)).sum()))
+            out["spearman_undefined"][m].append(int((~torch.isfinite(r)).sum()))
+            out["examples"][m].append(a[keep.to(a.device)].cpu())
         del state, maps
     for key in ("ssim", "spearman", "examples"):
         out[key] = {m: torch.stack(v) for m, v in out[key].items()}
+    out["verdict_state"] = verdict_state(arch, out["states"])
     out["baseline"] = {m: random_pair_ssim(trained[m], pairs_per_image, data_range, seed) for m in methods}
     out["trained_maps"] = trained
     return out

@@ -4,17 +4,21 @@ from saliency_trust.networks.randomize import randomization_states, randomize_bl
 from saliency_trust.networks.registry import (
     CAM_LAYERS,
     CLASSIFIERS,
+    PAPER_FINAL_STATE,
     RANDOMIZATION_BLOCKS,
     file_sha256,
     get_network,
     load_weights,
     randomization_blocks,
     to_network_input,
+    trained_image_size,
+    verdict_state,
 )
 
 __all__ = [
     "CAM_LAYERS",
     "CLASSIFIERS",
+    "PAPER_FINAL_STATE",
     "RANDOMIZATION_BLOCKS",
     "file_sha256",
     "get_network",
@@ -23,4 +27,6 @@ __all__ = [
     "randomization_states",
     "randomize_block",
     "to_network_input",
+    "trained_image_size",
+    "verdict_state",
 ]

@@ -55,6 +55,11 @@ RANDOMIZATION_BLOCKS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     ],
 }
 
+#: The state whose maps the randomization verdict reads: where the paper's cascade ended
+#: (InceptionV3: mixed1 = torchvision Mixed_5c). Later states stay on the curve, marked as beyond
+#: the paper. Architectures not listed: the last state (the whole cascade).
+PAPER_FINAL_STATE = {"inception_v3": "Mixed_5c"}
+
 #: Grad-CAM layer per architecture and whether the model applies a ReLU right after it: the
 #: last post-ReLU feature map, as the paper's Keras layers (mixed10, DenseNet's final relu).
 CAM_LAYERS = {"inception_v3": ("Mixed_7c", False), "densenet121": ("features", True)}
@@ -133,6 +138,28 @@ def randomization_blocks(arch: str) -> list[tuple[str, tuple[str, ...]]]:
     if arch not in RANDOMIZATION_BLOCKS:
         raise ValueError(f"no randomization blocks for {arch!r}; choose one of {sorted(RANDOMIZATION_BLOCKS)}")
     return RANDOMIZATION_BLOCKS[arch]
+
+
+def verdict_state(arch: str, states: list[str]) -> str:
+    """The randomization state the verdict reads for ``arch`` (see :data:`PAPER_FINAL_STATE`)."""
+    if not states:
+        raise ValueError("no randomization states")
+    want = PAPER_FINAL_STATE.get(arch)
+    return want if want in states else states[-1]
+
+
+def trained_image_size(weights: str | Path) -> int | None:
+    """The input size recorded by training beside ``weights`` (``<stem>.metrics.json``), or None."""
+    import json
+
+    meta = Path(weights).with_suffix(".metrics.json")
+    if not meta.is_file():
+        return None
+    try:
+        size = json.loads(meta.read_text()).get("image_size")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{meta}: unreadable training record ({exc})") from None
+    return int(size) if size else None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from saliency_trust.report import figures
-
-CRITERIA = ("utility", "randomization", "repeatability", "reproducibility")
+from saliency_trust.results import CRITERIA, CRITERION_TITLES, Results, Verdict
 
 
 @dataclass
@@ -34,12 +33,15 @@ class ReportInputs:
     auprc_localization: np.ndarray | None
     trained_maps: dict[str, np.ndarray]  # primary model, [N, H, W]
     states: list[str]
+    verdict_state: str | None
     state_ssim: dict[str, np.ndarray]  # [S, N]
     state_baseline: dict[str, float]
     state_examples: dict[str, np.ndarray]  # [S, H, W] for image ``example``
     repeat: dict[str, np.ndarray]
     reprod: dict[str, np.ndarray]
     agreement_baseline: np.ndarray | None
+    repeat_chance: dict[str, np.ndarray] = field(default_factory=dict)
+    reprod_chance: dict[str, np.ndarray] = field(default_factory=dict)
     agreement_examples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # column -> method -> [H, W]
     threshold: float = 0.5
     example: int = 0
@@ -58,10 +60,12 @@ def render_figures(inputs: ReportInputs) -> dict[str, bytes]:
         "utility.png": figures.utility_figure(r.methods, r.auprc, r.auprc_untrained, r.auprc_prior,
                                               r.auprc_localization, r.images[e], r.masks[e],
                                               {m: r.trained_maps[m][e] for m in r.methods}, r.ids[e], e),
-        "agreement.png": figures.agreement_figure(r.methods, r.repeat, r.reprod, r.agreement_baseline, r.threshold),
+        "agreement.png": figures.agreement_figure(r.methods, r.repeat, r.reprod, r.agreement_baseline, r.threshold,
+                                                  r.repeat_chance, r.reprod_chance),
     }
     if r.states:
-        out["randomization.png"] = figures.randomization_figure(r.methods, r.states, r.state_ssim, r.state_baseline)
+        out["randomization.png"] = figures.randomization_figure(r.methods, r.states, r.state_ssim, r.state_baseline,
+                                                                r.verdict_state)
         out["randomization_examples.png"] = figures.state_examples_figure(
             r.methods, r.states, r.images[e], {m: r.trained_maps[m][e] for m in r.methods}, r.state_examples)
     if r.agreement_examples:
@@ -74,36 +78,55 @@ def _fmt(v) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        return "nan" if not np.isfinite(v) else f"{v:.3f}"
+        return "n/a" if not np.isfinite(v) else f"{v:.3f}"
     return html.escape(str(v))
 
 
-def _cell(v: Mapping) -> str:
-    passed = v.get("passed")
-    cls, word = {True: ("pass", "PASS"), False: ("fail", "FAIL"), None: ("na", "n/a")}[passed]
-    ref = v.get("reference")
-    detail = f"{_fmt(v.get('value'))}"
-    if v.get("ci95"):
-        lo, hi = v["ci95"]
+def cell_title(v: Verdict) -> str:
+    """The hover text of a verdict: the rule in plain words, the numbers, the paper's rule."""
+    parts = [v.plain or v.rule]
+    if v.passed is None and v.why:
+        parts.append(f"Not judged: {v.why}.")
+    elif v.passed is False and v.why:
+        parts.append(f"Fails: {v.why}.")
+    parts.append(f"Rule: {v.rule}.")
+    for c in v.comparisons.values():
+        if "p_holm" in c:
+            parts.append(f"vs {c['against']}: reference mean {_fmt(c.get('reference_mean'))}, "
+                         f"n={c.get('n_pairs')}, Holm p={c['p_holm']:.2g}.")
+        elif "difference" in c:
+            lo, hi = c.get("difference_ci95") or (None, None)
+            parts.append(f"vs {c['against']}: mean difference {_fmt(c.get('difference'))} "
+                         f"[{_fmt(lo)}, {_fmt(hi)}], n={c.get('n_pairs')}.")
+    if v.n_undefined:
+        parts.append(f"{v.n_undefined} left out ({v.undefined_why}).")
+    if v.paper_rule:
+        parts.append(f"Paper: {v.paper_rule}")
+    if v.deviation:
+        parts.append(f"Differs from the paper: {v.deviation}")
+    return " ".join(parts)
+
+
+def _cell(v: Verdict) -> str:
+    cls, word = {True: ("pass", "PASS"), False: ("fail", "FAIL"), None: ("na", "n/a")}[v.passed]
+    detail = _fmt(v.value)
+    if v.ci95:
+        lo, hi = v.ci95
         detail += f" [{_fmt(lo)}, {_fmt(hi)}]"
-    if "threshold" in v:
-        detail += f" / thr {_fmt(v['threshold'])}"
-    if ref is not None:
-        detail += f" vs {_fmt(ref)}"
-    if "p_holm" in v:
-        detail += f", p<sub>Holm</sub> {v['p_holm']:.2g}"
-    why = f"<br><i>{html.escape(v['why'])}</i>" if v.get("why") else ""
-    return f'<td class="{cls}" title="{html.escape(v.get("rule", ""))}"><b>{word}</b><br>{detail}{why}</td>'
+    if v.reference is not None:
+        detail += f" vs {_fmt(v.reference)}"
+    detail += f", n={v.n}" + (f" (+{v.n_undefined} undefined)" if v.n_undefined else "")
+    why = f"<br><i>{html.escape(v.why)}</i>" if v.why else ""
+    return f'<td class="{cls}" title="{html.escape(cell_title(v))}"><b>{word}</b><br>{detail}{why}</td>'
 
 
-def verdict_table(results: Mapping) -> str:
-    """The verdict table as an HTML ``<table>`` (hover a cell for its rule)."""
+def verdict_table(results: Results) -> str:
+    """The verdict table as an HTML ``<table>`` (hover a cell for its rule in words)."""
     rows = []
-    for m in results["methods"]:
-        v = results["verdicts"][m]
+    for m in results.methods:
         label = figures.METHOD_LABELS.get(m, m)
-        rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(_cell(v[c]) for c in CRITERIA)}</tr>")
-    head = "".join(f"<th>{c}</th>" for c in CRITERIA)
+        rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(_cell(results.verdict(m, c)) for c in CRITERIA)}</tr>")
+    head = "".join(f"<th>{html.escape(CRITERION_TITLES[c])}<br><span class='small'>{c}</span></th>" for c in CRITERIA)
     return f'<table class="verdicts"><tr><th>method</th>{head}</tr>{"".join(rows)}</table>'
 
 
@@ -117,27 +140,44 @@ img{max-width:100%;border:1px solid #eee}.small{font-size:.8em;color:#555}
 """
 
 
-def render_html(results: Mapping, pngs: Mapping[str, bytes]) -> str:
+def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
     """The self-contained report page."""
-    cfg = results["provenance"]["config"]
-    prov = results["provenance"]
-    preset = cfg["preset"]
+    cfg = results.provenance["config"]
+    prov = results.provenance
+    data = results.data
+    preset = results.preset
     banner = ""
     if preset != "paper":
         banner = (f'<div class="banner">Computed with the <b>{html.escape(preset)}</b> preset (fewer integration '
                   "steps and noise samples than the paper's recipe): a demonstration, not the paper's numbers."
                   "</div>")
-    failing = [m for m in results["methods"] if any(results["verdicts"][m][c]["passed"] is False for c in CRITERIA)]
-    summary = (f"<p><b>{len(failing)} of {len(results['methods'])}</b> methods fail at least one criterion"
+    failing = results.failing()
+    summary = (f"<p><b>{len(failing)} of {len(results.methods)}</b> methods fail at least one criterion"
                f"{': ' + ', '.join(html.escape(m) for m in failing) if failing else ''}.</p>")
     degenerate = []
-    for m in results["methods"]:
-        u = results["utility"][m]
-        if u.get("empty_mask") or u.get("constant_map") or u.get("n_excluded"):
-            degenerate.append(f"{m}: {u.get('empty_mask', 0)} empty masks, {u.get('constant_map', 0)} constant "
-                              f"maps, {u.get('n_excluded', 0)} excluded (non-finite)")
-    degenerate_html = ("<p class='small'>Degenerate cases, counted and left out of the means: "
-                       + "; ".join(html.escape(d) for d in degenerate) + "</p>") if degenerate else ""
+    for m in results.methods:
+        counts = [f"{results.verdict(m, c).n_undefined} {c} ({results.verdict(m, c).undefined_why})"
+                  for c in CRITERIA if results.verdict(m, c).n_undefined]
+        if counts:
+            degenerate.append(f"{m}: " + ", ".join(counts))
+    degenerate_html = ("<p class='small'>Undefined values (blank maps, empty masks), counted and left out of "
+                       "every mean, CI and test: " + "; ".join(html.escape(d) for d in degenerate) + "</p>"
+                       ) if degenerate else ""
+    skipped = data.get("skipped") or []
+    skipped_html = (f"<p class='small'>{len(skipped)} lesion-positive image(s) skipped: "
+                    + "; ".join(html.escape(f"{s['id']} ({s['why']})") for s in skipped[:20])
+                    + (" ..." if len(skipped) > 20 else "") + "</p>") if skipped else ""
+    synthetic = ("<div class='banner'>Assessed on <b>SynthCXR</b> (generated images), not on patients' "
+                 "radiographs.</div>") if results.synthetic else ""
+    deviations = "".join(f"<li>{html.escape(d)}</li>" for d in results.deviations)
+    rand = results.randomization[0] if results.randomization else None
+    rand_note = ""
+    if rand:
+        rand_note = (f"<p class='small'>The verdict reads state <b>{html.escape(rand['verdict_state'])}</b>"
+                     + (f"; states beyond the paper's cascade ({html.escape(', '.join(rand['beyond_paper']))}) stay "
+                        "on the curve, marked" if rand["beyond_paper"] else "")
+                     + ". Randomized models explain "
+                     + ("their own prediction" if rand["target"] == "own" else "the trained model's class") + ".</p>")
 
     def img(name: str, alt: str) -> str:
         if name not in pngs:
@@ -145,19 +185,23 @@ def render_html(results: Mapping, pngs: Mapping[str, bytes]) -> str:
         data = base64.b64encode(pngs[name]).decode()
         return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>'
 
-    b = results["baselines"]
+    b = results.baselines
     loc = b.get("agreement_localization")
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>SaliencyTrust report</title><style>{_CSS}</style></head><body>
 <h1>Can these saliency maps be trusted?</h1>
-<p class="small">Dataset <code>{html.escape(cfg['dataset_dir'])}</code>, {cfg['n_images']} lesion-positive images,
-methods {', '.join(html.escape(m) for m in results['methods'])}; device {html.escape(prov['device_name'])};
-{prov['seconds']} s. Criteria of Arun et al., Radiology: AI 2021.</p>
-{banner}
+<p class="small">Dataset <code>{html.escape(data['dataset_dir'])}</code>: {data['n_images']} lesion-positive images
+({html.escape(data['split'])}) at {html.escape(str(data['image_size'] or 'native'))} px
+({html.escape(data['image_size_source'])}); methods {', '.join(html.escape(m) for m in results.methods)};
+device {html.escape(prov['device_name'])}; {prov['seconds']} s. Criteria of Arun et al., Radiology: AI 2021.</p>
+{synthetic}{banner}
 <h2>Verdicts</h2>{summary}{verdict_table(results)}
-<p class="small">Cells: mean [95 % bootstrap CI] vs the criterion's reference (average-mask prior AUPRC; SSIM
-between maps of different images; localization-network agreement). Hover a cell for its rule.</p>
-{degenerate_html}
+<p class="small">Cells: mean [95 % bootstrap CI] vs the criterion's reference (utility: the average-mask prior's
+AUPRC; randomization: SSIM between maps of different images; agreement: the localization networks' replicate SSIM,
+or chance without them), and n, the images the verdict used. Hover a cell for its rule in words and the tests.
+"n/a" is never counted as a pass.</p>
+{degenerate_html}{skipped_html}
+<h3>Where this run differs from the paper</h3><ul class="small">{deviations}</ul>
 <h2>1. Localization utility</h2>
 <p>AUPRC of each map against the ground truth on every lesion-positive image; grey boxes are the same method
 on an untrained network, orange the average-mask prior built from the training masks
@@ -167,29 +211,34 @@ on an untrained network, orange the average-mask prior built from the training m
 <h2>2. Sensitivity to model randomization</h2>
 <p>Blocks re-initialized from the top of the network down, one state per block. A trustworthy map changes:
 its SSIM to the trained map should fall below the dashed line (SSIM between maps of different images).</p>
+{rand_note}
 {img('randomization.png', 'randomization curves')}
 {img('randomization_examples.png', 'maps per randomization state')}
 <h2>3. Repeatability and reproducibility</h2>
 <p>SSIM between the maps of two replicates of one architecture, and between two architectures, per image;
-threshold {_fmt(cfg['agreement_threshold'])}; localization-network replicates agree at
-{_fmt((loc or {}).get('mean'))}.</p>
+localization-network replicates agree at {_fmt((loc or {}).get('mean'))} (the paper's comparison); grey:
+chance (maps of different images); the dashed line at {_fmt(cfg['agreement_threshold'])} is the paper's
+reference line, not the rule.</p>
 {img('agreement.png', 'agreement box plots')}
 {img('agreement_examples.png', 'maps from each model')}
 <h2>Provenance</h2><pre class="small">{html.escape(_provenance_text(results))}</pre>
 </body></html>"""
 
 
-def _provenance_text(results: Mapping) -> str:
-    p = results["provenance"]
-    lines = [f"schema_version {results['schema_version']}", f"preset {p['config']['preset']}",
-             f"seed {p['config']['seed']}", f"data_range {p['config']['data_range']}"]
+def _provenance_text(results: Results) -> str:
+    p = results.provenance
+    lines = [f"schema_version {results.schema_version}", f"preset {p['config']['preset']}",
+             f"seed {p['config']['seed']}", f"data_range {p['config']['data_range']}",
+             f"explain_class {p['config']['explain_class']}",
+             f"randomization_target {p['config']['randomization_target']}",
+             f"cam_resize {p['recipe']['cam_resize']}", f"processes {p.get('processes', 1)}"]
     lines += [f"classifier {c['arch']} {c['path']} sha256 {c['sha256'][:16]}" for c in p["config"]["classifiers"]]
     lines += [f"localizer {c['path']} sha256 {c['sha256'][:16]}" for c in p["config"]["localizers"]]
     lines += [f"{k} {v}" for k, v in sorted(p["versions"].items())]
     return "\n".join(lines)
 
 
-def write_report(out_dir: str | Path, results: Mapping, inputs: ReportInputs) -> Path:
+def write_report(out_dir: str | Path, results: Results, inputs: ReportInputs) -> Path:
     """Write ``figures/*.png`` and ``report.html`` under ``out_dir`` (atomically); returns the report path."""
     out = Path(out_dir)
     pngs = render_figures(inputs)
@@ -200,4 +249,4 @@ def write_report(out_dir: str | Path, results: Mapping, inputs: ReportInputs) ->
     return path
 
 
-__all__ = ["ReportInputs", "render_figures", "render_html", "verdict_table", "write_report"]
+__all__ = ["ReportInputs", "cell_title", "render_figures", "render_html", "verdict_table", "write_report"]

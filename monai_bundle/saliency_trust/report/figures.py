@@ -102,8 +102,12 @@ def utility_figure(methods: Sequence[str], auprc: Mapping[str, np.ndarray], untr
 
 
 def randomization_figure(methods: Sequence[str], states: Sequence[str], ssim: Mapping[str, np.ndarray],
-                         baseline: Mapping[str, float]) -> bytes:
-    """Mean SSIM (95 % band over images) to the trained map per cascading state, with the baseline."""
+                         baseline: Mapping[str, float], verdict_state: str | None = None) -> bytes:
+    """Mean SSIM (95 % band over images) to the trained map per cascading state, with the baseline.
+
+    A dotted vertical line marks the state the verdict reads; states after it (beyond the paper's
+    cascade) are shaded.
+    """
     plt = _plt()
     cols = min(4, len(methods))
     rows = (len(methods) + cols - 1) // cols
@@ -118,7 +122,13 @@ def randomization_figure(methods: Sequence[str], states: Sequence[str], ssim: Ma
         half = 1.96 * sd / np.sqrt(np.maximum(nn, 1))
         ax.plot(x, mean, "o-", ms=3, color="#3b75af")
         ax.fill_between(x, mean - half, mean + half, color="#3b75af", alpha=0.25)
-        ax.axhline(baseline[m], color="#c0392b", ls="--", lw=1)
+        if np.isfinite(baseline[m]):
+            ax.axhline(baseline[m], color="#c0392b", ls="--", lw=1)
+        if verdict_state in states:
+            k_v = list(states).index(verdict_state) + 1
+            ax.axvline(k_v, color="#555", ls=":", lw=1)
+            if k_v < len(states):
+                ax.axvspan(k_v + 0.5, len(states) + 0.5, color="#999", alpha=0.15, lw=0)
         ax.set_title(METHOD_LABELS.get(m, m), fontsize=9)
         ax.set_xticks(x, ["trained", *states], rotation=90, fontsize=6)
         ax.set_ylim(-0.1, 1.05)
@@ -126,8 +136,8 @@ def randomization_figure(methods: Sequence[str], states: Sequence[str], ssim: Ma
             ax.set_ylabel("SSIM to trained map")
     for k in range(len(methods), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    fig.suptitle("Cascading randomization, top block first (dashed: SSIM between maps of different images)",
-                 fontsize=10)
+    fig.suptitle("Cascading randomization, top block first (dashed: SSIM between maps of different images; "
+                 "dotted: the state the verdict reads; shaded: beyond the paper's cascade)", fontsize=9)
     fig.tight_layout()
     return _png(fig)
 
@@ -154,12 +164,15 @@ def state_examples_figure(methods: Sequence[str], states: Sequence[str], image: 
 
 
 def agreement_figure(methods: Sequence[str], repeat: Mapping[str, np.ndarray], reprod: Mapping[str, np.ndarray],
-                     baseline: np.ndarray | None, threshold: float) -> bytes:
-    """Repeatability and reproducibility SSIM box plots with the threshold and the U-Net baseline."""
+                     baseline: np.ndarray | None, threshold: float,
+                     repeat_chance: Mapping[str, np.ndarray] | None = None,
+                     reprod_chance: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """Repeatability and reproducibility SSIM box plots with chance, the U-Net baseline and the 0.5 line."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(methods) * 2), 4), squeeze=False, sharey=True)
-    for ax, values, title in ((axes[0][0], repeat, "Repeatability: replicate vs replicate"),
-                              (axes[0][1], reprod, "Reproducibility: InceptionV3 vs DenseNet121")):
+    panels = ((axes[0][0], repeat, repeat_chance or {}, "Repeatability: replicate vs replicate"),
+              (axes[0][1], reprod, reprod_chance or {}, "Reproducibility: two architectures"))
+    for ax, values, chance, title in panels:
         if not values:
             ax.text(0.5, 0.5, "not assessed", ha="center", va="center")
             ax.set_title(title, fontsize=9)
@@ -172,7 +185,12 @@ def agreement_figure(methods: Sequence[str], repeat: Mapping[str, np.ndarray], r
             labels.append("localization net")
             colors.append("#4a9a4a")
         _box(ax, groups, labels, colors)
-        ax.axhline(threshold, color="#c0392b", ls="--", lw=1, label=f"threshold {threshold}")
+        for k, m in enumerate(methods):
+            c = chance.get(m)
+            if c is not None and np.isfinite(c).any():
+                ax.plot([k + 0.7, k + 1.3], [np.nanmean(c)] * 2, color="#777", lw=2,
+                        label="chance (different images)" if k == 0 else None)
+        ax.axhline(threshold, color="#c0392b", ls="--", lw=1, label=f"paper's reference line {threshold}")
         ax.set_title(title, fontsize=9)
         ax.set_ylim(-0.1, 1.05)
         ax.legend(loc="lower right", fontsize=7)

@@ -12,7 +12,7 @@ from torch import nn
 
 from saliency_trust.saliency.engine import GradientEngine, IntegrationPath, auto_max_rows
 from saliency_trust.saliency.guided import LayerCapture, find_module
-from saliency_trust.saliency.hostwork import content_hash, content_hashes, seed_from
+from saliency_trust.saliency.hostwork import content_hash, content_hashes, seed_from, weights_fingerprint
 from saliency_trust.saliency.postprocess import minmax, postprocess, visualize_grayscale
 from saliency_trust.saliency.presets import METHODS, Recipe, get_recipe
 from saliency_trust.saliency.xrai import DEFAULT_CACHE, SegmentCache, xrai_greedy
@@ -36,53 +36,75 @@ def default_cam_layer(model: nn.Module) -> tuple[str, bool]:
 
 
 @lru_cache(maxsize=64)
-def _bilinear_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`_bilinear_matrix` kept on the device (no host copy, so no wait, on later calls)."""
-    return _bilinear_matrix(n_in, n_out, torch.empty(0, device=device, dtype=dtype))
+def _bilinear_weights(n_in: int, n_out: int, mode: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`bilinear_matrix` kept on the device (no host copy, so no wait, on later calls)."""
+    return bilinear_matrix(n_in, n_out, mode).to(device, dtype)
 
 
-def _bilinear_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    """``[n_out, n_in]`` weights of skimage's order-1 resize: half-pixel centres, mirror boundary."""
-    src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
-    i0 = torch.floor(src)
-    frac = src - i0
-    period = max(2 * (n_in - 1), 1)
+def bilinear_matrix(n_in: int, n_out: int, mode: str = "half_pixel") -> torch.Tensor:
+    """``[n_out, n_in]`` float64 weights of a 1-D bilinear resize.
 
-    def mirror(i: torch.Tensor) -> torch.Tensor:
-        i = torch.remainder(i, period)
-        return torch.where(i > n_in - 1, period - i, i).long()
+    ``half_pixel``: skimage's order-1 resize (half-pixel centres, mirror boundary), PyTorch's
+    ``align_corners=False``. ``tf1_legacy``: TF1 ``tf.image.resize_bilinear`` with its defaults
+    (``align_corners=False``, no half-pixel centres), what the paper's PAIR Grad-CAM ran: output
+    pixel i samples input coordinate ``i * n_in / n_out``, the upper neighbour clamped to the last
+    row.
+    """
+    if mode == "tf1_legacy":
+        src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+        i0 = torch.floor(src)
+        frac = src - i0
+        lo = i0.long().clamp(max=n_in - 1)
+        hi = (i0 + 1).long().clamp(max=n_in - 1)
+    elif mode == "half_pixel":
+        src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+        i0 = torch.floor(src)
+        frac = src - i0
+        period = max(2 * (n_in - 1), 1)
 
+        def mirror(i: torch.Tensor) -> torch.Tensor:
+            i = torch.remainder(i, period)
+            return torch.where(i > n_in - 1, period - i, i).long()
+
+        lo, hi = mirror(i0), mirror(i0 + 1)
+    else:
+        raise ValueError(f"unknown resize mode {mode!r}; use 'tf1_legacy' or 'half_pixel'")
     m = torch.zeros((n_out, n_in), dtype=torch.float64)
     rows = torch.arange(n_out)
-    m.index_put_((rows, mirror(i0)), 1 - frac, accumulate=True)
-    m.index_put_((rows, mirror(i0 + 1)), frac, accumulate=True)
-    return m.to(like.device, like.dtype)
+    m.index_put_((rows, lo), 1 - frac, accumulate=True)
+    m.index_put_((rows, hi), frac, accumulate=True)
+    return m
 
 
-def upsample_cam(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of ``[B, h, w]`` maps exactly as PAIR core's ``skimage.transform.resize``."""
-    ry = _bilinear_weights(cam.shape[-2], size[0], cam.device, cam.dtype)
-    rx = _bilinear_weights(cam.shape[-1], size[1], cam.device, cam.dtype)
+def upsample_cam(cam: torch.Tensor, size: tuple[int, int], mode: str = "half_pixel") -> torch.Tensor:
+    """Bilinear upsampling of ``[B, h, w]`` maps (``mode`` as :func:`bilinear_matrix`)."""
+    ry = _bilinear_weights(cam.shape[-2], size[0], mode, cam.device, cam.dtype)
+    rx = _bilinear_weights(cam.shape[-1], size[1], mode, cam.device, cam.dtype)
     return ry @ cam @ rx.T
 
 
-def image_seed(image: torch.Tensor, seed: int) -> int:
-    """A noise seed from the image's content and the recipe seed: independent of batch position."""
-    return seed_from(content_hash(image), seed)
+def image_seed(image: torch.Tensor, seed: int, model_key: str = "") -> int:
+    """A noise seed from the image's content, the recipe seed and the model's weights fingerprint.
+
+    Independent of batch position; the same for one (image, model, seed), different across models.
+    """
+    return seed_from(content_hash(image), seed, model_key)
 
 
 def smoothing_noise(image: torch.Tensor, samples: int, sigma_frac: float, seed: int,
-                    state: Any = None) -> torch.Tensor:
+                    state: Any = None, model_key: str = "") -> torch.Tensor:
     """The ``[samples, C, H, W]`` Gaussian noise SG/SIG add to one ``[C, H, W]`` image.
 
     sigma = ``sigma_frac`` x (max - min) of the image (PAIR's ``stdev_spread``). The generator
-    lives on the image's device, seeded by :func:`image_seed`, so the noise is reproducible and
-    does not depend on which other images share the batch. ``state``, the image's
+    lives on the image's device, seeded by :func:`image_seed` from the image, ``seed`` and
+    ``model_key`` (:func:`~saliency_trust.saliency.hostwork.weights_fingerprint` of the model being
+    explained), so the noise is reproducible, does not depend on which other images share the
+    batch, and differs between models as the paper's fresh draws did. ``state``, the image's
     :func:`~saliency_trust.saliency.hostwork.content_hash` if the caller has it, saves hashing
     again (and waiting for the device to copy the image out).
     """
     gen = torch.Generator(device=image.device)
-    gen.manual_seed(seed_from(content_hash(image) if state is None else state, seed))
+    gen.manual_seed(seed_from(content_hash(image) if state is None else state, seed, model_key))
     sigma = sigma_frac * (image.max() - image.min())
     noise = torch.randn((samples, *image.shape), generator=gen, device=image.device, dtype=image.dtype)
     return noise * sigma
@@ -96,9 +118,10 @@ class _NoisyImages:
     the images of the chunk; ``__call__(b, j)`` then only gathers rows on the device.
     """
 
-    def __init__(self, images: torch.Tensor, states: Sequence[Any], samples: int, sigma: float, seed: int) -> None:
+    def __init__(self, images: torch.Tensor, states: Sequence[Any], samples: int, sigma: float, seed: int,
+                 model_key: str) -> None:
         self.images, self.states = images, states
-        self.samples, self.sigma, self.seed = samples, sigma, seed
+        self.samples, self.sigma, self.seed, self.model_key = samples, sigma, seed, model_key
         self._cache: dict[int, torch.Tensor] = {}
         self._first = 0
         self._stack: torch.Tensor | None = None
@@ -108,7 +131,8 @@ class _NoisyImages:
             del self._cache[stale]
         for bb in range(first, last + 1):
             if bb not in self._cache:
-                noise = smoothing_noise(self.images[bb], self.samples, self.sigma, self.seed, state=self.states[bb])
+                noise = smoothing_noise(self.images[bb], self.samples, self.sigma, self.seed, state=self.states[bb],
+                                        model_key=self.model_key)
                 self._cache[bb] = noise.add_(self.images[bb])
         self._first = first
         span = [self._cache[bb] for bb in range(first, last + 1)]
@@ -230,10 +254,10 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
         raw["grad"] = torch.cat(grads)
         if need_cam:
             cam = torch.cat(cams)
-            # Divide by max (PAIR's should_resize), then bilinear as skimage's resize.
+            # Divide by max (PAIR's should_resize), then bilinear (the recipe's resize semantics).
             peak = cam.flatten(1).max(1).values.view(-1, 1, 1, 1)
             cam = torch.where(peak > 0, cam / torch.where(peak > 0, peak, 1.0), cam)
-            raw["gradcam"] = upsample_cam(cam[:, 0], (H, W))
+            raw["gradcam"] = upsample_cam(cam[:, 0], (H, W), recipe.cam_resize)
     if {"gbp", "ggcam"} & set(todo):
         raw["gbp"] = torch.cat([engine.gradients(x[i : i + rows], t[i : i + rows], guided=True)[0]
                                 for i in range(0, B, rows)])
@@ -253,15 +277,17 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
     if "ig" in todo:
         a, w = _linspace(recipe.ig_steps, x)
         raw["ig"] = engine.integrate(x, t, IntegrationPath(1, a, w, same, const(recipe.ig_baseline), ig_finalize))
+    model_key = weights_fingerprint(model) if {"sg", "sig"} & set(todo) else ""
     if "sg" in todo:
-        noisy = _NoisyImages(x, states, recipe.sg_samples, recipe.sg_sigma, recipe.seed)
+        noisy = _NoisyImages(x, states, recipe.sg_samples, recipe.sg_sigma, recipe.seed, model_key)
         one = torch.ones(1, device=dev, dtype=x.dtype)
         fin = (lambda S, P, Z: S * S) if recipe.sg_magnitude else (lambda S, P, Z: S)
         # No baseline: the model sees image + noise itself, exactly PAIR's input.
         sg_path = IntegrationPath(recipe.sg_samples, one, one, noisy, None, fin, noisy.prepare)
         raw["sg"] = engine.integrate(x, t, sg_path)
     if "sig" in todo:
-        noisy = _NoisyImages(x, states, recipe.sig_samples, recipe.sg_sigma, recipe.seed + 1)  # independent of SG's
+        noisy = _NoisyImages(x, states, recipe.sig_samples, recipe.sg_sigma, recipe.seed + 1,  # independent of SG's
+                             model_key)
         a, w = _linspace(recipe.sig_steps, x)
         fin = (lambda S, P, Z: ((P - Z) * S) ** 2) if recipe.sg_magnitude else ig_finalize
         black = const(recipe.ig_baseline)

@@ -1,7 +1,10 @@
-"""Host-side work that runs beside the device: thread pools, and the images' content hashes.
+"""Host-side work that runs beside the device: thread pools, the images' content hashes, and
+the model's weights fingerprint.
 
 Both SG/SIG noise seeds and XRAI segment keys come from a SHA-256 of each image's float32
-bytes (about a millisecond per 320 px image). :func:`content_hashes` hashes a batch once per
+bytes (about a millisecond per 320 px image); the noise seeds also mix in a SHA-256 of the
+model's weights (:func:`weights_fingerprint`), so two models never share noise unless their
+weights are identical. :func:`content_hashes` hashes a batch once per
 ``explain`` call on a pool of threads (hashlib releases the GIL on large buffers), and the
 seeds and keys are derived from copies of the hash state, so each image's bytes are read
 once however many methods need them, and the device is not kept waiting for a serial loop.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -78,6 +82,36 @@ def derived(state: Any, tag: str) -> bytes:
     return h.digest()
 
 
-def seed_from(state: Any, seed: int) -> int:
-    """A 63-bit generator seed from an image's hash state and a recipe seed."""
-    return int.from_bytes(derived(state, str(seed))[:8], "little") & (2**63 - 1)
+def seed_from(state: Any, seed: int, model_key: str = "") -> int:
+    """A 63-bit generator seed from an image's hash state, a recipe seed and a model's fingerprint.
+
+    The tag hashed after the image is ``str(seed)``, then ``"|" + model_key`` when one is given.
+    """
+    tag = str(seed) + (f"|{model_key}" if model_key else "")
+    return int.from_bytes(derived(state, tag)[:8], "little") & (2**63 - 1)
+
+
+#: Fingerprint per live module, with the (pointer, version) signature of its tensors it was made from.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Hex SHA-256 of a model's state (names, dtypes, shapes and bytes of every parameter and buffer).
+
+    Equal for two models with identical weights, different otherwise. Cached per module until any
+    of its tensors is replaced or modified in place (PyTorch's version counter), so it costs one
+    pass over the weights per model state, not per call.
+    """
+    items = list(model.state_dict(keep_vars=True).items())
+    signature = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype) for name, t in items)
+    cached = _FINGERPRINTS.get(model)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    h = hashlib.sha256()
+    for name, t in items:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        data = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(memoryview(data.view(torch.uint8).numpy()))
+    digest = h.hexdigest()
+    _FINGERPRINTS[model] = (signature, digest)
+    return digest

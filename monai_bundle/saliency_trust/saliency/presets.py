@@ -6,9 +6,17 @@
 * IG: 10 steps, alphas ``linspace(0, 1, 10)`` with both ends, weight 1/10 each, black baseline
   (-1 in the network's [-1, 1] scale).
 * SG: 25 samples, Gaussian sigma = 15 % of each image's (max - min), mean of squared gradients.
+  Noise is drawn per (image content, model weights, ``seed``): reproducible for one model and
+  image, independent across models (the paper drew fresh noise on every call, so replicates and
+  randomization states never shared it).
 * SIG: 25 noisy IG-10 runs, squared and averaged.
 * Grad-CAM: last post-ReLU feature map, channel weights = spatial mean of the gradients, ReLU,
-  divide by max, bilinear upsampling with half-pixel centres (as PAIR core's skimage resize).
+  divide by max, bilinear upsampling. ``cam_resize="tf1_legacy"`` (both presets, so study numbers
+  compare with the paper's) is TF1's ``resize_bilinear`` as the paper's PAIR code ran it: output
+  pixel i samples input coordinate ``i * in / out``, clamped at the last row/column, about half a
+  feature cell up and left of the image. ``"half_pixel"`` (half-pixel centres, as skimage and PAIR
+  core today) is the geometrically correct resize; inference, Slicer and the service use it for
+  everything drawn on a patient's image.
 * GBP: every ReLU (module or functional) passes gradient only where its output > 0 and the
   incoming gradient > 0.
 * GGCAM: post-processed GBP map x post-processed Grad-CAM map, then min-max.
@@ -27,10 +35,12 @@ minutes; every result made with it carries ``preset: quick``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 METHODS = ("grad", "sg", "ig", "sig", "gradcam", "gbp", "ggcam", "xrai")
+#: Grad-CAM upsampling: the paper's TF1 legacy bilinear, or half-pixel centres.
+CAM_RESIZE_MODES = ("tf1_legacy", "half_pixel")
 
 
 @dataclass(frozen=True)
@@ -56,12 +66,16 @@ class Recipe:
     percentile: float = 99.0
     cam_layer: str | None = None  # None: the architecture's registered layer
     cam_post_relu: bool = False  # with cam_layer: apply the ReLU that follows that layer (see LayerCapture)
+    cam_resize: str = "tf1_legacy"  # or "half_pixel" (geometrically correct; what is drawn on a patient's image)
     seed: int = 0
     dtype: str = "float32"  # or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the gradient-only passes
     max_rows: int | None = None  # rows (images x steps x samples) per chunk; None: from memory_budget_mb
     memory_budget_mb: int | None = None  # activation memory per chunk; None: half the free device memory
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.cam_resize not in CAM_RESIZE_MODES:
+            raise ValueError(f"cam_resize must be one of {list(CAM_RESIZE_MODES)}, got {self.cam_resize!r}")
 
     def with_overrides(self, **overrides: Any) -> Recipe:
         """A copy with some settings changed; unknown names are an error."""

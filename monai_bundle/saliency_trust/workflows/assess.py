@@ -1,16 +1,20 @@
-"""The four-criteria assessment behind ``configs/trust.json``: results file, per-image CSV, resume.
+"""The four-criteria assessment behind ``configs/trust.json``: plan -> maps -> scores -> :class:`Results`.
 
-Each step's output is saved atomically under ``<output_dir>/.steps/`` with a key made of every
-input that decides it (data, model hashes, methods, preset, seeds); a rerun with the same inputs
-loads finished steps and computes only what is missing, so an interrupted run ends with the same
-results as an uninterrupted one. ``results.json``, ``per_image.csv``, ``figures/*.png`` and the
-self-contained ``report.html`` are written last, each through a temporary file and a rename.
+* :func:`plan_assessment` reads the data at the size the models were trained at, chooses the
+  images (``split``), builds the average-mask prior and the resume key;
+* :func:`compute_maps` explains every model (trained, untrained, each randomization state) and runs
+  the localization networks, each step saved atomically under ``<output_dir>/.steps/`` with the
+  resume key (a rerun with the same inputs loads finished steps and computes only what is missing);
+* :func:`score` turns the maps into per-image values (blank maps undefined, counted), summaries
+  and verdicts: a :class:`~saliency_trust.results.Results`;
+* :func:`write_outputs` writes ``results.json`` (strict JSON), ``per_image.csv``, ``figures/*.png``
+  and ``report.html``, each through a temporary file and a rename.
 
 Under ``torchrun`` (``configs/multi_gpu_trust.json``) every map computation is sharded: each
-process explains a contiguous slice of the images, the slices are gathered, and every process
-then computes the same metrics on the whole set; only rank 0 writes. Noise is seeded by image
-content and the maps of a batch equal the maps of its images one by one, so the results equal a
-single-process run.
+process explains fixed blocks of images, the blocks are gathered, and every process then computes
+the same metrics on the whole set; only rank 0 writes. Noise is seeded by image content and
+model weights, and the maps of a batch equal the maps of its images one by one, so the results
+equal a single-process run.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +34,16 @@ import numpy as np
 import torch
 
 from saliency_trust.criteria import (
-    agreement_verdict,
+    TARGETS,
+    agreement_verdicts,
     average_mask_prior,
+    blank,
+    leave_one_out_priors,
     map_agreement,
+    not_run,
     output_agreement,
+    per_image_chance,
+    random_pair_ssim,
     randomization_curves,
     randomization_verdict,
     summarize,
@@ -40,12 +51,15 @@ from saliency_trust.criteria import (
     utility_verdicts,
 )
 from saliency_trust.data import load_dataset
-from saliency_trust.networks import file_sha256, get_network, load_weights, to_network_input
-from saliency_trust.saliency import METHODS, SegmentCache, explain
+from saliency_trust.networks import file_sha256, get_network, load_weights, to_network_input, trained_image_size
+from saliency_trust.results import CRITERIA, Results, Verdict
+from saliency_trust.saliency import METHODS, SegmentCache, explain, get_recipe, predict
 from saliency_trust.workflows.train import atomic_write_bytes, code_fingerprint, split_of, versions
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+#: The class index of the finding (lesion) in the bundle's two-class classifiers.
+FINDING_CLASS = 1
+EXPLAIN_CLASSES = ("predicted", "finding")
 
 
 def _world() -> tuple[int, int]:
@@ -104,6 +118,200 @@ class Steps:
         return value
 
 
+# ---------------------------------------------------------------------------------------------------
+# Plan
+
+
+@dataclass
+class Plan:
+    """Everything decided before any model runs: data, models, settings, the resume key."""
+
+    out_dir: Path
+    ids: list[str]
+    images01: np.ndarray  # [N, H, W] in [0, 1], for figures
+    images: torch.Tensor  # [N, 3, H, W] network input, on the device
+    masks: torch.Tensor  # [N, H, W] bool, on the device
+    prior: torch.Tensor  # [H, W] or [N, H, W] (leave-one-out) float64, on the device
+    data: dict
+    models: list[dict]  # {"arch", "path", "sha256"}
+    randomized: list[int]  # indices into models
+    replicate_pair: tuple[int, int] | None
+    second_arch: int | None
+    localizers: list[dict]
+    methods: list[str]
+    preset: str
+    overrides: dict
+    seed: int
+    data_range: float
+    pairs_per_image: int
+    threshold: float
+    explain_class: str
+    randomization_target: str
+    block: int
+    device: torch.device
+    config: dict
+    key: str
+    example: int
+
+
+def _select(ds, split: str, dataset_dir: Path) -> tuple[list, str]:
+    """The lesion-positive records to assess and a sentence saying how they were chosen."""
+    positives = [r for r in ds if r.label == 1]
+    has_split_file = any(r.split for r in ds)
+    if split == "auto":
+        split = "test" if has_split_file else "all"
+        how = "auto: " + ("the split file's test set" if has_split_file else "every image (no split file)")
+    elif split == "test":
+        how = "the split file's test set" if has_split_file else "the training's hash split (no split file), test part"
+    elif split == "all":
+        how = "every image"
+    else:
+        path = Path(split)
+        if not path.is_file():
+            raise ValueError(f"{path}: split must be 'auto', 'test', 'all' or a file of image ids; no such file")
+        wanted = [line.strip().split(",")[0] for line in path.read_text().splitlines() if line.strip()]
+        if wanted and wanted[0] == "id":
+            wanted = wanted[1:]
+        known = {r.id for r in positives}
+        missing = [w for w in wanted if w not in known]
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} listed id(s) are not lesion-positive images of {dataset_dir}, "
+                             f"e.g. {missing[:3]}")
+        keep = set(wanted)
+        return sorted((r for r in positives if r.id in keep), key=lambda r: r.id), f"the ids listed in {path}"
+    if split == "test":
+        positives = [r for r in positives if split_of(r.id, r.split) == "test"]
+    return sorted(positives, key=lambda r: r.id), how
+
+
+def _image_size(classifiers: Sequence[dict], image_size: int | None) -> tuple[int | None, str]:
+    """The size the classifiers were trained at (from their training records), checked against ``image_size``."""
+    recorded = {str(c["path"]): trained_image_size(c["path"]) for c in classifiers}
+    sizes = {s for s in recorded.values() if s}
+    if len(sizes) > 1:
+        raise ValueError(f"the classifiers were trained at different image sizes {recorded}; assess them separately")
+    if sizes:
+        size = sizes.pop()
+        if image_size is not None and int(image_size) != size:
+            raise ValueError(f"image_size {image_size} differs from the {size} px the models were trained at "
+                             "(their .metrics.json); leave image_size unset or set it to the training size")
+        return size, "the models' training records"
+    if image_size is not None:
+        return int(image_size), "given (no training record beside the weights)"
+    return None, "the images' own grid (no training record and no image_size given)"
+
+
+def plan_assessment(
+    dataset_dir: str | Path,
+    output_dir: str | Path,
+    classifiers: Sequence[dict],
+    localizers: Sequence[str | Path] = (),
+    methods: Sequence[str] | None = None,
+    preset: str = "paper",
+    n_images: int = 100,
+    image_size: int | None = None,
+    split: str = "auto",
+    seed: int = 0,
+    data_range: float | None = None,
+    pairs_per_image: int = 50,
+    agreement_threshold: float = 0.5,
+    device: str | None = None,
+    randomize: int | None = None,
+    recipe_overrides: dict | None = None,
+    explain_class: str = "predicted",
+    randomization_target: str | None = None,
+    block: int = 16,
+) -> Plan:
+    """Read and choose the data, describe the models and settings; nothing runs a model yet."""
+    if not classifiers:
+        raise ValueError("no classifiers to assess")
+    if explain_class not in EXPLAIN_CLASSES:
+        raise ValueError(f"explain_class must be one of {EXPLAIN_CLASSES}, got {explain_class!r}")
+    randomization_target = randomization_target or ("own" if preset == "paper" else "trained")
+    if randomization_target not in TARGETS:
+        raise ValueError(f"randomization_target must be one of {TARGETS}, got {randomization_target!r}")
+    methods = list(methods or METHODS)
+    overrides = dict(recipe_overrides or {})
+    get_recipe(preset, **overrides)  # unknown settings fail here, before any work
+    rank, world = _world()
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{rank % torch.cuda.device_count()}" if world > 1 else "cuda"
+    dev = torch.device(device or "cpu")
+    data_range = data_range if data_range is not None else (2.0 if preset == "paper" else 1.0)
+    dataset_dir = Path(dataset_dir)
+    size, size_source = _image_size(classifiers, image_size)
+    ds = load_dataset(dataset_dir, image_size=size)
+    chosen, how = _select(ds, split, dataset_dir)
+    skipped = [{"id": r.id, "why": "lesion-positive but has no ground-truth mask or box"}
+               for r in chosen if r.mask is None or not r.mask.any()]
+    for s in skipped:
+        log.warning("skipped %s: %s", s["id"], s["why"])
+    usable = [r for r in chosen if r.mask is not None and r.mask.any()]
+    positives = usable[:n_images]
+    if len(positives) < 2:
+        raise ValueError(f"{dataset_dir}: need at least two lesion-positive images with ground truth to assess, "
+                         f"found {len(positives)} ({how}; {len(skipped)} without ground truth)")
+    shapes = {r.image.shape for r in positives}
+    if len(shapes) > 1:
+        raise ValueError(f"{dataset_dir}: images come in several sizes {sorted(shapes)}; give image_size")
+    assessed = {r.id for r in positives}
+    pool = [r.mask for r in ds if r.label == 1 and r.mask is not None and r.mask.any() and r.id not in assessed
+            and split_of(r.id, r.split) in ("train", "val") and r.mask.shape == positives[0].mask.shape]
+    masks = torch.tensor(np.stack([r.mask for r in positives]))
+    if pool:
+        prior = average_mask_prior(torch.tensor(np.stack(pool)))
+        prior_source = f"mean of {len(pool)} training/validation masks"
+    else:
+        prior = leave_one_out_priors(masks)
+        prior_source = "leave-one-out mean of the other assessed images' masks (no training masks in the dataset)"
+
+    models = [dict(c, path=str(c["path"]), sha256=file_sha256(c["path"])) for c in classifiers]
+    locs = [{"path": str(p), "sha256": file_sha256(p)} for p in localizers]
+    primary = models[0]["arch"]
+    same = [i for i, m in enumerate(models) if m["arch"] == primary]
+    randomized = same[: randomize if randomize is not None else None]
+    others = [i for i, m in enumerate(models) if m["arch"] != primary]
+    data = {"dataset_dir": str(dataset_dir.resolve()), "layout": ds.layout, "split_rule": split, "split": how,
+            "n_positive_found": len(chosen), "n_images": len(positives), "n_requested": n_images,
+            "ids": [r.id for r in positives], "skipped": skipped,
+            "load_errors": [{"source": e.source, "problem": e.problem} for e in ds.errors],
+            "image_size": size, "image_size_source": size_source, "grid": list(positives[0].image.shape),
+            "synthetic": (dataset_dir / "synthcxr.json").is_file(), "prior": prior_source}
+    config = {"dataset_dir": data["dataset_dir"], "image_size": size, "split": split, "n_images": len(positives),
+              "ids": data["ids"], "methods": methods, "preset": preset, "seed": seed, "data_range": data_range,
+              "pairs_per_image": pairs_per_image, "agreement_threshold": agreement_threshold,
+              "recipe_overrides": overrides, "randomized_replicates": len(randomized), "block": block,
+              "explain_class": explain_class, "randomization_target": randomization_target,
+              "classifiers": [{k: str(v) for k, v in m.items()} for m in models], "localizers": locs,
+              "code": code_fingerprint()}
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return Plan(
+        out_dir=Path(output_dir), ids=data["ids"], images01=np.stack([r.image for r in positives]),
+        images=to_network_input(torch.tensor(np.stack([r.image for r in positives]))).to(dev),
+        masks=masks.to(dev), prior=prior.to(dev), data=data, models=models, randomized=randomized,
+        replicate_pair=(same[0], same[1]) if len(same) >= 2 else None, second_arch=others[0] if others else None,
+        localizers=locs, methods=methods, preset=preset, overrides=overrides, seed=seed, data_range=data_range,
+        pairs_per_image=pairs_per_image, threshold=agreement_threshold, explain_class=explain_class,
+        randomization_target=randomization_target, block=block, device=dev, config=config, key=key,
+        example=int(np.argmax([r.mask.sum() for r in positives])))  # the largest lesion: the clearest figure
+
+
+# ---------------------------------------------------------------------------------------------------
+# Maps
+
+
+@dataclass
+class Maps:
+    """Every model output the scores need (CPU tensors)."""
+
+    trained: list[dict[str, torch.Tensor]]  # per classifier: method -> [N, H, W]
+    probs: list[torch.Tensor]  # per classifier: [N, classes]
+    targets: list[torch.Tensor]  # per classifier: explained class [N]
+    untrained: dict[str, torch.Tensor]
+    localizers: list[torch.Tensor]  # per localizer: [N, H, W] in [0, 1]
+    randomization: list[dict] = field(default_factory=list)  # per randomized replicate
+
+
 def _load_model(arch: str, path: str | Path, device: torch.device) -> torch.nn.Module:
     return load_weights(get_network(arch), path).to(device).eval()
 
@@ -114,19 +322,324 @@ def _unet_output(path: str | Path, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.sigmoid(net(images[i : i + 16]))[:, 0] for i in range(0, len(images), 16)])
 
 
-def _to_lists(d: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    return {k: v.double().cpu().tolist() for k, v in d.items()}
+def compute_maps(plan: Plan, progress: bool = True) -> Maps:
+    """All maps and outputs, resumable step by step (see the module docstring)."""
+    rank, _ = _world()
+    steps = Steps(plan.out_dir / ".steps", plan.key, write=rank == 0)
+    cache = SegmentCache()
+    n = len(plan.ids)
+    images = plan.images
+
+    def explain_sharded(net: torch.nn.Module, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        def part(s: slice) -> dict[str, torch.Tensor]:
+            maps = explain(net, images[s], plan.methods, targets=targets[s], preset=plan.preset, segment_cache=cache,
+                           seed=plan.seed, **plan.overrides)
+            return {k: v.cpu() for k, v in maps.items()}
+
+        return sharded(part, n, plan.block)
+
+    def classes(probs: torch.Tensor) -> torch.Tensor:
+        if plan.explain_class == "finding":
+            return torch.full((probs.shape[0],), FINDING_CLASS, dtype=torch.long)
+        return probs.argmax(1)
+
+    def run_model(net: torch.nn.Module) -> dict:
+        probs = torch.softmax(predict(net, images).double(), 1).cpu()
+        targets = classes(probs)
+        return {"maps": explain_sharded(net, targets.to(images.device)), "probs": probs, "targets": targets}
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan.models) + 1 + len(plan.randomized), desc="assessment", unit="model")
+
+    def counted(value: Any) -> Any:
+        if bar is not None:
+            bar.update()
+        return value
+
+    def untrained_net() -> torch.nn.Module:
+        torch.manual_seed(plan.seed)
+        return get_network(plan.models[0]["arch"]).to(plan.device).eval()
+
+    runs = [counted(steps.run(f"maps_{i}", lambda m=m: run_model(_load_model(m["arch"], m["path"], plan.device))))
+            for i, m in enumerate(plan.models)]
+    untrained = counted(steps.run("maps_untrained", lambda: run_model(untrained_net())))
+    locs = [steps.run(f"localizer_{i}", lambda p=p: _unet_output(p["path"], images).cpu())
+            for i, p in enumerate(plan.localizers)]
+
+    def curves(i: int) -> dict:
+        m = plan.models[i]
+        net = _load_model(m["arch"], m["path"], plan.device)
+        c = randomization_curves(
+            net, m["arch"], images, plan.methods, preset=plan.preset, seed=plan.seed, data_range=plan.data_range,
+            pairs_per_image=plan.pairs_per_image, segment_cache=cache, explain_fn=explain_sharded,
+            examples=[plan.example], progress=bar is not None,
+            # Explaining the finding class: every state explains it, whatever it predicts.
+            target="trained" if plan.explain_class == "finding" else plan.randomization_target,
+            trained_maps=runs[i]["maps"], trained_targets=runs[i]["targets"].to(images.device), **plan.overrides)
+        return {"states": c["states"], "verdict_state": c["verdict_state"], "class_changed": c["class_changed"],
+                "ssim": {k: v.cpu() for k, v in c["ssim"].items()},
+                "spearman": {k: v.cpu() for k, v in c["spearman"].items()},
+                "undefined": c["undefined"], "spearman_undefined": c["spearman_undefined"],
+                "baseline": {k: v.cpu() for k, v in c["baseline"].items()},
+                "examples": {k: v[:, 0].cpu() for k, v in c["examples"].items()}}
+
+    rand = [counted(steps.run(f"randomization_{i}", lambda i=i: curves(i))) for i in plan.randomized]
+    if bar is not None:
+        bar.close()
+    return Maps(trained=[r["maps"] for r in runs], probs=[r["probs"] for r in runs],
+                targets=[r["targets"] for r in runs], untrained=untrained["maps"], localizers=locs, randomization=rand)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scores
+
+
+@dataclass
+class Scores:
+    """Per-image values behind the verdicts (numpy, NaN = undefined), for the CSV and the figures."""
+
+    auprc: dict[str, np.ndarray]
+    auprc_untrained: dict[str, np.ndarray]
+    auprc_prior: np.ndarray
+    auprc_localization: np.ndarray | None
+    blank: dict[str, np.ndarray]  # the primary model's map is blank
+    repeat: dict[str, np.ndarray]
+    repeat_chance: dict[str, np.ndarray]
+    reprod: dict[str, np.ndarray]
+    reprod_chance: dict[str, np.ndarray]
+    loc_agreement: np.ndarray | None
+    state_ssim: dict[str, np.ndarray]  # first randomized replicate, verdict state, [N]
+    state_spearman: dict[str, np.ndarray]
+    state_chance: dict[str, np.ndarray]
+
+
+def _agreement(maps_a: dict, maps_b: dict, plan: Plan) -> tuple[dict, dict, dict]:
+    ssim_v = {m: v.numpy() for m, v in map_agreement(maps_a, maps_b, plan.data_range).items()}
+    n = len(plan.ids)
+    chance = {m: per_image_chance(random_pair_ssim(maps_a[m], plan.pairs_per_image, plan.data_range, plan.seed,
+                                                   other=maps_b[m]), n).numpy() for m in plan.methods}
+    undefined = {m: int((blank(maps_a[m]) | blank(maps_b[m])).sum()) for m in plan.methods}
+    return ssim_v, chance, undefined
+
+
+def _summary(values: np.ndarray, **counts: int) -> dict:
+    return {**summarize(values), **counts}
+
+
+def deviations(plan: Plan) -> list[str]:
+    """Every way this run differs from the paper's protocol, in sentences (also in the report)."""
+    recipe = get_recipe(plan.preset, **plan.overrides)
+    out = []
+    if plan.preset != "paper" or plan.overrides:
+        out.append(f"Saliency recipe '{plan.preset}'" + (f" with overrides {plan.overrides}" if plan.overrides else "")
+                   + ": fewer integration steps / noise samples than the paper's; a demonstration, not its numbers.")
+    if recipe.cam_resize != "tf1_legacy":
+        out.append("Grad-CAM upsampled with half-pixel centres; the paper's TF1 code used the legacy resize "
+                   "(about half a feature cell up and left).")
+    if plan.data_range != 2.0:
+        out.append(f"SSIM data_range {plan.data_range}; the paper's scikit-image silently used 2.0 for float maps.")
+    out.append("SmoothGrad / SmoothGrad-IG noise is drawn per (image, model weights, seed): reproducible; "
+               "the paper drew fresh noise per call. Either way no two models share noise.")
+    out.append("XRAI maps: absolute value before the paper's 99th-percentile clip (the paper's own grayscale "
+               "helper crashes on XRAI's 2-D output, so its exact post-processing is unknown).")
+    out.append("Randomization re-initializes each block as freshly constructed PyTorch layers; the paper did "
+               "not state its scheme.")
+    if plan.randomization_target == "trained":
+        out.append("Randomized models explain the trained model's class; the paper's pipeline explained each "
+                   "model's own prediction.")
+    if plan.explain_class == "finding":
+        out.append("Maps explain the finding (lesion) class; the paper explained the predicted class.")
+    if plan.models[0]["arch"] != "inception_v3":
+        out.append(f"Primary architecture {plan.models[0]['arch']} (the paper's: InceptionV3).")
+    out.append("Verdicts use statistical tests the paper did not name (Holm-corrected paired Wilcoxon; bootstrap "
+               "CIs); repeatability / reproducibility also require agreement above chance.")
+    if plan.data["prior"].startswith("leave-one-out"):
+        out.append("Average-mask prior built leave-one-out from the assessed images (the dataset has no "
+                   "training masks); the paper used the training and validation masks.")
+    if not plan.localizers:
+        out.append("No localization networks: utility is judged against the prior only, agreement against chance only.")
+    return out
+
+
+def score(plan: Plan, maps: Maps, seconds: float = 0.0) -> tuple[Results, Scores]:
+    """Per-image values, summaries and verdicts from the maps."""
+    methods, masks = plan.methods, plan.masks.cpu()
+    primary = maps.trained[0]
+    util = {m: utility_scores(primary[m], masks) for m in methods}
+    util_untrained = {m: utility_scores(maps.untrained[m], masks) for m in methods}
+    prior_maps = plan.prior.cpu().expand_as(masks).contiguous() if plan.prior.ndim == 2 else plan.prior.cpu()
+    util_prior = utility_scores(prior_maps, masks)
+    util_loc = utility_scores(maps.localizers[0], masks) if maps.localizers else None
+    undefined_u = {m: util[m]["constant_map"] + util[m]["empty_mask"] for m in methods}
+
+    empty: dict = {}
+    repeat, repeat_chance, repeat_undef = _agreement(maps.trained[plan.replicate_pair[0]],
+                                                     maps.trained[plan.replicate_pair[1]], plan) \
+        if plan.replicate_pair else (empty, empty, empty)
+    reprod, reprod_chance, reprod_undef = _agreement(primary, maps.trained[plan.second_arch], plan) \
+        if plan.second_arch is not None else ({}, {}, {})
+    loc_agree = (output_agreement(maps.localizers[0], maps.localizers[1], plan.data_range).numpy()
+                 if len(maps.localizers) >= 2 else None)
+
+    verdicts: dict[str, dict[str, Verdict]] = {m: {} for m in methods}
+    uv = utility_verdicts({m: util[m]["auprc"].numpy() for m in methods}, util_prior["auprc"].numpy(),
+                          util_loc["auprc"].numpy() if util_loc else None, undefined_u)
+    rv = agreement_verdicts(repeat, repeat_chance, loc_agree, "repeatability", plan.threshold, repeat_undef) \
+        if repeat else {}
+    pv = agreement_verdicts(reprod, reprod_chance, loc_agree, "reproducibility", plan.threshold, reprod_undef) \
+        if reprod else {}
+    n = len(plan.ids)
+    state_ssim, state_spearman, state_chance = {}, {}, {}
+    for m in methods:
+        verdicts[m]["utility"] = Verdict.from_dict(uv[m])
+        if maps.randomization:
+            rows = [r["states"].index(r["verdict_state"]) for r in maps.randomization]
+            final = np.concatenate([r["ssim"][m][k].numpy() for r, k in zip(maps.randomization, rows, strict=True)])
+            chance = np.concatenate([per_image_chance(r["baseline"][m], n).numpy() for r in maps.randomization])
+            pairs = np.concatenate([r["baseline"][m].numpy() for r in maps.randomization])
+            und = sum(r["undefined"][m][k] for r, k in zip(maps.randomization, rows, strict=True))
+            v = randomization_verdict(final, chance, maps.randomization[0]["verdict_state"], pairs, und)
+            verdicts[m]["randomization"] = Verdict.from_dict(v)
+            first, k0 = maps.randomization[0], rows[0]
+            state_ssim[m] = first["ssim"][m][k0].numpy()
+            state_spearman[m] = first["spearman"][m][k0].numpy()
+            state_chance[m] = per_image_chance(first["baseline"][m], n).numpy()
+        else:
+            verdicts[m]["randomization"] = Verdict.from_dict(not_run("cascading randomization was not run "
+                                                                     "(randomize=0)"))
+        verdicts[m]["repeatability"] = Verdict.from_dict(rv[m] if m in rv else not_run("needs two replicates of "
+                                                                                       "one architecture"))
+        verdicts[m]["reproducibility"] = Verdict.from_dict(pv[m] if m in pv else not_run("needs a second "
+                                                                                         "architecture"))
+
+    def spearman_summary(r: dict, m: str) -> list:
+        return [summarize(row.numpy()) for row in r["spearman"][m]]
+
+    rand_out = []
+    for r, i in zip(maps.randomization, plan.randomized, strict=True):
+        k = r["states"].index(r["verdict_state"])
+        rand_out.append({
+            "model": plan.models[i]["path"], "states": r["states"], "verdict_state": r["verdict_state"],
+            "beyond_paper": r["states"][k + 1 :], "class_changed": r["class_changed"],
+            "target": "trained" if plan.explain_class == "finding" else plan.randomization_target,
+            "ssim": {m: [summarize(row.numpy()) for row in r["ssim"][m]] for m in methods},
+            "ssim_undefined": {m: list(r["undefined"][m]) for m in methods},
+            "spearman": {m: spearman_summary(r, m) for m in methods},
+            "spearman_undefined": {m: list(r["spearman_undefined"][m]) for m in methods},
+            "baseline": {m: summarize(r["baseline"][m].numpy()) for m in methods}})
+    rank, world = _world()
+    dev = plan.device
+    provenance = {"versions": versions(), "config": plan.config, "device": str(dev), "processes": world,
+                  "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                  "recipe": {k: (list(v) if isinstance(v, tuple) else v)
+                             for k, v in get_recipe(plan.preset, **plan.overrides).__dict__.items()},
+                  "seconds": round(seconds, 1)}
+    results = Results(
+        methods=methods, data=plan.data,
+        utility={m: _summary(util[m]["auprc"].numpy(), empty_mask=util[m]["empty_mask"],
+                             blank_map=util[m]["constant_map"]) for m in methods},
+        randomization=rand_out,
+        repeatability={m: _summary(v, undefined=repeat_undef[m], chance_mean=summarize(repeat_chance[m])["mean"])
+                       for m, v in repeat.items()},
+        reproducibility={m: _summary(v, undefined=reprod_undef[m], chance_mean=summarize(reprod_chance[m])["mean"])
+                         for m, v in reprod.items()},
+        baselines={"utility_prior": summarize(util_prior["auprc"].numpy()),
+                   "utility_localization": summarize(util_loc["auprc"].numpy()) if util_loc else None,
+                   "utility_untrained": {m: _summary(util_untrained[m]["auprc"].numpy(),
+                                                     blank_map=util_untrained[m]["constant_map"]) for m in methods},
+                   "agreement_localization": summarize(loc_agree) if loc_agree is not None else None,
+                   "reference_line": plan.threshold},
+        verdicts=verdicts, provenance=provenance, deviations=deviations(plan))
+    scores = Scores(
+        auprc={m: util[m]["auprc"].numpy() for m in methods},
+        auprc_untrained={m: util_untrained[m]["auprc"].numpy() for m in methods},
+        auprc_prior=util_prior["auprc"].numpy(), auprc_localization=util_loc["auprc"].numpy() if util_loc else None,
+        blank={m: blank(primary[m]).numpy() for m in methods}, repeat=repeat, repeat_chance=repeat_chance,
+        reprod=reprod, reprod_chance=reprod_chance, loc_agreement=loc_agree, state_ssim=state_ssim,
+        state_spearman=state_spearman, state_chance=state_chance)
+    return results, scores
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs
+
+CSV_COLUMNS = ["id", "method", "predicted_class", "predicted_probability", "finding_probability", "explained_class",
+               "map_blank", "auprc", "auprc_untrained", "auprc_prior", "auprc_localization", "repeatability_ssim",
+               "repeatability_chance", "reproducibility_ssim", "reproducibility_chance", "randomized_state",
+               "randomized_ssim", "randomized_spearman", "randomization_chance"]
+
+
+def _num(values: np.ndarray | None, i: int) -> str:
+    """A CSV cell: the value, or empty when undefined or not computed."""
+    if values is None or len(values) == 0:
+        return ""
+    v = float(values[i])
+    return repr(v) if np.isfinite(v) else ""
+
+
+def per_image_csv(plan: Plan, maps: Maps, scores: Scores, results: Results) -> str:
+    """``per_image.csv``: one row per image and method (empty cell = undefined or not computed)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS)
+    probs, targets = maps.probs[0].numpy(), maps.targets[0].numpy()
+    state = results.randomization[0]["verdict_state"] if results.randomization else ""
+    s = scores
+    for i, rid in enumerate(plan.ids):
+        pred = int(probs[i].argmax())
+        for m in plan.methods:
+            w.writerow([rid, m, pred, repr(float(probs[i, pred])), repr(float(probs[i, FINDING_CLASS])),
+                        int(targets[i]), int(bool(s.blank[m][i])), _num(s.auprc[m], i), _num(s.auprc_untrained[m], i),
+                        _num(s.auprc_prior, i), _num(s.auprc_localization, i), _num(s.repeat.get(m), i),
+                        _num(s.repeat_chance.get(m), i), _num(s.reprod.get(m), i), _num(s.reprod_chance.get(m), i),
+                        state, _num(s.state_ssim.get(m), i), _num(s.state_spearman.get(m), i),
+                        _num(s.state_chance.get(m), i)])
+    return buf.getvalue()
+
+
+def write_outputs(plan: Plan, maps: Maps, scores: Scores, results: Results, report: bool = True) -> None:
+    """``results.json``, ``per_image.csv`` and (optionally) the report, each atomically."""
+    out = plan.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "per_image.csv", per_image_csv(plan, maps, scores, results).encode())
+    if report:
+        from saliency_trust.report import ReportInputs, write_report
+
+        e, methods = plan.example, plan.methods
+        first = maps.randomization[0] if maps.randomization else None
+        columns = {Path(m["path"]).stem: maps.trained[i] for i, m in enumerate(plan.models)}
+        inputs = ReportInputs(
+            ids=plan.ids, images=plan.images01, masks=plan.masks.cpu().numpy().astype(bool), methods=methods,
+            auprc=scores.auprc, auprc_untrained=scores.auprc_untrained, auprc_prior=scores.auprc_prior,
+            auprc_localization=scores.auprc_localization,
+            trained_maps={m: maps.trained[0][m].numpy() for m in methods},
+            states=first["states"] if first else [], verdict_state=first["verdict_state"] if first else None,
+            state_ssim={m: first["ssim"][m].numpy() for m in methods} if first else {},
+            state_baseline={m: float(first["baseline"][m].nanmean()) for m in methods} if first else {},
+            state_examples={m: first["examples"][m].numpy() for m in methods} if first else {},
+            repeat=scores.repeat, reprod=scores.reprod, agreement_baseline=scores.loc_agreement,
+            repeat_chance=scores.repeat_chance, reprod_chance=scores.reprod_chance,
+            agreement_examples={name: {m: mp[m][e].numpy() for m in methods} for name, mp in columns.items()},
+            threshold=plan.threshold, example=e)
+        path = write_report(out, results, inputs)
+        log.info("report: %s", path)
+    # Last: a results.json on disk means everything beside it is complete.
+    atomic_write_bytes(out / "results.json", results.to_json().encode())
 
 
 def run_assessment(
     dataset_dir: str | Path,
     output_dir: str | Path,
     classifiers: Sequence[dict],
-    localizers: Sequence[str | Path],
+    localizers: Sequence[str | Path] = (),
     methods: Sequence[str] | None = None,
     preset: str = "paper",
     n_images: int = 100,
     image_size: int | None = None,
+    split: str = "auto",
     seed: int = 0,
     data_range: float | None = None,
     pairs_per_image: int = 50,
@@ -134,202 +647,44 @@ def run_assessment(
     device: str | None = None,
     randomize: int | None = None,
     recipe_overrides: dict | None = None,
+    explain_class: str = "predicted",
+    randomization_target: str | None = None,
     block: int = 16,
     report: bool = True,
     progress: bool = True,
-) -> dict:
-    """Score every method on the four criteria; returns the results written to ``results.json``.
+) -> Results:
+    """Score every method on the four criteria; returns the :class:`Results` written to ``results.json``.
 
-    ``classifiers`` are ``{"arch", "path"}`` dicts: the first two of the first architecture are
-    the replicates (repeatability), the first of another architecture gives reproducibility, and
-    every classifier of the first architecture goes through cascading randomization.
-    ``localizers`` are U-Net weight files: the first gives the high utility baseline, the first two
-    the agreement baseline. ``data_range`` for SSIM defaults to 2.0 with the ``paper`` preset (what
-    scikit-image <= 0.19 silently used on the paper's float maps) and to 1.0 otherwise.
-    ``randomize`` limits cascading randomization to the first that many replicates (all when None);
-    ``recipe_overrides`` change preset fields (recorded in the provenance). Under ``torchrun`` the
-    map computations are sharded across processes by blocks of ``block`` images (the batch of one
-    ``explain`` call, whatever the number of processes) and only rank 0 writes files.
+    ``classifiers`` are ``{"arch", "path"}`` dicts: the first two of the first architecture are the
+    replicates (repeatability), the first of another architecture gives reproducibility, and the
+    first architecture's classifiers (the first ``randomize`` of them; all when None) go through
+    cascading randomization. ``localizers`` are U-Net weight files: the first gives the high utility
+    baseline, the first two the agreement baseline.
+
+    Images are read at the size the classifiers were trained at (their ``.metrics.json``), which
+    ``image_size`` may only confirm. ``split``: ``auto`` (the split file's test set, or every image
+    when there is no split file), ``test``, ``all`` or a file of image ids; lesion-positive images
+    without ground truth are skipped and listed. ``explain_class``: ``predicted`` (the paper) or
+    ``finding``. ``randomization_target``: ``own`` (each randomized model explains its own
+    prediction, the paper's pipeline; the default with the ``paper`` preset) or ``trained``.
+    ``data_range`` for SSIM defaults to 2.0 with the ``paper`` preset (what scikit-image <= 0.19
+    silently used on the paper's float maps) and to 1.0 otherwise. Under ``torchrun`` the map
+    computations are sharded across processes by blocks of ``block`` images and only rank 0 writes.
     """
     t0 = time.time()
-    out_dir = Path(output_dir)
-    methods = list(methods or METHODS)
-    overrides = dict(recipe_overrides or {})
-    rank, world = _world()
-    if device is None and torch.cuda.is_available():
-        device = f"cuda:{rank % torch.cuda.device_count()}" if world > 1 else "cuda"
-    dev = torch.device(device or "cpu")
-    data_range = data_range if data_range is not None else (2.0 if preset == "paper" else 1.0)
-    ds = load_dataset(dataset_dir, image_size=image_size)
-    positives = sorted((r for r in ds if r.label == 1 and split_of(r.id, r.split) == "test"), key=lambda r: r.id)
-    if not positives:
-        positives = sorted((r for r in ds if r.label == 1), key=lambda r: r.id)
-    positives = positives[:n_images]
-    if len(positives) < 2:
-        raise ValueError(f"{dataset_dir}: need at least two lesion-positive images to assess, found {len(positives)}")
-    prior_masks = [r.mask for r in ds if r.label == 1 and split_of(r.id, r.split) in ("train", "val")]
-    if not prior_masks:
-        raise ValueError(f"{dataset_dir}: no training/validation masks for the average-mask prior")
-    images = to_network_input(torch.tensor(np.stack([r.image for r in positives]))).to(dev)
-    masks = torch.tensor(np.stack([r.mask for r in positives])).to(dev)
-    prior = average_mask_prior(torch.tensor(np.stack(prior_masks))).to(dev)
-
-    models = [dict(c, sha256=file_sha256(c["path"])) for c in classifiers]
-    locs = [{"path": str(p), "sha256": file_sha256(p)} for p in localizers]
-    primary = models[0]["arch"]
-    rep = [i for i, m in enumerate(models) if m["arch"] == primary]
-    replicates = [models[i] for i in rep][: randomize if randomize is not None else None]
-    others = [m for m in models if m["arch"] != primary]
-    config = {"dataset_dir": str(Path(dataset_dir).resolve()), "image_size": image_size, "n_images": len(positives),
-              "ids": [r.id for r in positives], "methods": methods, "preset": preset, "seed": seed,
-              "data_range": data_range, "pairs_per_image": pairs_per_image, "agreement_threshold": agreement_threshold,
-              "recipe_overrides": overrides, "randomized_replicates": len(replicates), "block": block,
-              "classifiers": [{k: str(v) for k, v in m.items()} for m in models], "localizers": locs,
-              "code": code_fingerprint()}
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    steps = Steps(out_dir / ".steps", key, write=rank == 0)
-    cache = SegmentCache()
-    n = len(positives)
-    example = int(np.argmax([r.mask.sum() for r in positives]))  # the largest lesion: the clearest figure
-
-    def explain_sharded(net: torch.nn.Module, targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        def part(s: slice) -> dict[str, torch.Tensor]:
-            t = targets[s] if targets is not None else None
-            maps = explain(net, images[s], methods, targets=t, preset=preset, segment_cache=cache, seed=seed,
-                           **overrides)
-            return {k: v.cpu() for k, v in maps.items()}
-
-        return sharded(part, n, block)
-
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(models) + 1 + len(replicates), desc="assessment", unit="model")
-
-    def counted(value: Any) -> Any:
-        if bar is not None:
-            bar.update()
-        return value
-
-    def maps_of(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return explain_sharded(net)
-
-    def untrained_net() -> torch.nn.Module:
-        torch.manual_seed(seed)
-        return get_network(primary).to(dev).eval()
-
-    trained = [counted(steps.run(f"maps_{i}", lambda m=m: maps_of(_load_model(m["arch"], m["path"], dev))))
-               for i, m in enumerate(models)]
-    untrained = counted(steps.run("maps_untrained", lambda: maps_of(untrained_net())))
-    loc_out = [steps.run(f"localizer_{i}", lambda p=p: _unet_output(p["path"], images).cpu())
-               for i, p in enumerate(locs)]
-
-    mcpu = masks.cpu()
-    util = {m: utility_scores(trained[0][m], mcpu) for m in methods}
-    util_untrained = {m: utility_scores(untrained[m], mcpu) for m in methods}
-    util_prior = utility_scores(prior.cpu().expand_as(mcpu).contiguous(), mcpu)
-    util_loc = utility_scores(loc_out[0], mcpu) if loc_out else None
-
-    def curves(m: dict) -> dict:
-        net = _load_model(m["arch"], m["path"], dev)
-        c = randomization_curves(net, m["arch"], images, methods, preset=preset, seed=seed, data_range=data_range,
-                                 pairs_per_image=pairs_per_image, segment_cache=cache, explain_fn=explain_sharded,
-                                 examples=[example], progress=bar is not None, **overrides)
-        return {"states": c["states"], "ssim": {k: v.cpu() for k, v in c["ssim"].items()},
-                "spearman": {k: v.cpu() for k, v in c["spearman"].items()},
-                "baseline": {k: v.cpu() for k, v in c["baseline"].items()},
-                "examples": {k: v[:, 0].cpu() for k, v in c["examples"].items()}}
-
-    rand = [counted(steps.run(f"randomization_{i}", lambda m=m: curves(m))) for i, m in enumerate(replicates)]
-    if bar is not None:
-        bar.close()
-    repeat = map_agreement(trained[rep[0]], trained[rep[1]], data_range) if len(rep) >= 2 else {}
-    j = models.index(others[0]) if others else None
-    reprod = map_agreement(trained[0], trained[j], data_range) if j is not None else {}
-    loc_agree = output_agreement(loc_out[0], loc_out[1], data_range) if len(loc_out) >= 2 else None
-
-    verdicts: dict[str, dict] = {m: {} for m in methods}
-    uv = utility_verdicts({m: util[m]["auprc"].numpy() for m in methods}, util_prior["auprc"].numpy())
-    for m in methods:
-        verdicts[m]["utility"] = uv[m]
-        if rand:
-            final = torch.cat([r["ssim"][m][-1] for r in rand]).numpy()
-            base = torch.cat([r["baseline"][m] for r in rand]).numpy()
-            verdicts[m]["randomization"] = randomization_verdict(final, base)
-        else:
-            verdicts[m]["randomization"] = {"passed": None, "rule": "not run (randomize=0)", "why": "not run"}
-        la = loc_agree.numpy() if loc_agree is not None else None
-        verdicts[m]["repeatability"] = (agreement_verdict(repeat[m].numpy(), la, agreement_threshold, "repeatability")
-                                        if repeat else {"passed": None, "why": "needs two replicates"})
-        verdicts[m]["reproducibility"] = (agreement_verdict(reprod[m].numpy(), la, agreement_threshold,
-                                                            "reproducibility")
-                                          if reprod else {"passed": None, "why": "needs a second architecture"})
-
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "provenance": {"versions": versions(), "config": config, "device": str(dev),
-                       "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                       "seconds": round(time.time() - t0, 1)},
-        "methods": methods,
-        "utility": {m: {**summarize(util[m]["auprc"].numpy()), "empty_mask": util[m]["empty_mask"],
-                        "constant_map": util[m]["constant_map"]} for m in methods},
-        "randomization": [{"model": str(r_m["path"]), "states": r["states"],
-                           "ssim_mean": {m: r["ssim"][m].nanmean(1).tolist() for m in methods},
-                           "spearman_mean": {m: r["spearman"][m].nanmean(1).tolist() for m in methods},
-                           "baseline_mean": {m: float(r["baseline"][m].nanmean()) for m in methods}}
-                          for r, r_m in zip(rand, replicates, strict=True)],
-        "repeatability": {m: summarize(v.numpy()) for m, v in repeat.items()},
-        "reproducibility": {m: summarize(v.numpy()) for m, v in reprod.items()},
-        "baselines": {
-            "utility_prior": summarize(util_prior["auprc"].numpy()),
-            "utility_localization": summarize(util_loc["auprc"].numpy()) if util_loc else None,
-            "utility_untrained": {m: summarize(util_untrained[m]["auprc"].numpy()) for m in methods},
-            "agreement_localization": summarize(loc_agree.numpy()) if loc_agree is not None else None,
-        },
-        "verdicts": verdicts,
-    }
-    if rank != 0:
-        return results
-    _write_outputs(out_dir, results, positives, methods, util, util_untrained, util_prior, util_loc, repeat,
-                   reprod, rand)
-    if report:
-        from saliency_trust.report import ReportInputs, write_report
-
-        columns = {Path(m["path"]).stem: trained[i] for i, m in enumerate(models)}
-        inputs = ReportInputs(
-            ids=[r.id for r in positives], images=np.stack([r.image for r in positives]),
-            masks=mcpu.numpy().astype(bool), methods=methods,
-            auprc={m: util[m]["auprc"].numpy() for m in methods},
-            auprc_untrained={m: util_untrained[m]["auprc"].numpy() for m in methods},
-            auprc_prior=util_prior["auprc"].numpy(),
-            auprc_localization=util_loc["auprc"].numpy() if util_loc else None,
-            trained_maps={m: trained[0][m].numpy() for m in methods}, states=rand[0]["states"] if rand else [],
-            state_ssim={m: rand[0]["ssim"][m].numpy() for m in methods} if rand else {},
-            state_baseline={m: float(rand[0]["baseline"][m].nanmean()) for m in methods} if rand else {},
-            state_examples={m: rand[0]["examples"][m].numpy() for m in methods} if rand else {},
-            repeat={m: v.numpy() for m, v in repeat.items()}, reprod={m: v.numpy() for m, v in reprod.items()},
-            agreement_baseline=loc_agree.numpy() if loc_agree is not None else None,
-            agreement_examples={name: {m: maps[m][example].numpy() for m in methods}
-                                for name, maps in columns.items()},
-            threshold=agreement_threshold, example=example)
-        path = write_report(out_dir, results, inputs)
-        log.info("report: %s", path)
+    plan = plan_assessment(dataset_dir, output_dir, classifiers, localizers, methods, preset, n_images, image_size,
+                           split, seed, data_range, pairs_per_image, agreement_threshold, device, randomize,
+                           recipe_overrides, explain_class, randomization_target, block)
+    maps = compute_maps(plan, progress=progress)
+    results, scores = score(plan, maps, seconds=time.time() - t0)
+    rank, _ = _world()
+    if rank == 0:
+        write_outputs(plan, maps, scores, results, report=report)
+        for line in results.usage_lines():
+            log.info("%s", line)
     return results
 
 
-def _write_outputs(out_dir, results, positives, methods, util, util_untrained, util_prior, util_loc, repeat,
-                   reprod, rand) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "results.json", json.dumps(results, indent=2, allow_nan=True).encode())
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["id", "method", "auprc", "auprc_untrained", "auprc_prior", "auprc_localization",
-                "repeatability_ssim", "reproducibility_ssim", "randomized_ssim"])
-    for i, r in enumerate(positives):
-        for m in methods:
-            w.writerow([r.id, m, float(util[m]["auprc"][i]), float(util_untrained[m]["auprc"][i]),
-                        float(util_prior["auprc"][i]), float(util_loc["auprc"][i]) if util_loc else "",
-                        float(repeat[m][i]) if repeat else "", float(reprod[m][i]) if reprod else "",
-                        float(rand[0]["ssim"][m][-1][i]) if rand else ""])
-    atomic_write_bytes(out_dir / "per_image.csv", buf.getvalue().encode())
+__all__ = ["CRITERIA", "CSV_COLUMNS", "EXPLAIN_CLASSES", "FINDING_CLASS", "Maps", "Plan", "Scores",
+           "compute_maps", "deviations", "per_image_csv", "plan_assessment", "run_assessment", "score",
+           "sharded", "write_outputs"]

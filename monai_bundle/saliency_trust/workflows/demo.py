@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from saliency_trust.data.synth import generate
+from saliency_trust.results import CRITERIA, CRITERION_TITLES, Results
 
 BUNDLE = Path(__file__).resolve().parents[2]  # monai_bundle/
 #: (task, generator seed); each task gets its own classifiers and localization network.
@@ -33,7 +34,6 @@ TASKS = (("opacity", 0), ("pneumothorax", 1))
 CLASSIFIERS = (("densenet121", 0), ("densenet121", 1), ("inception_v3", 0))
 #: The quick preset made lighter still for two CPU cores (recorded in each results.json).
 DEMO_RECIPE = {"sg_samples": 4, "sig_samples": 2, "sig_steps": 4, "ig_steps": 6, "xrai_steps": 6}
-CRITERIA = ("utility", "randomization", "repeatability", "reproducibility")
 
 
 def train(config: str, **overrides) -> dict:
@@ -49,7 +49,7 @@ def train(config: str, **overrides) -> dict:
 
 
 def assess(data: Path, models: Path, out: Path, a: argparse.Namespace, classifiers: list[tuple[str, int]],
-           localizers: int, randomize: int) -> dict:
+           localizers: int, randomize: int) -> Results:
     """The trust assessment of one task's models (quick preset, demo recipe)."""
     from saliency_trust.workflows.assess import run_assessment
 
@@ -60,20 +60,29 @@ def assess(data: Path, models: Path, out: Path, a: argparse.Namespace, classifie
         progress=False)
 
 
-def verdict_lines(results: dict) -> list[str]:
-    """The verdict table as text, one row per method."""
-    word = {True: "pass", False: "FAIL", None: "n/a"}
-    lines = [f"  {'method':<9}" + "".join(f"{c:>17}" for c in CRITERIA)]
-    for m in results["methods"]:
+def verdict_lines(results: Results) -> list[str]:
+    """The verdict table as text, one row per method: verdict, mean/reference and n per criterion."""
+    width = 24
+    lines = [f"  {'method':<9}" + "".join(f"{c:>{width}}" for c in CRITERIA)]
+    for m in results.methods:
         cells = []
         for c in CRITERIA:
-            v = results["verdicts"][m][c]
-            ref = v.get("reference")
-            val = v.get("value")
-            num = f"{val:.2f}" + (f"/{ref:.2f}" if isinstance(ref, float) else "") if isinstance(val, float) else ""
-            cells.append(f"{word[v['passed']] + ' ' + num:>17}")
+            v = results.verdict(m, c)
+            num = ""
+            if v.value is not None:
+                num = f"{v.value:.2f}" + (f"/{v.reference:.2f}" if v.reference is not None else "") + f" n={v.n}"
+            cells.append(f"{v.word() + ' ' + num:>{width}}")
         lines.append(f"  {m:<9}" + "".join(cells))
+    lines.append("  (" + "; ".join(f"{c}: {CRITERION_TITLES[c].lower()}" for c in CRITERIA) + ")")
     return lines
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _gt(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and a > b
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,17 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     for task, res in results.items():
         if task == "opacity_shortcut":
             continue
-        print(f"\nVerdicts, {task} ({res['provenance']['config']['n_images']} images; value/reference):")
+        print(f"\nVerdicts, {task} ({res.n_images} images; mean/reference and n used):")
         print("\n".join(verdict_lines(res)))
+        print("\n".join(res.usage_lines()))
         for meth in ("gradcam", "xrai"):
-            tr = res["utility"][meth]["mean"]
-            un = res["baselines"]["utility_untrained"][meth]["mean"]
-            checks[f"{task}: {meth} trained AUPRC {tr:.3f} > untrained {un:.3f}"] = tr > un
+            tr = res.utility[meth]["mean"]
+            un = res.baselines["utility_untrained"][meth]["mean"]
+            checks[f"{task}: {meth} trained AUPRC {_f(tr)} > untrained {_f(un)}"] = _gt(tr, un)
     if "opacity_shortcut" in results:
-        clean, sc = results["opacity"]["utility"], results["opacity_shortcut"]["utility"]
-        drops = [m for m in clean if sc[m]["mean"] < clean[m]["mean"]]
-        mean_clean = sum(clean[m]["mean"] for m in clean) / len(clean)
-        mean_sc = sum(sc[m]["mean"] for m in sc) / len(sc)
+        clean, sc = results["opacity"].utility, results["opacity_shortcut"].utility
+        both = [m for m in clean if clean[m]["mean"] is not None and sc[m]["mean"] is not None]
+        drops = [m for m in both if sc[m]["mean"] < clean[m]["mean"]]
+        mean_clean = sum(clean[m]["mean"] for m in both) / max(len(both), 1)
+        mean_sc = sum(sc[m]["mean"] for m in both) / max(len(both), 1)
         checks[f"shortcut model: mean AUPRC over methods {mean_sc:.3f} < clean model {mean_clean:.3f} "
                f"(lower for {len(drops)} of {len(clean)} methods)"] = mean_sc < mean_clean
     if checks:

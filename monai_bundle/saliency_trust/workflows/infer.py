@@ -37,12 +37,22 @@ from saliency_trust.data.errors import DataError
 from saliency_trust.data.groundtruth import resize_image
 from saliency_trust.data.readers import _is_dicom, _pixels, read_image
 from saliency_trust.metrics import auprc, ssim
-from saliency_trust.networks import file_sha256, get_network, load_weights, randomization_states, to_network_input
+from saliency_trust.networks import (
+    file_sha256,
+    get_network,
+    load_weights,
+    randomization_states,
+    to_network_input,
+    trained_image_size,
+)
+from saliency_trust.results import load_results
 from saliency_trust.saliency import METHODS, explain, predict
 from saliency_trust.workflows.train import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
+#: Grad-CAM upsampling for maps shown on a patient's image (the study preset keeps the paper's legacy mode).
+DISPLAY_CAM_RESIZE = "half_pixel"
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MAP_FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
@@ -173,14 +183,10 @@ def _replicates(model_dir: Path, arch: str, replicate: int) -> list[Path]:
 
 
 def _image_size(weights: Path, image_size: int | None) -> int:
-    if image_size:
-        return int(image_size)
-    meta = weights.with_suffix(".metrics.json")
-    if meta.is_file():
-        size = json.loads(meta.read_text()).get("image_size")
-        if size:
-            return int(size)
-    return 320  # the paper's input size
+    trained = trained_image_size(weights)
+    if image_size and trained and int(image_size) != trained:
+        raise ValueError(f"image_size {image_size} differs from the {trained} px {weights.name} was trained at")
+    return int(image_size or trained or 320)  # 320: the paper's input size
 
 
 def run_inference(
@@ -234,7 +240,8 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     with torch.no_grad():
         probs = torch.softmax(predict(net, x).float(), 1)[0].cpu()
     target = torch.tensor([int(probs.argmax())], device=dev)
-    maps = explain(net, x, methods, targets=target, preset=preset, seed=seed)
+    # Drawn on a patient's image: Grad-CAM with half-pixel centres (the geometrically correct resize).
+    maps = explain(net, x, methods, targets=target, preset=preset, seed=seed, cam_resize=DISPLAY_CAM_RESIZE)
 
     def on_grid(m: torch.Tensor) -> np.ndarray:
         return np.clip(resize_image(m[0].float().cpu().numpy(), img.shape), 0.0, 1.0)
@@ -252,7 +259,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
         others = _replicates(model_dir, arch, replicate)
         if others:
             other, _ = _network(arch, others[0], dev, cache)
-            om = explain(other, x, methods, targets=target, preset=preset, seed=seed)
+            om = explain(other, x, methods, targets=target, preset=preset, seed=seed, cam_resize=DISPLAY_CAM_RESIZE)
             live["repeatability"] = {"against": others[0].name,
                                      "ssim": {m: float(ssim(maps[m], om[m], data_range=1.0)[0]) for m in methods}}
             del other
@@ -261,7 +268,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
         final = None
         for name, state in randomization_states(net, arch, mode="cascading", seed=seed):
             final = (name, state)
-        rm = explain(final[1], x, methods, targets=target, preset=preset, seed=seed)
+        rm = explain(final[1], x, methods, targets=target, preset=preset, seed=seed, cam_resize=DISPLAY_CAM_RESIZE)
         live["randomization"] = {"state": final[0], "mode": "cascading",
                                  "ssim": {m: float(ssim(maps[m], rm[m], data_range=1.0)[0]) for m in methods}}
     if gt is not None:
@@ -272,19 +279,17 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     results_file = model_dir / "results.json"
     verdicts = None
     if results_file.is_file():
-        res = json.loads(results_file.read_text())
-        verdicts = {"file": results_file.name, "preset": res.get("provenance", {}).get("config", {}).get("preset"),
-                    "n_images": res.get("provenance", {}).get("config", {}).get("n_images"),
-                    "methods": {m: {c: v.get("passed") for c, v in res["verdicts"][m].items()}
-                                for m in methods if m in res.get("verdicts", {})},
-                    "details": {m: res["verdicts"][m] for m in methods if m in res.get("verdicts", {})}}
+        try:
+            verdicts = {"file": results_file.name, **load_results(results_file).verdict_copy(methods)}
+        except ValueError as exc:  # an outdated or broken file: say so beside the maps, do not fail the image
+            verdicts = {"file": results_file.name, "error": str(exc), "methods": {}}
     result = {
         "schema_version": SCHEMA_VERSION,
         "input": {"shape": list(img.shape), "spacing": list(ref.GetSpacing()),
                   "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection())},
         "model": {"arch": arch, "replicate": replicate, "file": weights.name, "sha256": weights_sha,
                   "image_size": size},
-        "preset": preset, "methods": methods, "device": str(dev),
+        "preset": preset, "cam_resize": DISPLAY_CAM_RESIZE, "methods": methods, "device": str(dev),
         "probabilities": [float(p) for p in probs], "predicted_class": int(probs.argmax()),
         "explained_class": int(target[0]), "maps": files, "checks": live, "verdicts": verdicts,
         "seconds": round(time.time() - t0, 2),
