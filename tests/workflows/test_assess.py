@@ -8,7 +8,18 @@ import json
 import pytest
 import torch
 from saliency_trust.networks import get_network
-from saliency_trust.workflows.assess import run_assessment
+from saliency_trust.results import Results, load_results
+from saliency_trust.workflows.assess import CSV_COLUMNS, run_assessment
+
+from tests.conftest import shared_set
+
+
+def strict_json(path) -> dict:
+    """Parse with a strict parser: NaN / Infinity are refused."""
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 @pytest.fixture(scope="module")
@@ -37,28 +48,40 @@ def test_assessment_writes_results_and_resumes_identically(setup):
     }
     out = root / "out"
     first = run_assessment(data, out, **kwargs)
-    assert first["schema_version"] == 1 and first["methods"] == ["grad", "gradcam", "xrai"]
-    assert first["provenance"]["config"]["preset"] == "quick" and first["provenance"]["config"]["data_range"] == 1.0
-    assert len(first["provenance"]["config"]["classifiers"][0]["sha256"]) == 64
+    assert isinstance(first, Results) and first.schema_version == 2 and first.methods == ["grad", "gradcam", "xrai"]
+    cfg = first.provenance["config"]
+    assert cfg["preset"] == "quick" and cfg["data_range"] == 1.0 and len(cfg["classifiers"][0]["sha256"]) == 64
+    assert cfg["randomization_target"] == "trained" and cfg["explain_class"] == "predicted"
     # The resume key covers the engine's sources: steps saved by other code are not reused.
     from saliency_trust.workflows.train import code_fingerprint
 
-    assert first["provenance"]["config"]["code"] == code_fingerprint() and len(code_fingerprint()) == 64
-    assert len(first["randomization"]) == 2 and len(first["randomization"][0]["states"]) == 9
-    for m in first["methods"]:
-        v = first["verdicts"][m]
+    assert cfg["code"] == code_fingerprint() and len(code_fingerprint()) == 64
+    assert len(first.randomization) == 2 and len(first.randomization[0]["states"]) == 9
+    assert first.randomization[0]["verdict_state"] == "conv0" and first.randomization[0]["beyond_paper"] == []
+    for m in first.methods:
+        v = first.verdicts[m]
         assert set(v) == {"utility", "randomization", "repeatability", "reproducibility"}
-        assert all("rule" in v[c] for c in v)
+        assert all(v[c].rule and v[c].plain for c in v)
+        assert v["randomization"].state == "conv0"
+    # Data: the split file's test set, at the images' own grid (random weights carry no training record).
+    assert first.data["split"].startswith("auto: the split file") and first.data["image_size"] is None
     rows = list(csv.DictReader((out / "per_image.csv").open()))
-    n = first["provenance"]["config"]["n_images"]
+    n = first.n_images
     assert 2 <= n <= 4 and len(rows) == n * 3 and {r["method"] for r in rows} == {"grad", "gradcam", "xrai"}
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["verdicts"] == json.loads(json.dumps(first["verdicts"]))
+    assert list(rows[0]) == CSV_COLUMNS
+    for r in rows:
+        p_pred = float(r["predicted_probability"])
+        assert 0.5 <= p_pred <= 1 and r["explained_class"] == r["predicted_class"] and r["randomized_state"] == "conv0"
+    saved = strict_json(out / "results.json")
+    assert load_results(out / "results.json") == first
+    assert saved["verdicts"]["grad"]["utility"]["passed"] == first.verdict("grad", "utility").passed
     # The report: self-contained (figures inlined), verdict table first, quick preset labelled.
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5 and 'src="figures/' not in page
     assert page.index('class="verdicts"') < page.index("1. Localization utility")
     assert "<b>quick</b> preset" in page and page.count("<tr><th>") == 1 + 3  # header + one row per method
+    assert "Where this run differs from the paper" in page and "SynthCXR" in page
+    assert "Agrees with a second model" in page and "Rule:" in page  # words in headers, rules on hover
     for name in ("utility", "randomization", "randomization_examples", "agreement", "agreement_examples"):
         assert (out / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -67,8 +90,9 @@ def test_assessment_writes_results_and_resumes_identically(setup):
     (out / ".steps" / "randomization_1.pt").unlink()
     (out / ".steps" / "maps_2.pt").unlink()
     second = run_assessment(data, out, **kwargs)
+    a, b = first.to_dict(), second.to_dict()
     for k in ("utility", "randomization", "repeatability", "reproducibility", "baselines", "verdicts"):
-        assert json.dumps(second[k], sort_keys=True) == json.dumps(first[k], sort_keys=True), k
+        assert json.dumps(a[k], sort_keys=True) == json.dumps(b[k], sort_keys=True), k
 
 
 @pytest.mark.slow
@@ -93,11 +117,16 @@ def test_trust_config_runs_through_monai_bundle(setup, tmp_path):
          "--meta_file", str(cfg / "metadata.json"), "--bundle_root", str(REPO / "monai_bundle"),
          "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), "--models_dir", str(models),
          "--methods", "['grad']", "--preset", "quick", "--n_images", "2", "--pairs_per_image", "2",
-         "--device", "cpu"],
+         "--device", "cpu", "--randomization_target", "own"],
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    res = strict_json(tmp_path / "out" / "results.json")
     assert res["methods"] == ["grad"] and len(res["randomization"][0]["states"]) == 12  # InceptionV3 blocks
+    # As the paper: randomized models explain their own prediction; the verdict reads mixed1 = Mixed_5c.
+    assert res["provenance"]["config"]["randomization_target"] == "own"
+    assert res["randomization"][0]["verdict_state"] == "Mixed_5c" and res["randomization"][0]["beyond_paper"] == [
+        "Mixed_5b"]
+    assert "values per method" in r.stdout  # how many images each criterion used
 
 
 @pytest.mark.slow
@@ -134,10 +163,11 @@ def test_two_processes_under_torchrun_equal_one(setup, tmp_path):
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "on 2 processes" in r.stdout
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    two = strict_json(tmp_path / "two" / "results.json")
     assert (tmp_path / "two" / "report.html").is_file()
+    one = single.to_dict()
     for k in ("utility", "randomization", "repeatability", "reproducibility", "baselines", "verdicts"):
-        _assert_close(two[k], json.loads(json.dumps(single[k])), k)
+        _assert_close(two[k], one[k], k)
 
 
 def _assert_close(a, b, where: str, tol: float = 0.0) -> None:
@@ -155,5 +185,90 @@ def _assert_close(a, b, where: str, tol: float = 0.0) -> None:
             _assert_close(x, y, f"{where}[{i}]", tol)
     elif isinstance(a, float) or isinstance(b, float):
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol, (where, a, b)
+    elif a is None or b is None:
+        assert a is None and b is None, (where, a, b)
     else:
         assert a == b, (where, a, b)
+
+
+@pytest.mark.slow
+def test_split_image_size_and_missing_ground_truth(setup, tmp_path):
+    """--split all / a file of ids; the training record's size is used and a mismatch refused; a positive
+    image without a mask is skipped with its id; explaining the finding class."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root, data, p = setup
+    # A generic dataset without a split file: 5 positives with masks, 1 positive without, 2 negatives.
+    ds = tmp_path / "generic"
+    (ds / "images").mkdir(parents=True)
+    rows = ["file,mask,label"]
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray((rng.random((72, 72)) * 255).astype(np.uint8)).save(ds / "images" / f"im{i}.png")
+        if i < 5:
+            m = np.zeros((72, 72), np.uint8)
+            m[10 + i : 30 + i, 20:40] = 255
+            Image.fromarray(m).save(ds / "images" / f"m{i}.png")
+            rows.append(f"images/im{i}.png,images/m{i}.png,1")
+        else:
+            rows.append(f"images/im{i}.png,,{1 if i == 5 else 0}")
+    (ds / "labels.csv").write_text("\n".join(rows) + "\n")
+    models = tmp_path / "models"
+    models.mkdir()
+    for k, src in enumerate(("d0", "d1")):
+        shutil.copy(p[src], models / f"densenet121_seed{k}.pt")
+        (models / f"densenet121_seed{k}.metrics.json").write_text(json.dumps({"image_size": 64}))
+    cls = [{"arch": "densenet121", "path": models / f"densenet121_seed{k}.pt"} for k in (0, 1)]
+    kw = {"methods": ["grad"], "preset": "quick", "pairs_per_image": 2, "device": "cpu", "randomize": 0,
+          "report": False, "progress": False}
+    res = run_assessment(ds, tmp_path / "all", cls, split="all", **kw)
+    assert res.n_images == 5 and res.data["image_size"] == 64 and res.data["grid"] == [64, 64]
+    assert res.data["image_size_source"] == "the models' training records"
+    assert res.data["skipped"] == [{"id": "im5", "why": "lesion-positive but has no ground-truth mask or box"}]
+    assert res.data["prior"].startswith("leave-one-out") and any("leave-one-out" in d for d in res.deviations)
+    assert res.verdict("grad", "utility").n == 5 and res.verdict("grad", "repeatability").n == 5
+    auto = run_assessment(ds, tmp_path / "auto", cls, **kw)  # no split file: every image, said so
+    assert auto.n_images == 5 and auto.data["split"] == "auto: every image (no split file)"
+    ids = tmp_path / "ids.txt"
+    ids.write_text("id\nim1\nim3\nim4\n")
+    listed = run_assessment(ds, tmp_path / "listed", cls, split=str(ids), **kw)
+    assert listed.data["ids"] == ["im1", "im3", "im4"]
+    ids.write_text("im1\nim7\n")  # im7 is a negative
+    with pytest.raises(ValueError, match="not lesion-positive"):
+        run_assessment(ds, tmp_path / "bad", cls, split=str(ids), **kw)
+    with pytest.raises(ValueError, match="differs from the 64 px the models were trained at"):
+        run_assessment(ds, tmp_path / "size", cls, split="all", image_size=96, **kw)
+    # The paper preset's default: each randomized model explains its own prediction.
+    from saliency_trust.workflows.assess import plan_assessment
+
+    assert plan_assessment(ds, tmp_path / "plan", cls, split="all").randomization_target == "own"
+    assert plan_assessment(ds, tmp_path / "plan", cls, split="all", preset="quick").randomization_target == "trained"
+    finding = run_assessment(ds, tmp_path / "finding", cls, split="all", explain_class="finding", **kw)
+    rows = list(csv.DictReader((tmp_path / "finding" / "per_image.csv").open()))
+    assert {r["explained_class"] for r in rows} == {"1"} and any("finding" in d for d in finding.deviations)
+
+
+@pytest.mark.slow
+def test_the_100_real_rsna_positives_are_all_assessed_with_strict_json(tmp_path):
+    """Untrained networks on the 100 real QTIM RSNA positives, --split all: all 100 used, strict JSON out."""
+    data = shared_set("rsna_pneumonia_qtim100")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"densenet121_seed{seed}.pt")
+        torch.save(get_network("densenet121").state_dict(), paths[-1])
+    res = run_assessment(data, tmp_path / "out", [{"arch": "densenet121", "path": q} for q in paths],
+                         methods=["grad", "gradcam"], preset="quick", image_size=64, split="all", pairs_per_image=5,
+                         randomize=1, device="cpu", report=False, progress=False)
+    assert res.n_images == 100 and len(set(res.data["ids"])) == 100 and res.data["skipped"] == []
+    saved = strict_json(tmp_path / "out" / "results.json")
+    assert saved["data"]["n_images"] == 100
+    for m in ("grad", "gradcam"):
+        for c in ("utility", "randomization", "repeatability"):
+            v = res.verdict(m, c)
+            assert v.n + v.n_undefined == 100, (m, c, v.n, v.n_undefined)  # every image is used or counted
+    rows = list(csv.DictReader((tmp_path / "out" / "per_image.csv").open()))
+    assert len(rows) == 200 and len({r["id"] for r in rows}) == 100

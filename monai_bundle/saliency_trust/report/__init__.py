@@ -55,6 +55,15 @@ def _atomic(path: Path, data: bytes) -> None:
 
 def render_figures(inputs: ReportInputs) -> dict[str, bytes]:
     """All figures as ``{file name: PNG bytes}``."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # A state or method whose values are all undefined (blank maps) plots as a gap, not a warning.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _render_figures(inputs)
+
+
+def _render_figures(inputs: ReportInputs) -> dict[str, bytes]:
     r, e = inputs, inputs.example
     out = {
         "utility.png": figures.utility_figure(r.methods, r.auprc, r.auprc_untrained, r.auprc_prior,
