@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -159,10 +160,12 @@ class State:
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: int = 0
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "saliency-trust-gpu"))
+    #: the clock results expire by (monotonic seconds); injectable so expiry can be tested without waiting
+    clock: Callable[[], float] = time.monotonic
 
     def sweep(self) -> int:
         """Remove expired results and their files; returns how many."""
-        now = time.time()
+        now = self.clock()
         with self.lock:
             gone = [k for k, r in self.results.items() if r.expires <= now]
             for k in gone:
@@ -298,7 +301,7 @@ def create_app(state: State) -> FastAPI:
         files = {rel: folder / "out" / rel for rel in result["maps"].values()}
         files["prediction.json"] = folder / "out" / "prediction.json"
         with state.lock:
-            state.results[rid] = Result(folder, files, time.time() + state.ttl)
+            state.results[rid] = Result(folder, files, state.clock() + state.ttl)
         result["id"] = rid
         result["expires_in_s"] = state.ttl
         result["maps"] = {k: f"/results/{rid}/{rel}" for k, rel in result["maps"].items()}
