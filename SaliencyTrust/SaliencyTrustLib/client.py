@@ -8,12 +8,13 @@ downloaded folder has the same ``prediction.json`` + ``maps/`` layout as the bun
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
-from SaliencyTrustLib.logic import BundleError, Request
+from SaliencyTrustLib.logic import BundleError, CancelledError, Request
 
 
 def _multipart(fields: dict[str, str], files: dict[str, Path]) -> tuple[bytes, str]:
@@ -43,9 +44,46 @@ def _open(req: urllib.request.Request, timeout: float):
         raise BundleError(f"Cannot reach the SaliencyTrust server at {req.full_url}: {reason}") from None
 
 
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def server_info(url: str, token: str | None = None, timeout: float = 30.0) -> dict:
+    """The service's ``GET /info``: its models (name -> architecture, replicates, ...), methods, presets."""
+    with _open(urllib.request.Request(url.rstrip("/") + "/info", headers=_headers(token)), timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def choose_model(info: dict, arch: str | None = None, name: str | None = None) -> str:
+    """The service's model name to post to: ``name`` if the server has it, else the one model of
+    architecture ``arch`` (``default`` when several are); a clear error when none fits."""
+    models = info.get("models") or {}
+    if not models:
+        raise BundleError("The SaliencyTrust server offers no model (its model folder is empty).")
+    if name:
+        if name in models:
+            return name
+        raise BundleError(f"The server has no model named '{name}'; it offers: {', '.join(sorted(models))}.")
+    fits = sorted(k for k, m in models.items() if not arch or m.get("architecture") == arch)
+    if not fits:
+        offered = ", ".join(f"{k} ({m.get('architecture')})" for k, m in sorted(models.items()))
+        raise BundleError(f"The server has no {arch} model; it offers: {offered}.")
+    return "default" if "default" in fits else fits[0]
+
+
 def infer(url: str, model: str, image: str | Path, output_dir: str | Path, request: Request,
-          mask: str | Path | None = None, token: str | None = None, timeout: float = 600.0) -> Path:
-    """POST the image to ``{url}/infer/{model}``, download the maps; returns the local output folder."""
+          mask: str | Path | None = None, token: str | None = None, timeout: float = 600.0,
+          cancel: threading.Event | None = None) -> Path:
+    """POST the image to ``{url}/infer/{model}``, download the maps; returns the local output folder.
+
+    ``model`` is the service's model name (``choose_model``), not an architecture. ``cancel``, when
+    set, stops the work between steps with :class:`CancelledError` (a request in flight finishes first).
+    """
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError()
+
+    check()
     base = url.rstrip("/")
     out = Path(output_dir)
     (out / "maps").mkdir(parents=True, exist_ok=True)
@@ -53,17 +91,19 @@ def infer(url: str, model: str, image: str | Path, output_dir: str | Path, reque
               "checks": "true" if request.checks else "false"}
     files = {"image": Path(image), **({"mask": Path(mask)} if mask else {})}
     body, ctype = _multipart(fields, files)
-    headers = {"Content-Type": ctype, **({"Authorization": f"Bearer {token}"} if token else {})}
+    headers = {"Content-Type": ctype, **_headers(token)}
     with _open(urllib.request.Request(f"{base}/infer/{model}", data=body, headers=headers, method="POST"),
                timeout) as r:
         prediction = json.loads(r.read().decode())
     local = {}
     for method, link in prediction["maps"].items():
+        check()
         name = f"maps/{method}.nii.gz"
         with _open(urllib.request.Request(base + link, headers=headers), timeout) as r:
             (out / name).write_bytes(r.read())
         local[method] = name
     prediction["maps"] = local
-    prediction["server"] = {"url": base, "id": prediction.get("id")}
+    check()
+    prediction["server"] = {"url": base, "id": prediction.get("id"), "model": model}
     (out / "prediction.json").write_text(json.dumps(prediction, indent=2))
     return out

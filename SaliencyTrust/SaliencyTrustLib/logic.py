@@ -14,6 +14,7 @@ loading removes what was added, so a failed run leaves the scene as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -31,7 +32,55 @@ import numpy as np
 
 CRITERIA = ("utility", "randomization", "repeatability", "reproducibility")
 METHODS = ("grad", "sg", "ig", "sig", "gradcam", "gbp", "ggcam", "xrai")
-TABLE_COLUMNS = ("method", "trust", *CRITERIA, "repeatability_here_ssim", "randomization_here_ssim", "auprc_here")
+#: The methods by the names a reader knows them by.
+METHOD_NAMES = {"grad": "Gradient", "sg": "SmoothGrad", "ig": "Integrated Gradients", "sig": "SmoothGrad-IG",
+                "gradcam": "Grad-CAM", "gbp": "Guided Backprop", "ggcam": "Guided Grad-CAM", "xrai": "XRAI"}
+#: The presets the bundle offers (``saliency_trust.saliency.presets``), with what each is for.
+PRESETS = {"quick": "quick (fewer steps and samples; a CPU finishes in seconds)",
+           "paper": "paper (the study's recipe; use a GPU)"}
+#: Criterion titles in words, the direction that is good being "pass" (as ``saliency_trust.results``).
+CRITERION_TITLES = {
+    "utility": "Points at the lesion",
+    "randomization": "Changes when weights are randomized",
+    "repeatability": "Agrees with a retrained copy",
+    "reproducibility": "Agrees with a second model",
+}
+CRITERION_HELP = {
+    "utility": "Good: pass. Over the assessment's images, the map highlights the lesion better than a fixed map of "
+               "where lesions usually are (AUPRC against the average-mask prior).",
+    "randomization": "Good: pass. When the network's weights are replaced by random ones the map changes as much "
+                     "as maps of different images differ: it depends on what the network learned.",
+    "repeatability": "Good: pass. A second copy of the network, trained the same way from another seed, gives "
+                     "maps that agree with these beyond chance (SSIM).",
+    "reproducibility": "Good: pass. A network of another architecture trained on the same data gives maps that "
+                       "agree with these beyond chance (SSIM).",
+}
+TABLE_COLUMNS = ("method", "trust", *CRITERIA, "repeatability_here_ssim", "randomization_here_ssim", "auprc_here",
+                 "details")
+COLUMN_TITLES = {
+    "method": "Method", "trust": "Trust on the assessment data", **CRITERION_TITLES,
+    "repeatability_here_ssim": "This image: agrees with the other copy (SSIM, higher is better)",
+    "randomization_here_ssim": "This image: like a random network's map (SSIM, lower is better)",
+    "auprc_here": "This image: points at your region (AUPRC, higher is better)",
+    "details": "Numbers behind the verdicts",
+}
+COLUMN_HELP = {
+    "method": "The saliency method that made the map.",
+    "trust": "Fails: the method failed at least one criterion on the assessment data. Passes all four: every "
+             "criterion was judged and passed. Not fully judged: some criterion could not be judged (n/a); n/a "
+             "never counts as a pass.",
+    **CRITERION_HELP,
+    "repeatability_here_ssim": "SSIM between this map and the map of the other trained copy on this image "
+                               "(1 = identical).",
+    "randomization_here_ssim": "SSIM between this map and the map of the fully randomized network on this image; "
+                               "a trustworthy map should not look like it.",
+    "auprc_here": "How well the map ranks the pixels of the segmentation or ROI you chose (1 = perfectly; the "
+                  "region's share of the image is chance).",
+    "details": "Each criterion's value, its reference and the number of images it came from.",
+}
+RESEARCH_ONLY = "Research use only - not for diagnosis."
+#: Map values below this are transparent in the overlay: the radiograph stays visible where the map is low.
+OVERLAY_FLOOR = 0.1
 #: Control points of matplotlib's "inferno" (perceptually uniform); interpolated to 256 entries.
 INFERNO = ((0.0, (0.001, 0.000, 0.014)), (0.125, (0.155, 0.044, 0.318)), (0.25, (0.341, 0.062, 0.429)),
            (0.375, (0.520, 0.129, 0.419)), (0.5, (0.735, 0.216, 0.330)), (0.625, (0.898, 0.353, 0.206)),
@@ -49,6 +98,13 @@ class InputVolumeError(SaliencyTrustError):
 
 class BundleError(SaliencyTrustError):
     """The bundle process failed or was cancelled."""
+
+
+class CancelledError(BundleError):
+    """The user cancelled the run: not an error to show, nothing was added to the scene."""
+
+    def __init__(self, message: str = "CancelledError; nothing was added to the scene.") -> None:
+        super().__init__(message)
 
 
 def _slicer():
@@ -232,32 +288,37 @@ class Request:
         return cmd
 
 
-class BundleProcess:
-    """The bundle run in a child process: non-blocking, output collected by a thread, cancellable."""
+class ChildProcess:
+    """A bundle command in a child process: non-blocking, output collected by a thread, cancellable."""
 
-    def __init__(self, request: Request, image: str | Path, output_dir: str | Path,
-                 mask: str | Path | None = None) -> None:
-        self.request = request
+    what = "The bundle"
+
+    def __init__(self, command: list[str], bundle_dir: str | Path, output_dir: str | Path) -> None:
+        self.bundle_dir = str(bundle_dir)
         self.output_dir = Path(output_dir)
-        self.command = request.command(image, output_dir, mask)
+        self.command = command
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
         self._proc: subprocess.Popen | None = None
         self.cancelled = False
         self.started_at = 0.0
+        self._reader: threading.Thread | None = None
 
-    def start(self) -> BundleProcess:
+    def start(self) -> ChildProcess:
         """Launch the child; returns at once."""
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(self.request.bundle_dir), env.get("PYTHONPATH", "")]).rstrip(
-            os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([self.bundle_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Its own process group (POSIX session / Windows group), so that cancel stops everything it
+        # started; no console window pops up on Windows.
         kwargs: dict = {"start_new_session": True} if os.name == "posix" else {
-            "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+            "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(subprocess,
+                                                                                        "CREATE_NO_WINDOW", 0)}
         self._proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env=env, **kwargs)
         self.started_at = time.time()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         return self
 
     def _read(self) -> None:
@@ -281,19 +342,12 @@ class BundleProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def cancel(self) -> None:
-        """Stop the child and everything it started."""
+        """Stop the child and everything it started (its whole process tree, on every platform)."""
         if not self.running:
             return
         self.cancelled = True
         assert self._proc is not None
-        try:
-            if os.name == "posix":
-                os.killpg(self._proc.pid, signal.SIGTERM)
-            else:
-                self._proc.terminate()
-            self._proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            self._proc.kill()
+        kill_tree(self._proc)
 
     def wait(self, timeout: float | None = None) -> Path:
         """Block until the child ends; returns the output folder or raises :class:`BundleError`."""
@@ -302,21 +356,89 @@ class BundleProcess:
             self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.cancel()
-            raise BundleError(f"The bundle did not finish within {timeout:.0f} s and was stopped.") from None
+            raise BundleError(f"{self.what} did not finish within {timeout:.0f} s and was stopped.") from None
         return self.result()
 
     def result(self) -> Path:
         """The output folder of a finished child, or :class:`BundleError` with the reason."""
         assert self._proc is not None and self._proc.poll() is not None
-        time.sleep(0.05)
+        if self._reader is not None:
+            self._reader.join(timeout=30)  # the child's last lines (it has ended: its pipe closes)
         self.new_lines()
         if self.cancelled:
-            raise BundleError("Cancelled; nothing was added to the scene.")
+            raise CancelledError()
         if self._proc.returncode != 0:
             raise BundleError(failure_message(self.output_dir, self.lines, self._proc.returncode))
+        self.check_output()
+        return self.output_dir
+
+    def check_output(self) -> None:
+        """Raise :class:`BundleError` when the ended child did not leave what it should have."""
+
+
+class BundleProcess(ChildProcess):
+    """The bundle's inference workflow on one image (``configs/inference.json``)."""
+
+    def __init__(self, request: Request, image: str | Path, output_dir: str | Path,
+                 mask: str | Path | None = None) -> None:
+        super().__init__(request.command(image, output_dir, mask), request.bundle_dir, output_dir)
+        self.request = request
+
+    def check_output(self) -> None:
         if not (self.output_dir / "prediction.json").is_file():
             raise BundleError(f"The bundle finished but wrote no prediction.json in {self.output_dir}.")
-        return self.output_dir
+
+
+#: The demo's tasks a first run can train models for (SynthCXR, generated locally).
+DEMO_TASKS = {"opacity": "lung opacity (RSNA-like, boxes)", "pneumothorax": "pneumothorax (SIIM-like, masks)"}
+
+
+class TrainProcess(ChildProcess):
+    """The demo's models for one task, trained in the background: SynthCXR data, the bundle's
+    ``train.json`` for each classifier and baseline, then the trust assessment (``trust.json``),
+    so the panel has models and verdicts. About 10 minutes on a laptop CPU."""
+
+    what = "Training"
+
+    def __init__(self, bundle_dir: str | Path, out_dir: str | Path, task: str = "opacity",
+                 python: str | None = None) -> None:
+        if task not in DEMO_TASKS:
+            raise SaliencyTrustError(f"Unknown task '{task}'; choose one of {', '.join(DEMO_TASKS)}.")
+        cmd = [python or default_python(), "-m", "saliency_trust.workflows.demo", "--out", str(out_dir),
+               "--tasks", task, "--no-shortcut"]
+        super().__init__(cmd, bundle_dir, out_dir)
+        self.task = task
+
+    @property
+    def model_dir(self) -> Path:
+        """Where the trained models (and their results.json) are."""
+        return self.output_dir / "models" / self.task
+
+    def check_output(self) -> None:
+        if not any(self.model_dir.glob("*_seed*.pt")):
+            raise BundleError(f"Training finished but left no model in {self.model_dir}.")
+
+
+def kill_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop ``proc`` and its descendants: SIGTERM to its process group on POSIX (SIGKILL after
+    ``grace`` s), ``taskkill /T /F`` on Windows (``terminate`` alone would leave DataLoader workers)."""
+    if os.name == "posix":
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True,
+                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0), check=False)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def failure_message(output_dir: Path, lines: Sequence[str], returncode: int) -> str:
@@ -351,21 +473,79 @@ class Results:
     table_node: object
     failing: dict  # method -> [criteria it fails]
     output_dir: Path
+    folder_item: int = 0  # the subject hierarchy folder holding this run's nodes (0: none)
 
     def summary(self) -> str:
-        """The prediction in one line for the panel."""
+        """The prediction in one line for the panel, with the task's finding named."""
         p = self.prediction["probabilities"]
         c = self.prediction["predicted_class"]
-        label = "lesion" if c == 1 else "no lesion"
-        return f"Predicted: {label} (p = {p[c]:.3f}); {self.prediction['model']['arch']} " \
-               f"replicate {self.prediction['model']['replicate']}, {self.prediction['preset']} preset"
+        finding = self.prediction.get("task") or "finding"
+        said = "present" if c == 1 else "absent"
+        explained = self.prediction.get("explained_class", c)
+        maps = "" if explained == c else f"; the maps explain class {explained}"
+        return (f"{finding[:1].upper() + finding[1:]}: predicted {said} (p = {p[c]:.3f}){maps}. "
+                f"{self.prediction['model']['arch']} replicate {self.prediction['model']['replicate']}, "
+                f"{self.prediction['preset']} preset.")
 
     def banner(self) -> str:
         """A warning naming every method that fails a dataset-level criterion ('' when none does)."""
         if not self.failing:
             return ""
-        parts = [f"{m} ({', '.join(c)})" for m, c in self.failing.items()]
-        return "Do not trust these maps: " + "; ".join(parts) + " fail the trust criteria on the validation data."
+        parts = [f"{METHOD_NAMES.get(m, m)} ({', '.join(CRITERION_TITLES[c].lower() for c in cs)}: no)"
+                 for m, cs in self.failing.items()]
+        return "Do not trust these maps: " + "; ".join(parts) + "."
+
+    def assessment_line(self) -> str:
+        """Where the verdicts come from: n images, which data, synthetic or not, the preset."""
+        return assessment_line(self.prediction)
+
+
+def assessment_line(prediction: dict) -> str:
+    """One sentence on the assessment behind the verdicts (or why there are none)."""
+    v = prediction.get("verdicts")
+    if not v:
+        return ("No trust assessment lies beside this model (results.json): the verdicts are unknown; run the "
+                "bundle's trust.json on validation data to get them.")
+    if v.get("error"):
+        return f"The trust assessment beside this model could not be read: {v['error']}"
+    data = Path(str(v.get("dataset") or "unknown data")).name
+    kind = "synthetic SynthCXR images, not patients" if v.get("synthetic") else "radiographs"
+    return (f"Verdicts from an assessment of {v.get('n_images', '?')} lesion-positive images of '{data}' "
+            f"({kind}) with the {v.get('preset', '?')} preset.")
+
+
+def trust_word(verdict: dict | None) -> tuple[str, list[str]]:
+    """The trust column's text and the criteria failed; n/a never counts as a pass."""
+    if not verdict:
+        return "Unknown (no assessment)", []
+    fails = [c for c in CRITERIA if verdict.get(c) is False]
+    if fails:
+        return "Fails: " + ", ".join(CRITERION_TITLES[c].lower() for c in fails), fails
+    if all(verdict.get(c) is True for c in CRITERIA):
+        return "Passes all four", []
+    missing = [CRITERION_TITLES[c].lower() for c in CRITERIA if verdict.get(c) is not True]
+    return "Not fully judged (n/a: " + ", ".join(missing) + ")", []
+
+
+def _details(details: dict | None) -> str:
+    """The numbers behind one method's verdicts, short."""
+    if not details:
+        return ""
+    parts = []
+    for c in CRITERIA:
+        d = details.get(c) or {}
+        if d.get("rule") == "not run":
+            parts.append(f"{c}: not run")
+            continue
+        value, ref, n = d.get("value"), d.get("reference"), d.get("n", 0)
+        text = f"{c}: {_fmt(value) or 'n/a'}"
+        if ref is not None:
+            text += f" vs {_fmt(ref)}"
+        text += f" (n = {n}"
+        if d.get("n_undefined"):
+            text += f", {d['n_undefined']} undefined"
+        parts.append(text + ")")
+    return "; ".join(parts)
 
 
 def perceptual_color_node(scene):
@@ -373,9 +553,9 @@ def perceptual_color_node(scene):
     node = scene.GetNodeByID("vtkMRMLColorTableNodeFileInferno.txt")
     if node is not None:
         return node
-    found = scene.GetNodesByName(COLOR_NODE_NAME)
-    if found.GetNumberOfItems():
-        return found.GetItemAsObject(0)
+    found = node_by_name(scene, COLOR_NODE_NAME)
+    if found is not None:
+        return found
     slicer = _slicer()
     node = slicer.vtkMRMLColorTableNode()
     node.SetName(COLOR_NODE_NAME)
@@ -410,11 +590,14 @@ def _fmt(v) -> str:
 
 
 def fill_table(table, prediction: dict) -> dict:
-    """Fill ``table`` with one row per method; returns ``{method: [failed criteria]}``."""
+    """Fill ``table`` with one row per method, headers in words, read-only; returns ``{method: [failed]}``."""
     import vtk
 
     methods = prediction["methods"]
-    verdicts = (prediction.get("verdicts") or {}).get("methods", {})
+    copy = prediction.get("verdicts") or {}
+    verdicts = copy.get("methods", {})
+    details = copy.get("details", {})
+    titles = {**COLUMN_TITLES, **(copy.get("titles") or {})}
     checks = prediction.get("checks", {})
     rep = (checks.get("repeatability") or {}).get("ssim") or {}
     ran = (checks.get("randomization") or {}).get("ssim") or {}
@@ -429,32 +612,111 @@ def fill_table(table, prediction: dict) -> dict:
         data.AddColumn(arr)
     for m in methods:
         v = verdicts.get(m)
-        fails = [c for c in CRITERIA if v and v.get(c) is False]
+        trust, fails = trust_word(v)
         if fails:
             failing[m] = fails
-        trust = "unknown" if not v else ("FAILS " + ", ".join(fails) if fails else "passes all")
-        row = [m, trust, *(word[v.get(c)] if v else "unknown" for c in CRITERIA),
-               _fmt(rep.get(m)), _fmt(ran.get(m)), _fmt(auc.get(m))]
+        row = [METHOD_NAMES.get(m, m), trust, *(word[v.get(c)] if v else "unknown" for c in CRITERIA),
+               _fmt(rep.get(m)), _fmt(ran.get(m)), _fmt(auc.get(m)), _details(details.get(m))]
         r = data.InsertNextBlankRow()
         for c, text in enumerate(row):
             data.SetValue(r, c, text)
+    for col in TABLE_COLUMNS:
+        table.SetColumnTitle(col, titles[col])
+        help_text = COLUMN_HELP[col]
+        if col in CRITERIA and details:
+            first = next(iter(details.values())).get(col) or {}
+            if first.get("plain"):
+                help_text += " Rule: " + first["plain"]
+        table.SetColumnDescription(col, help_text)
+    table.SetUseColumnTitleAsColumnHeader(True)
+    table.SetLocked(True)  # the view is read-only: these are results, not inputs
     table.Modified()
     return failing
 
 
-def load_results(scene, input_node, output_dir: str | Path, prefix: str | None = None) -> Results:
+def nodes_by_class(scene, class_name: str) -> list:
+    """The scene's nodes of ``class_name`` (and subclasses), without a collection to leak."""
+    return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
+
+
+def node_by_name(scene, name: str):
+    """The first node called ``name``, or None (no collection to leak)."""
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        if node.GetName() == name:
+            return node
+    return None
+
+
+def run_nodes(scene, input_node) -> list:
+    """Every node an earlier run put in the scene for ``input_node`` (maps and tables)."""
+    nodes = (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
+    return [n for n in nodes if n.GetAttribute("SaliencyTrust.input") == input_node.GetID()]
+
+
+def map_input(scene, map_node):
+    """The volume ``map_node`` was computed on (stored on the map node when it was loaded), or None."""
+    ident = map_node.GetAttribute("SaliencyTrust.input") if map_node is not None else None
+    return scene.GetNodeByID(ident) if ident else None
+
+
+def _subject_hierarchy(scene):
+    slicer = _slicer()
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+
+def _remove_run(scene, nodes: list) -> None:
+    """Remove an earlier run's nodes and the subject hierarchy folders left empty by it."""
+    sh = _subject_hierarchy(scene)
+    folders = set()
+    for node in nodes:
+        if sh is not None:
+            item = sh.GetItemByDataNode(node)
+            parent = sh.GetItemParent(item) if item else 0
+            if parent and sh.GetItemAttribute(parent, "SaliencyTrust.run"):
+                folders.add(parent)
+        if scene.IsNodePresent(node):
+            scene.RemoveNode(node)
+    for folder in folders:
+        if sh.GetNumberOfItemChildren(folder) == 0:
+            sh.RemoveItem(folder)
+
+
+def _file_under_input(scene, input_node, nodes: list, name: str) -> int:
+    """A subject hierarchy folder for this run under the input's own parent (its study); returns its item."""
+    sh = _subject_hierarchy(scene)
+    if sh is None:
+        return 0
+    input_item = sh.GetItemByDataNode(input_node)
+    parent = sh.GetItemParent(input_item) if input_item else sh.GetSceneItemID()
+    folder = sh.CreateFolderItem(parent or sh.GetSceneItemID(), name)
+    sh.SetItemAttribute(folder, "SaliencyTrust.run", "1")
+    for node in nodes:
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.SetItemParent(item, folder)
+    return folder
+
+
+def load_results(scene, input_node, output_dir: str | Path, prefix: str | None = None,
+                 run_name: str | None = None) -> Results:
     """Maps and metrics of a finished run into ``scene``: volumes aligned with the input, a table.
 
-    All-or-nothing: if anything fails, the nodes added so far are removed again.
+    The nodes go into one subject hierarchy folder under the input's patient / study, named by
+    the run; an earlier run's nodes for the same input are replaced. All-or-nothing: if anything
+    fails, the nodes added so far are removed again and the earlier run stays.
     """
     out = Path(output_dir)
     try:
         prediction = json.loads((out / "prediction.json").read_text())
     except (OSError, ValueError) as exc:
         raise SaliencyTrustError(f"Could not read the bundle's prediction.json in {out}: {exc}") from None
-    prefix = prefix or f"{input_node.GetName()} saliency"
+    earlier = run_nodes(scene, input_node)
+    prefix = prefix or input_node.GetName()
+    run_name = run_name or f"SaliencyTrust: {prefix}, {prediction['model']['arch']} " \
+                           f"replicate {prediction['model']['replicate']}, {prediction['preset']} preset"
     had_color = (scene.GetNodeByID("vtkMRMLColorTableNodeFileInferno.txt") is not None
-                 or scene.GetNodesByName(COLOR_NODE_NAME).GetNumberOfItems() > 0)
+                 or node_by_name(scene, COLOR_NODE_NAME) is not None)
     added = []
     try:
         color = perceptual_color_node(scene)
@@ -462,22 +724,21 @@ def load_results(scene, input_node, output_dir: str | Path, prefix: str | None =
             added.append(color)
         nodes = {}
         for m, rel in prediction["maps"].items():
-            node = _load_map(scene, out / rel, f"{prefix} {m}")
+            node = _load_map(scene, out / rel, f"{prefix} - {METHOD_NAMES.get(m, m)}")
             added.append(node)
             _match_geometry(node, input_node)
             node.CreateDefaultDisplayNodes()
-            disp = node.GetDisplayNode()
-            disp.SetAndObserveColorNodeID(color.GetID())
-            disp.AutoWindowLevelOff()
-            disp.SetWindowLevelMinMax(0.0, 1.0)
+            style_overlay(node, color)
             node.SetAttribute("SaliencyTrust.method", m)
             node.SetAttribute("SaliencyTrust.input", input_node.GetID())
             nodes[m] = node
-        table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{prefix} trust")
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{prefix} - trust")
         added.append(table)
         failing = fill_table(table, prediction)
+        table.SetAttribute("SaliencyTrust.input", input_node.GetID())
         table.SetAttribute("SaliencyTrust.prediction", json.dumps(
-            {k: prediction[k] for k in ("probabilities", "predicted_class", "preset")}))
+            {k: prediction.get(k) for k in ("probabilities", "predicted_class", "preset", "task")}))
+        folder = _file_under_input(scene, input_node, [*nodes.values(), table], run_name)
     except Exception as exc:
         for node in reversed(added):
             if scene.IsNodePresent(node):
@@ -485,7 +746,21 @@ def load_results(scene, input_node, output_dir: str | Path, prefix: str | None =
         if isinstance(exc, SaliencyTrustError):
             raise
         raise SaliencyTrustError(f"Could not load the results in {out}: {type(exc).__name__}: {exc}") from exc
-    return Results(prediction, nodes, table, failing, out)
+    _remove_run(scene, earlier)  # only now: a failed load keeps the earlier run
+    return Results(prediction, nodes, table, failing, out, folder)
+
+
+def style_overlay(node, color) -> None:
+    """Colour a map for overlay: perceptual colours on [0, 1], values below OVERLAY_FLOOR transparent."""
+    disp = node.GetDisplayNode()
+    disp.SetAndObserveColorNodeID(color.GetID())
+    disp.AutoWindowLevelOff()
+    disp.SetWindowLevelMinMax(0.0, 1.0)
+    # Slicer's threshold makes the voxels outside [lower, upper] transparent in the slice views,
+    # so the radiograph is not darkened where the map is (near) zero.
+    disp.AutoThresholdOff()
+    disp.SetApplyThreshold(True)
+    disp.SetThreshold(OVERLAY_FLOOR, 1.0)
 
 
 def _match_geometry(node, input_node) -> None:
@@ -506,9 +781,7 @@ def _match_geometry(node, input_node) -> None:
 def show_overlay(scene, background, foreground, opacity: float = 0.5) -> int:
     """Put ``foreground`` over ``background`` in every slice view of ``scene``; returns the views set."""
     n = 0
-    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-    for i in range(composites.GetNumberOfItems()):
-        c = composites.GetItemAsObject(i)
+    for c in nodes_by_class(scene, "vtkMRMLSliceCompositeNode"):
         c.SetBackgroundVolumeID(background.GetID() if background else None)
         c.SetForegroundVolumeID(foreground.GetID() if foreground else None)
         c.SetForegroundOpacity(float(opacity))

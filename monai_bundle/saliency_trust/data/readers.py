@@ -93,6 +93,15 @@ def detect_layout(root: str | Path) -> str:
     )
 
 
+#: The finding each layout's lesion class stands for (what a prediction is about, in words).
+FINDINGS = {"rsna": "lung opacity", "siim": "pneumothorax", "generic": "finding"}
+
+
+def finding_name(root: str | Path) -> str:
+    """The finding a dataset's positive class means ("lung opacity", "pneumothorax"), from its layout."""
+    return FINDINGS[detect_layout(root)]
+
+
 def load_dataset(root: str | Path, image_size: int | None = None, layout: str | None = None) -> Dataset:
     """Load every image of an RSNA, SIIM or generic dataset folder.
 

@@ -100,12 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=20, help="random pairs per image for the randomization baseline")
     p.add_argument("--min-auc", type=float, default=0.90)
     p.add_argument("--skip-assessment", action="store_true", help="train only")
+    p.add_argument("--tasks", nargs="+", choices=[t for t, _ in TASKS], default=[t for t, _ in TASKS],
+                   help="the tasks to train and assess (the Slicer module's first run trains one)")
+    p.add_argument("--no-shortcut", action="store_true", help="skip the shortcut-trained model")
     a = p.parse_args(argv)
+    tasks = [(t, s) for t, s in TASKS if t in a.tasks]
+    shortcut = not a.no_shortcut and any(t == "opacity" for t, _ in tasks)
     logging.getLogger("ignite").setLevel(logging.WARNING)
     out = Path(a.out)
     t0 = time.time()
     rows, timings = [], {}
-    for task, seed in TASKS:
+    for task, seed in tasks:
         data = out / "data" / task
         if not (data / "split.csv").is_file():
             generate(data, task, n=a.n, size=a.size, seed=seed)
@@ -119,23 +124,25 @@ def main(argv: list[str] | None = None) -> int:
             m = train("train_baseline.json", seed=s, max_epochs=a.baseline_epochs, **common)
             rows.append((task, "unet", s, "val_dice", m["val_dice"]))
     shortcut_data = out / "data" / "opacity_shortcut"
-    if not (shortcut_data / "split.csv").is_file():
-        generate(shortcut_data, "opacity", n=a.n, size=a.size, seed=TASKS[0][1], shortcut=True)
     sc_models = out / "models" / "opacity_shortcut"
     primary = CLASSIFIERS[0][0]
-    m = train("train.json", arch=primary, seed=0, max_epochs=a.shortcut_epochs, learning_rate=0.001,
-              dataset_dir=str(shortcut_data), output_dir=str(sc_models), image_size=a.size)
-    rows.append(("opacity+shortcut", primary, 0, "val_auc", m["val_auc"]))
+    if shortcut:
+        if not (shortcut_data / "split.csv").is_file():
+            generate(shortcut_data, "opacity", n=a.n, size=a.size, seed=TASKS[0][1], shortcut=True)
+        m = train("train.json", arch=primary, seed=0, max_epochs=a.shortcut_epochs, learning_rate=0.001,
+                  dataset_dir=str(shortcut_data), output_dir=str(sc_models), image_size=a.size)
+        rows.append(("opacity+shortcut", primary, 0, "val_auc", m["val_auc"]))
     timings["training_min"] = (time.time() - t0) / 60
 
     reports, results = {}, {}
     if not a.skip_assessment:
-        for k, (task, _) in enumerate(TASKS):
+        for k, (task, _) in enumerate(tasks):
             results[task] = assess(out / "data" / task, out / "models" / task, out / "trust" / task, a,
                                    list(CLASSIFIERS), localizers=2, randomize=1 if k == 0 or a.randomize_all else 0)
             reports[task] = out / "trust" / task / "report.html"
             # Beside the weights, so inference.json, the Slicer module and the service show the verdicts.
             shutil.copy(out / "trust" / task / "results.json", out / "models" / task / "results.json")
+    if not a.skip_assessment and shortcut:
         # The shortcut model, scored on the clean opacity test images (utility only).
         results["opacity_shortcut"] = assess(out / "data" / "opacity", sc_models, out / "trust" / "opacity_shortcut",
                                              a, [(primary, 0)], localizers=0, randomize=0)

@@ -35,7 +35,7 @@ import torch
 from saliency_trust.data.dicom import read_dicom
 from saliency_trust.data.errors import DataError
 from saliency_trust.data.groundtruth import resize_image
-from saliency_trust.data.readers import _is_dicom, _pixels, read_image
+from saliency_trust.data.readers import _is_dicom, _pixels, finding_name, read_image
 from saliency_trust.metrics import auprc, ssim
 from saliency_trust.networks import (
     file_sha256,
@@ -182,6 +182,21 @@ def _replicates(model_dir: Path, arch: str, replicate: int) -> list[Path]:
     return [p for p in sorted(model_dir.glob(f"{arch}_seed*.pt")) if p != own]
 
 
+def _task(weights: Path) -> str | None:
+    """The finding the model predicts, from its training record (older records: from its dataset's layout)."""
+    meta = weights.with_suffix(".metrics.json")
+    try:
+        record = json.loads(meta.read_text()) if meta.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    if record.get("task"):
+        return str(record["task"])
+    try:
+        return finding_name(record["dataset_dir"]) if record.get("dataset_dir") else None
+    except DataError:
+        return None
+
+
 def _image_size(weights: Path, image_size: int | None) -> int:
     trained = trained_image_size(weights)
     if image_size and trained and int(image_size) != trained:
@@ -289,6 +304,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
                   "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection())},
         "model": {"arch": arch, "replicate": replicate, "file": weights.name, "sha256": weights_sha,
                   "image_size": size},
+        "task": _task(weights),
         "preset": preset, "cam_resize": DISPLAY_CAM_RESIZE, "methods": methods, "device": str(dev),
         "probabilities": [float(p) for p in probs], "predicted_class": int(probs.argmax()),
         "explained_class": int(target[0]), "maps": files, "checks": live, "verdicts": verdicts,

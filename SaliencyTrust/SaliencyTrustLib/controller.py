@@ -1,0 +1,167 @@
+"""What the module's panel does, without Qt: one run at a time, local or on a server, and the overlay.
+
+The widget in ``SaliencyTrust.py`` is a shell over this: it snapshots the parameter node into a
+:class:`Settings` on the Qt thread, calls :meth:`Run.start`, polls :meth:`Run.poll` from a timer,
+calls :meth:`Run.finish` when it says so, and routes the method switcher and the opacity slider to
+:func:`show_method`. Everything here is tested with the ``slicer-core`` wheel and a real service.
+
+Threading rule: only the caller's (Qt) thread touches MRML. The server round trip runs in a worker
+thread that sees plain values (paths, strings, a :class:`~SaliencyTrustLib.logic.Request`) and
+nothing else.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from SaliencyTrustLib import logic as lib
+
+
+@dataclass
+class Settings:
+    """A snapshot of the panel's choices, taken on the Qt thread before a run starts."""
+
+    volume: object  # vtkMRMLScalarVolumeNode
+    score_node: object | None  # vtkMRMLSegmentationNode | vtkMRMLMarkupsROINode | None
+    request: lib.Request
+    use_server: bool = False
+    server_url: str = ""
+    token: str | None = None
+    server_model: str | None = None  # the service's model name; None: chosen from /info by architecture
+
+
+class Run:
+    """One run of the bundle (local child process) or of the service (HTTP in a worker thread)."""
+
+    def __init__(self, settings: Settings, work_dir: str | Path | None = None) -> None:
+        self.settings = settings
+        self.work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="SaliencyTrust-"))
+        self.process: lib.BundleProcess | None = None
+        self._thread: threading.Thread | None = None
+        self._box: dict = {}
+        self._cancel = threading.Event()
+        self.model_name: str | None = None  # the service model used (server mode)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def start(self) -> Run:
+        """Check and export the input (MRML: on this thread), then launch; returns at once."""
+        s = self.settings
+        image, mask = lib.prepare(s.volume, s.score_node, self.work / "input")
+        out = self.work / "output"
+        if s.use_server:
+            from SaliencyTrustLib import client
+
+            request, url, token, name, cancel, box = s.request, s.server_url, s.token, s.server_model, \
+                self._cancel, self._box
+
+            def call() -> None:  # plain values only: no Qt, no MRML in this thread
+                try:
+                    model = client.choose_model(client.server_info(url, token), request.arch, name)
+                    box["model"] = model
+                    box["out"] = client.infer(url, model, image, out, request, mask=mask, token=token,
+                                              cancel=cancel)
+                except Exception as exc:  # handed to finish() on the caller's thread
+                    box["error"] = exc
+
+            self._thread = threading.Thread(target=call, name="SaliencyTrust-server", daemon=True)
+            self._thread.start()
+        else:
+            self.process = lib.BundleProcess(s.request, image, out, mask).start()
+        return self
+
+    def poll(self) -> tuple[list[str], bool]:
+        """New output lines and whether the run has ended (a cancelled run ends at once)."""
+        if self.cancelled:
+            return [], True
+        if self._thread is not None:
+            return [], not self._thread.is_alive()
+        if self.process is None:
+            return [], True
+        return self.process.new_lines(), not self.process.running
+
+    def cancel(self) -> None:
+        """Stop the run: the child's whole process tree, or the server download at its next step."""
+        self._cancel.set()
+        if self.process is not None:
+            self.process.cancel()
+
+    def finish(self, scene, input_node=None) -> lib.Results:
+        """The ended run's results into ``scene`` (MRML: call on the Qt thread).
+
+        Raises :class:`~SaliencyTrustLib.logic.CancelledError` after a cancel (not an error to show)
+        and :class:`~SaliencyTrustLib.logic.SaliencyTrustError` with the reason otherwise. The
+        work folder goes in every case, except while a cancelled server thread still writes to it.
+        """
+        volume = input_node if input_node is not None else self.settings.volume
+        try:
+            if self.cancelled:
+                raise lib.CancelledError()
+            if self._thread is not None:
+                if "error" in self._box:
+                    err = self._box["error"]
+                    raise err if isinstance(err, lib.SaliencyTrustError) else lib.BundleError(str(err))
+                self.model_name = self._box.get("model")
+                out = self._box["out"]
+            else:
+                assert self.process is not None, "start() first"
+                out = self.process.result()
+            return lib.load_results(scene, volume, out)
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            # A cancelled download still running: its folder goes when it ends.
+            def later() -> None:
+                thread.join()
+                shutil.rmtree(self.work, ignore_errors=True)
+
+            threading.Thread(target=later, daemon=True).start()
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def show_method(scene, results: lib.Results | None, method: str | None, opacity: float) -> int:
+    """Show ``method``'s map over the volume it was computed on (not whatever is selected now).
+
+    ``opacity`` is the slider's own new value. Returns the number of slice views set (0 when there
+    is nothing to show).
+    """
+    if results is None or not method or method not in results.map_nodes:
+        return 0
+    node = results.map_nodes[method]
+    if not scene.IsNodePresent(node):  # the run was replaced or the user deleted the map
+        return 0
+    background = lib.map_input(scene, node)
+    if background is None:
+        return 0
+    return lib.show_overlay(scene, background, node, opacity)
+
+
+def model_choices(model_dir: str | Path) -> dict[str, list[int]]:
+    """Architectures with trained replicates in ``model_dir`` (``<arch>_seed<k>.pt``): arch -> seeds."""
+    found: dict[str, list[int]] = {}
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return found
+    for w in sorted(folder.glob("*_seed*.pt")):
+        arch, _, seed = w.stem.rpartition("_seed")
+        if arch and seed.isdigit():
+            found.setdefault(arch, []).append(int(seed))
+    return {a: sorted(s) for a, s in sorted(found.items())}
+
+
+def no_models_message(model_dir: str | Path) -> str:
+    """One sentence for a model folder without models ('' when it has some)."""
+    if model_choices(model_dir):
+        return ""
+    return (f"No trained models in {model_dir}: choose the folder that holds <architecture>_seed<k>.pt files, "
+            "or train the demo's models for a task (Train demo models).")
