@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python -m saliency_trust.workflows.demo --out $(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/ruff check monai_bundle tests bench SaliencyTrust
+	$(BIN)/ruff check monai_bundle tests bench SaliencyTrust docs
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -ra --timeout=900 tests
 
 bench: $(STAMP)

@@ -1,26 +1,28 @@
 """SaliencyTrust: saliency maps of a chest X-ray classifier as overlays, with how far each can be trusted.
 
 A thin shell over ``SaliencyTrustLib`` (all logic, no Qt): the widget binds its controls to a
-parameter node, starts the bundle's inference workflow out of process (PythonSlicer), polls it
-with a timer so the UI stays responsive, and hands the finished outputs to the library, which
-puts one overlay per method and a trust table into the scene.
+parameter node, snapshots it into a ``controller.Settings`` when Apply is pressed, and lets a
+``controller.Run`` do the work (the bundle out of process, or the service over HTTP in a worker
+thread that touches no MRML), polled by a timer so the UI stays responsive. The library puts one
+overlay per method and a trust table under the input's study in the subject hierarchy.
 """
 
+import contextlib
+import importlib
 import importlib.util
-import logging
 import os
-import shutil
 import tempfile
-import threading
 from pathlib import Path
-from typing import Annotated, Optional  # noqa: UP035  (parameterNodeWrapper reads these annotations)
+from typing import Annotated, Union  # noqa: UP035  (parameterNodeWrapper reads these annotations; 5.8 lacks X | Y)
 
 import qt
 import slicer
+from SaliencyTrustLib import client as libclient
+from SaliencyTrustLib import controller, deps
 from SaliencyTrustLib import logic as lib
-from slicer import vtkMRMLNode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -29,11 +31,18 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+with contextlib.suppress(ImportError):
+    # Where it exists (Slicer >= 5.10), slicer.util.pip_install delegates to it: import it explicitly.
+    import slicer.packaging  # noqa: F401
+
 MODULE_DIR = Path(__file__).resolve().parent
-#: The bundle ships beside the module in a source checkout; the setting below overrides it.
-DEFAULT_BUNDLE = MODULE_DIR.parent / "monai_bundle"
-#: Imported by the bundle process; SimpleITK, pydicom, numpy, scipy already ship with Slicer.
-NEEDED_MODULES = ("torch", "monai", "ignite", "skimage", "sklearn", "nibabel", "tqdm")
+
+
+DEFAULT_BUNDLE = lib.find_bundle(MODULE_DIR)
+#: Where a first run trains the demo's models (a user-writable folder, not the install tree).
+DEFAULT_MODELS = Path(slicer.app.slicerUserSettingsFilePath).parent / "SaliencyTrust"
+#: Imported by the bundle process; SimpleITK, pydicom, numpy and scipy ship with Slicer.
+NEEDED_MODULES = ("torch", "torchvision", "monai", "fire", "ignite", "skimage", "tqdm", "matplotlib")
 
 
 class SaliencyTrust(ScriptedLoadableModule):
@@ -46,12 +55,43 @@ class SaliencyTrust(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SaliencyTrust team"]
         self.parent.helpText = _(
-            "Explains a chest X-ray classifier's prediction with eight saliency methods and shows, beside each map, "
-            "whether the method passed the trust criteria of Arun et al. (Radiology: AI 2021) on validation data: "
-            "localization utility, sensitivity to weight randomization, repeatability and reproducibility. "
-            "Live checks for this image: agreement with a second replicate and with a randomized model, and "
-            "AUPRC against a segmentation or ROI when one is given.")
+            "Research use only - not for diagnosis. Explains a chest X-ray classifier's prediction with eight "
+            "saliency methods and shows, beside each map, whether the method passed the trust criteria of Arun et "
+            "al. (Radiology: AI 2021) on an assessment data set: it points at the lesion, it changes when the "
+            "network's weights are randomized, it agrees with a retrained copy and with a second model. Live "
+            "checks for this image: agreement with a second replicate and with a randomized model, and AUPRC "
+            "against a segmentation or ROI when one is given.")
         self.parent.acknowledgementText = _("Built on MONAI and 3D Slicer.")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """A SampleData entry that makes a SynthCXR DICOM study on this computer (no download)."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="SaliencyTrust", sampleName="SynthCXR chest X-ray",
+        thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "SaliencyTrust.png"),
+        uris=[], fileNames=[], nodeNames=[], customDownloader=_loadSynthStudy)
+
+
+def _loadSynthStudy(source=None):
+    """Generate a 320 px SynthCXR DICOM study with the bundle and load it through the DICOM database."""
+    from DICOMLib import DICOMUtils
+
+    folder = Path(tempfile.mkdtemp(prefix="SynthCXR-"))
+    with slicer.util.tryWithErrorDisplay(_("Could not make the SynthCXR study."), waitCursor=True):
+        study = lib.make_sample_study(str(DEFAULT_BUNDLE), folder, timeout=300)
+        if not slicer.dicomDatabase or not slicer.dicomDatabase.isOpen:
+            slicer.util.selectModule("DICOM")  # opens (or creates) the application's DICOM database
+        if slicer.dicomDatabase and slicer.dicomDatabase.isOpen and DICOMUtils.importDicom(
+                str(study.parent), copyFiles=True):
+            loaded = DICOMUtils.loadSeriesByUID([lib.dicom_series_uid(study)])
+            if loaded:
+                return [slicer.mrmlScene.GetNodeByID(i) for i in loaded]
+        # No DICOM database: load the file itself (no patient / study items then).
+        return [slicer.util.loadVolume(str(study), {"singleFile": True})]
+    return []
 
 
 @parameterNodeWrapper
@@ -59,20 +99,22 @@ class SaliencyTrustParameterNode:
     """The module's state: every widget binds to one of these through its SlicerParameterName."""
 
     inputVolume: vtkMRMLScalarVolumeNode
-    scoreAgainst: Optional[vtkMRMLNode]  # noqa: UP045  segmentation or markups ROI
+    # The concrete node classes: the combo-box connector instantiates each one to read its class
+    # name, so an abstract vtkMRMLNode here would fail in setup().
+    scoreAgainst: Union[vtkMRMLSegmentationNode, vtkMRMLMarkupsROINode, None]  # noqa: UP007
     bundleDir: Path = DEFAULT_BUNDLE  # ctkPathLineEdit binds to pathlib.Path fields
-    modelDir: Path = DEFAULT_BUNDLE / "models"
-    arch: str = "inception_v3"
+    modelDir: Path = DEFAULT_MODELS / "models" / "opacity"
+    arch: str = ""  # filled from the model folder (not bound: the choices depend on the folder)
     replicate: int = 0
-    methods: str = ",".join(lib.METHODS)
-    preset: str = "quick"
-    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    methods: str = ",".join(lib.METHODS)  # filled from the method check boxes
+    preset: Annotated[str, Choice(list(lib.PRESETS))] = "quick"
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     useServer: bool = False
     serverUrl: str = "http://127.0.0.1:8000"
 
 
 class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Panel: inputs, Apply/Cancel, progress, prediction, banner, method switcher and opacity."""
+    """Panel: inputs, model, Apply/Cancel, progress, prediction, banner, method switcher, opacity, table."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -81,6 +123,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._timer = None
+        self._methodBoxes = {}
         self.results = None
 
     def setup(self) -> None:
@@ -90,20 +133,50 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SaliencyTrustLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(500)
+        self._timer.timeout.connect(self.onPoll)
+        grid = qt.QGridLayout(self.ui.methodsBox)
+        grid.setContentsMargins(0, 0, 0, 0)
+        for k, m in enumerate(lib.METHODS):
+            box = qt.QCheckBox(lib.METHOD_NAMES[m])
+            box.toggled.connect(self.onMethodsToggled)
+            grid.addWidget(box, k // 2, k % 2)
+            self._methodBoxes[m] = box
+        for task, text in lib.DEMO_TASKS.items():
+            self.ui.taskSelector.addItem(text, task)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
-        self.ui.methodSelector.connect("currentTextChanged(QString)", self.onMethodChanged)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrain)
+        self.ui.modelPath.connect("currentPathChanged(QString)", self.onModelDirChanged)
+        self.ui.archSelector.connect("currentIndexChanged(int)", self.onArchChanged)
+        self.ui.replicateSelector.connect("currentIndexChanged(int)", self.onReplicateChanged)
+        self.ui.methodSelector.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.bannerLabel.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        self.removeObservers()
+        """Module closed or reloaded: stop the timer and the run, drop the observers."""
+        if self._timer is not None:
+            self._timer.stop()
         if self.logic:
             self.logic.cancel()
+        self.removeObservers()
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onReload(self) -> None:
+        """Reload & Test: reload the library too (Slicer reloads only this file by itself)."""
+        import SaliencyTrustLib
+
+        for mod in (lib, libclient, controller, deps, SaliencyTrustLib):
+            importlib.reload(mod)
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -115,6 +188,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self.results = None
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -133,8 +207,82 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = node
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            chosen = {m.strip() for m in self._parameterNode.methods.split(",")}
+            for m, box in self._methodBoxes.items():
+                box.blockSignals(True)
+                box.checked = m in chosen
+                box.blockSignals(False)
+            self.onModelDirChanged(str(self._parameterNode.modelDir))
+
+    # ---- model folder ---------------------------------------------------------------------
+
+    def onModelDirChanged(self, path: str) -> None:
+        """Fill the architecture and replicate choices from the folder; say so when it has no models."""
+        if not self._parameterNode:
+            return
+        choices = controller.model_choices(path)
+        message = controller.no_models_message(path)
+        self.ui.modelStatusLabel.setText(message)
+        self.ui.modelStatusLabel.setVisible(bool(message))
+        self.ui.trainWidget.setVisible(bool(message))
+        self.ui.archSelector.blockSignals(True)
+        self.ui.archSelector.clear()
+        for arch in choices:
+            self.ui.archSelector.addItem(arch)
+        self.ui.archSelector.blockSignals(False)
+        if choices:
+            wanted = self._parameterNode.arch if self._parameterNode.arch in choices else next(iter(choices))
+            self.ui.archSelector.setCurrentIndex(list(choices).index(wanted))
+            self.onArchChanged(self.ui.archSelector.currentIndex)
+        self.ui.applyButton.setEnabled(bool(choices) or self._parameterNode.useServer)
+
+    def onArchChanged(self, index: int) -> None:
+        if not self._parameterNode or index < 0:
+            return
+        arch = self.ui.archSelector.itemText(index)
+        self._parameterNode.arch = arch
+        seeds = controller.model_choices(self._parameterNode.modelDir).get(arch, [])
+        self.ui.replicateSelector.blockSignals(True)
+        self.ui.replicateSelector.clear()
+        for seed in seeds:
+            self.ui.replicateSelector.addItem(_("copy {k}").format(k=seed), seed)
+        self.ui.replicateSelector.blockSignals(False)
+        if seeds:
+            rep = self._parameterNode.replicate if self._parameterNode.replicate in seeds else seeds[0]
+            self.ui.replicateSelector.setCurrentIndex(seeds.index(rep))
+            self._parameterNode.replicate = rep
+
+    def onReplicateChanged(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.replicate = int(self.ui.replicateSelector.itemData(index))
+
+    def onMethodsToggled(self, _checked: bool = False) -> None:
+        if self._parameterNode:
+            self._parameterNode.methods = ",".join(m for m, box in self._methodBoxes.items() if box.checked)
+
+    def onTrain(self) -> None:
+        """Train the demo's models for the chosen task in the background (progress, cancel)."""
+        task = self.ui.taskSelector.currentData
+        with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            self.logic.startTraining(self._parameterNode, task, DEFAULT_MODELS)
+            self._busy(True, _("Training the demo's models for {task} (about 10 minutes)...").format(
+                task=lib.DEMO_TASKS[task]))
 
     # ---- run ------------------------------------------------------------------------------
+
+    def _busy(self, busy: bool, text: str = "") -> None:
+        self.ui.applyButton.setEnabled(not busy)
+        self.ui.trainButton.setEnabled(not busy)
+        self.ui.cancelButton.setEnabled(busy)
+        self.ui.progressBar.setMaximum(0 if busy else 100)  # busy indicator
+        if text:
+            self.ui.statusLabel.setText(text)
+        if busy:
+            self._timer.start()
+        else:
+            self._timer.stop()
 
     def onApply(self) -> None:
         p = self._parameterNode
@@ -143,29 +291,30 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.ui.statusLabel.setText(_("Exporting the image..."))
             self.logic.start(p)
-            self.ui.applyButton.setEnabled(False)
-            self.ui.cancelButton.setEnabled(True)
-            self.ui.progressBar.setMaximum(0)  # busy indicator
-            self._timer = qt.QTimer()
-            self._timer.timeout.connect(self.onPoll)
-            self._timer.start(500)
+            self._busy(True, _("Computing the maps..."))
 
     def onPoll(self) -> None:
         lines, finished = self.logic.poll()
         if lines:
-            self.ui.statusLabel.setText(lines[-1][-120:])
+            self.ui.statusLabel.setText(lines[-1][-160:])
         if not finished:
             return
-        self._timer.stop()
-        self.ui.progressBar.setMaximum(100)
-        self.ui.applyButton.setEnabled(True)
-        self.ui.cancelButton.setEnabled(False)
+        self._busy(False)
         try:
-            self.results = self.logic.finish(self._parameterNode)
+            outcome = self.logic.finish(self._parameterNode)
+        except lib.CancelledError as exc:  # the user's own cancel: said quietly, not an error
+            self.ui.statusLabel.setText(str(exc))
+            return
         except lib.SaliencyTrustError as exc:
             self.ui.statusLabel.setText(str(exc))
             slicer.util.errorDisplay(str(exc))
             return
+        if isinstance(outcome, Path):  # training ended: the new model folder
+            self._parameterNode.modelDir = outcome
+            self.onModelDirChanged(str(outcome))
+            self.ui.statusLabel.setText(_("Models trained in {path}.").format(path=outcome))
+            return
+        self.results = outcome
         self.showResults()
 
     def onCancel(self) -> None:
@@ -178,22 +327,29 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         banner = r.banner()
         self.ui.bannerLabel.setText(banner)
         self.ui.bannerLabel.setVisible(bool(banner))
+        self.ui.assessmentLabel.setText(r.assessment_line())
         self.ui.methodSelector.blockSignals(True)
         self.ui.methodSelector.clear()
         for m in r.map_nodes:
-            self.ui.methodSelector.addItem(m)
+            self.ui.methodSelector.addItem(lib.METHOD_NAMES.get(m, m), m)
         self.ui.methodSelector.blockSignals(False)
         self.ui.tableView.setMRMLTableNode(r.table_node)
-        self.ui.statusLabel.setText(_("Done in {s} s.").format(s=r.prediction.get("seconds")))
-        self.onMethodChanged(self.ui.methodSelector.currentText)
+        server = f" ({_('server model')} {self.logic.lastServerModel})" if self.logic.lastServerModel else ""
+        self.ui.statusLabel.setText(_("Done in {s} s.").format(s=r.prediction.get("seconds")) + server)
+        self.onMethodChanged(self.ui.methodSelector.currentIndex)
+        slicer.util.resetSliceViews()  # fit the views to the image
 
-    def onMethodChanged(self, method: str) -> None:
-        if self.results and method in self.results.map_nodes:
-            lib.show_overlay(slicer.mrmlScene, self._parameterNode.inputVolume, self.results.map_nodes[method],
-                             self._parameterNode.opacity)
+    def onMethodChanged(self, index: int) -> None:
+        method = self.ui.methodSelector.itemData(index) if index >= 0 else None
+        self._show(method, self._parameterNode.opacity if self._parameterNode else 0.6)
 
     def onOpacityChanged(self, value: float) -> None:
-        self.onMethodChanged(self.ui.methodSelector.currentText)
+        # The slider's own value: the parameter node may not have been updated yet.
+        self._show(self.ui.methodSelector.currentData, value)
+
+    def _show(self, method, opacity: float) -> None:
+        if controller.show_method(slicer.mrmlScene, self.results, method, opacity):
+            lib.show_legend(self.results, method, slicer.modules.colors.logic())
 
 
 class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
@@ -201,113 +357,108 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.process = None
-        self.work = None
-        self.server = None  # (thread, {"out" | "error": ...}) while a server request runs
-        self.cancelled = False
+        self.run = None
+        self.training = None
+        self.lastServerModel = None
 
     def getParameterNode(self):
         return SaliencyTrustParameterNode(super().getParameterNode())
 
     def ensureDependencies(self) -> bool:
-        """Install what the bundle needs into Slicer's Python, after asking; torch via the PyTorch extension."""
-        missing = [m for m in NEEDED_MODULES if importlib.util.find_spec(m) is None]
-        if not missing:
-            return True
-        if "torch" in missing:
+        """Install what the bundle needs into Slicer's Python, after asking; never replace Slicer's torch."""
+        problem = deps.torch_problem()
+        if problem:
             try:
                 import PyTorchUtils
             except ImportError:
-                slicer.util.errorDisplay(_("SaliencyTrust needs PyTorch: install the PyTorch extension from the "
-                                           "Extensions Manager and restart Slicer."))
+                slicer.util.errorDisplay(_("SaliencyTrust needs PyTorch {v} or later ({why}): install the PyTorch "
+                                           "extension from the Extensions Manager and restart Slicer.").format(
+                    v=deps.TORCH_MIN, why=problem))
                 return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
-                                                             torchVersionRequirement=">=2.4") is None:
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=True, torchVersionRequirement=f">={deps.TORCH_MIN}")
+            if torch is None or deps.torch_problem():
                 return False
-        requirements = self.resourcePath("requirements.txt")
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(packaging.load_requirements(requirements), requester="SaliencyTrust")
-        else:
-            text = Path(requirements).read_text()
+        requirements = MODULE_DIR / "Resources" / "requirements.txt"
+        missing = deps.unmet(deps.read_requirements(requirements))
+        if missing:
+            wheels = slicer.util.settingsValue("SaliencyTrust/WheelFolder", "") or None
+            where = _("from the wheel folder {w}").format(w=wheels) if wheels else _("from the internet")
             if not slicer.util.confirmOkCancelDisplay(
                     _("SaliencyTrust runs a MONAI bundle and needs these Python packages in Slicer's Python:\n\n")
-                    + text + _("\nInstall them now? This takes a few minutes and needs internet access.")):
+                    + "\n".join(missing)
+                    + _("\n\nInstall them now {where}? Slicer's PyTorch is kept as it is.").format(where=where)):
                 return False
-            for line in text.splitlines():
-                line = line.split("#")[0].strip()
-                if line:
-                    slicer.util.pip_install(line)
-        return all(importlib.util.find_spec(m) is not None for m in NEEDED_MODULES)
+            constraints = Path(tempfile.mkdtemp(prefix="SaliencyTrust-")) / "constraints.txt"
+            constraints.write_text(deps.constraints_text())
+            slicer.util.pip_install(deps.pip_arguments(requirements, constraints, wheels))
+            importlib.invalidate_caches()
+            still = deps.unmet(deps.read_requirements(requirements))
+            if still:
+                slicer.util.errorDisplay(_("These packages are still missing after installing: {m}").format(
+                    m=", ".join(still)))
+                return False
+        absent = [m for m in NEEDED_MODULES if importlib.util.find_spec(m) is None]
+        if absent:
+            slicer.util.errorDisplay(_("Python modules missing: {m}").format(m=", ".join(absent)))
+            return False
+        return True
 
-    def resourcePath(self, name: str) -> str:
-        return str(MODULE_DIR / "Resources" / name)
-
-    def request(self, p) -> lib.Request:
+    def settings(self, p) -> controller.Settings:
+        """A snapshot of the parameter node (read on the Qt thread)."""
         methods = [m.strip() for m in p.methods.split(",") if m.strip()]
-        return lib.Request(bundle_dir=str(p.bundleDir), model_dir=str(p.modelDir), arch=p.arch, replicate=p.replicate,
-                           methods=methods, preset=p.preset)
+        if not methods:
+            raise lib.SaliencyTrustError(_("Choose at least one saliency method."))
+        request = lib.Request(bundle_dir=str(p.bundleDir), model_dir=str(p.modelDir), arch=p.arch,
+                              replicate=p.replicate, methods=methods, preset=p.preset)
+        token = os.environ.get("SALIENCY_TRUST_TOKEN") or slicer.util.settingsValue("SaliencyTrust/Token", "")
+        server_model = slicer.util.settingsValue("SaliencyTrust/ServerModel", "") or None
+        return controller.Settings(volume=p.inputVolume, score_node=p.scoreAgainst, request=request,
+                                   use_server=p.useServer, server_url=p.serverUrl, token=token or None,
+                                   server_model=server_model)
 
     def start(self, p) -> None:
         """Check and export the input, then launch the bundle (local) or the upload (server); returns at once."""
         self.cancel()
-        self.cancelled = False
-        self.work = Path(tempfile.mkdtemp(prefix="SaliencyTrust-"))
-        image, mask = lib.prepare(p.inputVolume, p.scoreAgainst, self.work / "input")
-        if p.useServer:
-            from SaliencyTrustLib import client
+        self.run = controller.Run(self.settings(p)).start()
 
-            token = os.environ.get("SALIENCY_TRUST_TOKEN") or slicer.util.settingsValue("SaliencyTrust/Token", "")
-            box = {}
-            request, url, out = self.request(p), p.serverUrl, self.work / "output"
+    def startTraining(self, p, task: str, root: Path) -> None:
+        """The demo's models for ``task`` under ``root``, in the background."""
+        self.cancel()
+        self.training = lib.TrainProcess(p.bundleDir, root, task).start()
 
-            def call() -> None:  # the HTTP round trip off the Qt thread; no Qt or MRML calls in here
-                try:
-                    box["out"] = client.infer(url, p.arch, image, out, request, mask=mask, token=token or None)
-                except Exception as exc:  # handed to finish() on the Qt thread
-                    box["error"] = exc
-
-            thread = threading.Thread(target=call, daemon=True)
-            thread.start()
-            self.server, self.process = (thread, box), None
-        else:
-            self.process = lib.BundleProcess(self.request(p), image, self.work / "output", mask).start()
-
-    def poll(self) -> tuple[list[str], bool]:
-        if self.server is not None:
-            return [], not self.server[0].is_alive()
-        if self.process is None:
+    def poll(self) -> tuple:
+        if self.training is not None:
+            return self.training.new_lines(), not self.training.running
+        if self.run is None:
             return [], True
-        return self.process.new_lines(), not self.process.running
+        return self.run.poll()
 
     def finish(self, p):
-        try:
-            if self.server is not None:
-                box = self.server[1]
-                if self.cancelled:
-                    raise lib.BundleError("Cancelled; nothing was added to the scene.")
-                if "error" in box:
-                    err = box["error"]
-                    raise err if isinstance(err, lib.SaliencyTrustError) else lib.BundleError(str(err))
-                out = box["out"]
-            else:
-                out = self.process.result()
-            return lib.load_results(slicer.mrmlScene, p.inputVolume, out)
-        finally:
-            if self.work is not None:
-                shutil.rmtree(self.work, ignore_errors=True)
-            self.process, self.work, self.server = None, None, None
+        """The ended work's outcome: Results of a run, or the model folder of a training."""
+        if self.training is not None:
+            training, self.training = self.training, None
+            training.result()
+            return training.model_dir
+        run, self.run = self.run, None
+        results = run.finish(slicer.mrmlScene)
+        self.lastServerModel = run.model_name
+        return results
 
     def cancel(self) -> None:
-        self.cancelled = True
-        if self.process is not None:
-            self.process.cancel()
+        if self.run is not None:
+            self.run.cancel()
+        if self.training is not None:
+            self.training.cancel()
 
 
 class SaliencyTrustTest(ScriptedLoadableModuleTest):
-    """The pytest scenario inside a real Slicer: SynthCXR DICOM -> bundle -> overlays and table.
+    """Reload & Test inside a real Slicer: SynthCXR DICOM -> bundle -> overlays and table, in seconds.
 
-    Trains two small DenseNet121 replicates first (about a minute on a laptop CPU).
+    Needs no git checkout and no training: it uses the bundle the module found (installed beside it
+    or in a checkout), a SynthCXR study and two untrained 64 px fixture replicates the bundle makes
+    in seconds. It needs the bundle's Python dependencies; ctest runs it only when the build sets
+    SaliencyTrust_TEST_WITH_DEPENDENCIES (see CMakeLists.txt), as SlicerTotalSegmentator does.
     """
 
     def setUp(self) -> None:
@@ -315,29 +466,20 @@ class SaliencyTrustTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         self.setUp()
+        self.test_parameter_node_fields_bind()
+        self.setUp()
         self.test_bad_input_leaves_scene_unchanged()
         self.setUp()
         self.test_local_run()
 
-    def _bundle(self) -> tuple[Path, Path, Path]:
-        import subprocess
-        import sys
+    def test_parameter_node_fields_bind(self) -> None:
+        """Every parameter-node field has a serializer, and node fields name concrete classes."""
+        from slicer.parameterNodeWrapper import getNodeTypes, isNodeOrUnionOfNodes
 
-        root = Path(tempfile.mkdtemp(prefix="SaliencyTrustTest-"))
-        py = lib.default_python()
-        env = dict(os.environ, PYTHONPATH=str(DEFAULT_BUNDLE))
-        subprocess.run([py, "-m", "saliency_trust.data.synth", "--task", "opacity", "--n", "48", "--size", "64",
-                        "--seed", "11", "--out", str(root / "data")], check=True, env=env)
-        configs = DEFAULT_BUNDLE / "configs"
-        for seed in (0, 1):
-            subprocess.run([py, "-m", "monai.bundle", "run", "--config_file", str(configs / "train.json"),
-                            "--meta_file", str(configs / "metadata.json"), "--bundle_root", str(DEFAULT_BUNDLE),
-                            "--dataset_dir", str(root / "data"), "--output_dir", str(root / "models"),
-                            "--arch", "densenet121", "--seed", str(seed), "--max_epochs", "2",
-                            "--image_size", "64", "--batch_size", "8"], check=True, env=env)
-        dicom = next(iter(sorted((root / "data" / "stage_2_train_images").glob("*.dcm"))))
-        logging.info("SaliencyTrustTest data in %s (%s)", root, sys.executable)
-        return root, root / "models", dicom
+        node = SaliencyTrustLogic().getParameterNode()
+        for name, info in node.allParameters.items():
+            if isNodeOrUnionOfNodes(info.unalteredType):
+                self.assertTrue(getNodeTypes(info.unalteredType), name)
 
     def test_bad_input_leaves_scene_unchanged(self) -> None:
         self.delayDisplay("Bad input")
@@ -350,20 +492,25 @@ class SaliencyTrustTest(ScriptedLoadableModuleTest):
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
 
     def test_local_run(self) -> None:
-        self.delayDisplay("Training two small replicates and running the bundle")
-        root, models, dicom = self._bundle()
-        volume = slicer.util.loadVolume(str(dicom), {"singleFile": True})
+        self.delayDisplay("Fixture models and a SynthCXR study, then the bundle")
+        import numpy as np
+
+        root = Path(tempfile.mkdtemp(prefix="SaliencyTrustTest-"))
+        models = lib.make_fixture_models(str(DEFAULT_BUNDLE), root / "models")
+        study = lib.make_sample_study(str(DEFAULT_BUNDLE), root / "study")
+        volume = slicer.util.loadVolume(str(study), {"singleFile": True})
         request = lib.Request(bundle_dir=str(DEFAULT_BUNDLE), model_dir=str(models), arch="densenet121",
                               methods=("grad", "gradcam", "gbp"), preset="quick")
         results = lib.run_local(slicer.mrmlScene, volume, request, root / "work", timeout=900)
         self.assertEqual(set(results.map_nodes), {"grad", "gradcam", "gbp"})
-        import numpy as np
-
         for node in results.map_nodes.values():
             self.assertEqual(node.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
             values = slicer.util.arrayFromVolume(node)
             self.assertTrue(values.min() >= 0 and values.max() <= 1)
             self.assertTrue(np.allclose(node.GetSpacing(), volume.GetSpacing()))
-        lib.show_overlay(slicer.mrmlScene, volume, results.map_nodes["gradcam"], 0.5)
+            self.assertEqual(lib.map_input(slicer.mrmlScene, node), volume)
+        self.assertTrue(controller.show_method(slicer.mrmlScene, results, "gradcam", 0.5) > 0)
+        self.assertIsNotNone(lib.show_legend(results, "gradcam", slicer.modules.colors.logic()))
         self.assertEqual(results.table_node.GetNumberOfRows(), 3)
+        self.assertTrue(results.table_node.GetLocked())
         self.delayDisplay("Test passed")

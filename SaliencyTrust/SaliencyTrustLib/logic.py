@@ -253,6 +253,17 @@ def prepare(volume, score_node, folder: str | Path) -> tuple[Path, Path | None]:
 # The bundle, out of process
 
 
+def find_bundle(module_dir: str | Path) -> Path:
+    """The MONAI bundle the module runs: installed beside it by the extension build
+    (``SaliencyTrustBundle``, see CMakeLists.txt), or the ``monai_bundle`` folder of a source checkout
+    (the "Additional module paths" route)."""
+    module_dir = Path(module_dir)
+    for candidate in (module_dir / "SaliencyTrustBundle", module_dir.parent / "monai_bundle"):
+        if (candidate / "configs" / "inference.json").is_file():
+            return candidate
+    return module_dir / "SaliencyTrustBundle"
+
+
 def default_python() -> str:
     """Slicer's Python without GUI (``PythonSlicer``) when there is one, else this interpreter."""
     return shutil.which("PythonSlicer") or sys.executable
@@ -452,6 +463,47 @@ def failure_message(output_dir: Path, lines: Sequence[str], returncode: int) -> 
     errors = [ln for ln in tail if "Error" in ln.split(":")[0] or ln.startswith(("Error", "error"))]
     last = (errors or tail or ["no output"])[-1].strip()
     return f"The bundle process failed (exit code {returncode}): {last}"
+
+
+def _bundle_command(bundle_dir: str | Path, args: list[str], python: str | None = None,
+                    timeout: float = 600.0) -> str:
+    """Run ``python -m <args>`` with the bundle importable; its stdout, or BundleError with the reason."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(bundle_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    flags = 0 if os.name == "posix" else getattr(subprocess, "CREATE_NO_WINDOW", 0)
+    try:
+        r = subprocess.run([python or default_python(), "-m", *args], capture_output=True, text=True, env=env,
+                           timeout=timeout, creationflags=flags, check=False)
+    except subprocess.TimeoutExpired:
+        raise BundleError(f"'{args[0]}' did not finish within {timeout:.0f} s.") from None
+    if r.returncode != 0:
+        raise BundleError(failure_message(Path("."), (r.stdout + r.stderr).splitlines(), r.returncode))
+    return r.stdout
+
+
+def make_sample_study(bundle_dir: str | Path, out_dir: str | Path, python: str | None = None,
+                      timeout: float = 300.0) -> Path:
+    """A lesion-positive 320 px SynthCXR DICOM study made by the bundle under ``out_dir``; returns the file."""
+    out = _bundle_command(bundle_dir, ["saliency_trust.workflows.sample", "--study", str(out_dir)], python, timeout)
+    path = Path(out.strip().splitlines()[-1])
+    if not path.is_file():
+        raise BundleError(f"The bundle did not write the sample study in {out_dir}.")
+    return path
+
+
+def make_fixture_models(bundle_dir: str | Path, out_dir: str | Path, python: str | None = None,
+                        timeout: float = 300.0) -> Path:
+    """Two untrained 64 px DenseNet121 replicates (seconds, no training) for the module's self-test."""
+    _bundle_command(bundle_dir, ["saliency_trust.workflows.sample", "--fixture-models", str(out_dir)], python,
+                    timeout)
+    return Path(out_dir)
+
+
+def dicom_series_uid(path: str | Path) -> str:
+    """The SeriesInstanceUID of a DICOM file (pydicom ships with Slicer)."""
+    import pydicom
+
+    return str(pydicom.dcmread(str(path), stop_before_pixels=True).SeriesInstanceUID)
 
 
 def run_bundle(request: Request, image: str | Path, output_dir: str | Path, mask: str | Path | None = None,
@@ -787,6 +839,31 @@ def show_overlay(scene, background, foreground, opacity: float = 0.5) -> int:
         c.SetForegroundOpacity(float(opacity))
         n += 1
     return n
+
+
+def show_legend(results: Results | None, method: str | None, color_logic) -> object | None:
+    """A colour legend in the slice views for ``method``'s map, the other maps' legends hidden.
+
+    ``color_logic`` is the Colors module logic (``slicer.modules.colors.logic()`` in the
+    application; a ``vtkSlicerColorLogic`` on the scene in tests). Returns the legend node.
+    """
+    if results is None:
+        return None
+    shown = None
+    for m, node in results.map_nodes.items():
+        if node.GetScene() is None:
+            continue
+        legend = color_logic.GetColorLegendDisplayNode(node)
+        if m == method:
+            if legend is None:
+                legend = color_logic.AddDefaultColorLegendDisplayNode(node)
+            legend.SetTitleText("Saliency")
+            legend.SetLabelFormat("%.1f")
+            legend.SetVisibility(True)
+            shown = legend
+        elif legend is not None:
+            legend.SetVisibility(False)
+    return shown
 
 
 def run_local(scene, volume, request: Request, work_dir: str | Path, score_node=None,

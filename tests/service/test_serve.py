@@ -246,16 +246,37 @@ def test_slicer_server_mode_builds_the_same_scene_as_local_mode(server, trained_
                     arch="densenet121", methods=("grad", "gradcam"), preset="quick", device="cpu",
                     python=sys.executable)
     local = L.run_local(scene, volume, req, tmp_path / "local", timeout=600)
-    image, mask = L.prepare(volume, None, tmp_path / "srv_in")
-    out = client.infer(server["url"], "default", image, tmp_path / "srv_out", req, token=TOKEN)
-    remote = L.load_results(scene, volume, out, prefix="server")
-    assert set(remote.map_nodes) == set(local.map_nodes)
-    for m in local.map_nodes:
-        a, b = (slicer.util.arrayFromVolume(r.map_nodes[m]) for r in (local, remote))
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(matrix(remote.map_nodes[m]), matrix(local.map_nodes[m]), atol=1e-5)
-    assert table_rows(remote.table_node) == table_rows(local.table_node)
+    local_nodes = {m: slicer.util.arrayFromVolume(n).copy() for m, n in local.map_nodes.items()}
+    local_matrix = {m: matrix(n) for m, n in local.map_nodes.items()}
+    local_rows = table_rows(local.table_node)
+    # The widget's server path: the model is chosen from the server's /info by architecture (the
+    # service names models by folder, "default" here), the HTTP work runs in a worker thread.
+    from SaliencyTrustLib import controller
+
+    run = controller.Run(controller.Settings(volume, None, req, use_server=True, server_url=server["url"],
+                                             token=TOKEN), tmp_path / "srv").start()
+    run._thread.join(600)
+    remote = run.finish(scene)
+    assert run.model_name == "default"
+    assert set(remote.map_nodes) == set(local_nodes)
+    for m in local_nodes:
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(remote.map_nodes[m]), local_nodes[m])
+        np.testing.assert_allclose(matrix(remote.map_nodes[m]), local_matrix[m], atol=1e-5)
+    assert table_rows(remote.table_node) == local_rows
     assert remote.prediction["probabilities"] == local.prediction["probabilities"]
+    assert remote.prediction["server"]["model"] == "default"
+    # The server run replaced the local run's nodes for this input (one run's nodes per input).
+    assert not any(scene.IsNodePresent(n) for n in local.map_nodes.values())
+    image, mask = L.prepare(volume, None, tmp_path / "srv_in")
+    # A cancelled server run ends quietly and adds nothing.
+    before = scene.GetNumberOfNodes()
+    cancelled = controller.Run(controller.Settings(volume, None, req, use_server=True, server_url=server["url"],
+                                                   token=TOKEN), tmp_path / "srv2").start()
+    cancelled.cancel()
+    assert cancelled.poll() == ([], True)
+    with pytest.raises(L.CancelledError):
+        cancelled.finish(scene)
+    assert scene.GetNumberOfNodes() == before
     with pytest.raises(L.BundleError, match="HTTP 401"):
         client.infer(server["url"], "default", image, tmp_path / "bad", req, token="wrong")
     json.dumps(remote.prediction)

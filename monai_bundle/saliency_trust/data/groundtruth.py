@@ -18,8 +18,6 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from saliency_trust.data.errors import DataError
 
@@ -61,15 +59,21 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a float image with antialiased bilinear interpolation (no-op at the same size)."""
     if tuple(image.shape) == tuple(size):
         return image.astype(np.float32, copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return out[0, 0].numpy()
+    return _interpolate(image, size)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a bool mask bilinearly and threshold at 0.5 (how the SIIM 320 px masks were made)."""
     if tuple(mask.shape) == tuple(size):
         return mask.astype(bool, copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    return _interpolate(mask, size) >= 0.5
+
+
+def _interpolate(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    # torch is imported here, not at the top: the data package (SynthCXR, DICOM) works without it.
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
     out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return out[0, 0].numpy() >= 0.5
+    return out[0, 0].numpy()

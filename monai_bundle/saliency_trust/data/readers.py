@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from saliency_trust.data.dicom import read_dicom
 from saliency_trust.data.errors import DataError
@@ -170,6 +169,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
 def _pixels(path: Path, what: str) -> np.ndarray:
     """The pixel array of a PNG/JPEG/TIFF file, or a DataError naming it."""
     try:
+        from PIL import Image  # here: the data package imports without Pillow (Slicer's sample study)
+
         with Image.open(path) as im:
             return np.asarray(im)
     except Exception as exc:
