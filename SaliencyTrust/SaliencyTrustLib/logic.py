@@ -718,20 +718,38 @@ def _subject_hierarchy(scene):
 
 
 def _remove_run(scene, nodes: list) -> None:
-    """Remove an earlier run's nodes and the subject hierarchy folders left empty by it."""
-    sh = _subject_hierarchy(scene)
+    """Remove an earlier run's nodes, their subject hierarchy items and its folder once empty.
+
+    Items are removed explicitly before their nodes: the application's subject hierarchy plugin
+    logic would drop an item with its node, a bare scene (``slicer-core``) does not.
+    """
+    sh = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")  # the existing one: removing creates nothing
     folders = set()
     for node in nodes:
-        if sh is not None:
-            item = sh.GetItemByDataNode(node)
-            parent = sh.GetItemParent(item) if item else 0
+        item = sh.GetItemByDataNode(node) if sh is not None else 0
+        if item:
+            parent = sh.GetItemParent(item)
             if parent and sh.GetItemAttribute(parent, "SaliencyTrust.run"):
                 folders.add(parent)
+            sh.RemoveItem(item, False, False)
         if scene.IsNodePresent(node):
-            scene.RemoveNode(node)
+            _remove_with_helpers(scene, node)
     for folder in folders:
-        if sh.GetNumberOfItemChildren(folder) == 0:
-            sh.RemoveItem(folder)
+        if sh.GetNumberOfItemChildren(folder) == 0:  # keep what the user put into it
+            sh.RemoveItem(folder, False, False)
+
+
+def _remove_with_helpers(scene, node) -> None:
+    """Remove ``node`` and the display / storage nodes only it used (colour legends included)."""
+    helpers = []
+    for i in range(node.GetNumberOfDisplayNodes() if hasattr(node, "GetNumberOfDisplayNodes") else 0):
+        helpers.append(node.GetNthDisplayNode(i))
+    if hasattr(node, "GetStorageNode"):
+        helpers.append(node.GetStorageNode())
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and scene.IsNodePresent(helper):
+            scene.RemoveNode(helper)
 
 
 def _file_under_input(scene, input_node, nodes: list, name: str) -> int:
@@ -744,9 +762,13 @@ def _file_under_input(scene, input_node, nodes: list, name: str) -> int:
     folder = sh.CreateFolderItem(parent or sh.GetSceneItemID(), name)
     sh.SetItemAttribute(folder, "SaliencyTrust.run", "1")
     for node in nodes:
+        # In the application the Subject Hierarchy logic has made an item for each new node; in a
+        # bare scene (slicer-core) it has not, so make it here.
         item = sh.GetItemByDataNode(node)
         if item:
             sh.SetItemParent(item, folder)
+        else:
+            sh.CreateItem(folder, node)
     return folder
 
 
@@ -763,10 +785,14 @@ def load_results(scene, input_node, output_dir: str | Path, prefix: str | None =
         prediction = json.loads((out / "prediction.json").read_text())
     except (OSError, ValueError) as exc:
         raise SaliencyTrustError(f"Could not read the bundle's prediction.json in {out}: {exc}") from None
+    missing = [k for k in ("maps", "methods") if k not in prediction]
+    if missing:
+        raise SaliencyTrustError(f"The bundle's prediction.json in {out} lacks {', '.join(missing)}.")
     earlier = run_nodes(scene, input_node)
     prefix = prefix or input_node.GetName()
-    run_name = run_name or f"SaliencyTrust: {prefix}, {prediction['model']['arch']} " \
-                           f"replicate {prediction['model']['replicate']}, {prediction['preset']} preset"
+    model = prediction.get("model") or {}
+    run_name = run_name or (f"SaliencyTrust: {prefix}, {model.get('arch', 'model')} replicate "
+                            f"{model.get('replicate', '?')}, {prediction.get('preset', '?')} preset")
     had_color = (scene.GetNodeByID("vtkMRMLColorTableNodeFileInferno.txt") is not None
                  or node_by_name(scene, COLOR_NODE_NAME) is not None)
     added = []
@@ -792,9 +818,7 @@ def load_results(scene, input_node, output_dir: str | Path, prefix: str | None =
             {k: prediction.get(k) for k in ("probabilities", "predicted_class", "preset", "task")}))
         folder = _file_under_input(scene, input_node, [*nodes.values(), table], run_name)
     except Exception as exc:
-        for node in reversed(added):
-            if scene.IsNodePresent(node):
-                scene.RemoveNode(node)
+        _remove_run(scene, list(reversed(added)))
         if isinstance(exc, SaliencyTrustError):
             raise
         raise SaliencyTrustError(f"Could not load the results in {out}: {type(exc).__name__}: {exc}") from exc

@@ -163,7 +163,7 @@ def test_a_second_run_replaces_the_first_under_the_inputs_study_and_the_table_re
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient")
     study = sh.CreateStudyItem(patient, "Study")
-    sh.SetItemParent(sh.GetItemByDataNode(volume), study)
+    sh.CreateItem(study, volume)  # what the DICOM module does when it loads a series
 
     def run(folder: str) -> L.Results:
         r = controller.Run(controller.Settings(volume, None, request(trained_bundle, methods=("grad", "gradcam"))),
@@ -179,7 +179,8 @@ def test_a_second_run_replaces_the_first_under_the_inputs_study_and_the_table_re
     n_nodes = scene.GetNumberOfNodes()
     second = run("two")
     assert all(not scene.IsNodePresent(n) for n in (*first.map_nodes.values(), first.table_node))
-    assert sh.GetItemByID(first.folder_item) is None or not sh.GetItemName(first.folder_item)
+    assert sh.GetNumberOfItemChildren(study) == 2  # the volume and the new run's folder; the old folder went
+    assert sh.GetItemParent(second.folder_item) == study and second.folder_item != first.folder_item
     assert scene.GetNumberOfNodes() == n_nodes  # replaced, not piled up
     assert len(L.run_nodes(scene, volume)) == 3
 
