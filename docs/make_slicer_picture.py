@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=str(REPO / "demo_out" / "models" / "opacity"))
     p.add_argument("--arch", default="densenet121")
     p.add_argument("--method", default="gradcam")
+    p.add_argument("--seed", type=int, default=10,
+                   help="SynthCXR sample seed (10: a positive image the demo's opacity model detects)")
     p.add_argument("--out", default=str(REPO / "docs" / "slicer_overlay.png"))
     a = p.parse_args(argv)
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode").SetLayoutName(name)
     work = Path(tempfile.mkdtemp(prefix="slicer-picture-"))
     bundle = REPO / "monai_bundle"
-    study = L.make_sample_study(bundle, work / "study", python=sys.executable)
+    study = L.make_sample_study(bundle, work / "study", python=sys.executable, seed=a.seed)
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "SynthCXR sample")
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(study))
@@ -60,12 +62,17 @@ def main(argv: list[str] | None = None) -> int:
 
     table = res.table_node
     cols = ["method", "trust", *L.CRITERIA, "repeatability_here_ssim", "randomization_here_ssim"]
+    import textwrap
+
     t = table.GetTable()
     names = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]
-    rows = [[t.GetValue(r, names.index(c)).ToString() for c in cols] for r in range(t.GetNumberOfRows())]
+    def cell(text: str, c: str) -> str:
+        return "\n".join(textwrap.wrap(text, 38)) if c == "trust" else text
+
+    rows = [[cell(t.GetValue(r, names.index(c)).ToString(), c) for c in cols] for r in range(t.GetNumberOfRows())]
     short = {"repeatability_here_ssim": "This image:\nSSIM to the\nother copy",
              "randomization_here_ssim": "This image:\nSSIM to a\nrandom net"}
-    headers = [short.get(c, table.GetColumnTitle(c).replace(" ", "\n", 2)) for c in cols]
+    headers = [short.get(c, "\n".join(textwrap.wrap(table.GetColumnTitle(c), 13))) for c in cols]
 
     fig = plt.figure(figsize=(15, 6.2))
     ax = fig.add_axes((0.0, 0.06, 0.36, 0.86))
@@ -82,26 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     cax.yaxis.tick_right()
     cax.set_yticks([0, L.OVERLAY_FLOOR, 0.5, 1])
     cax.set_title("saliency", fontsize=8)
-    bx = fig.add_axes((0.41, 0.04, 0.58, 0.8))
+    bx = fig.add_axes((0.41, 0.06, 0.58, 0.72))
     tb = bx.table(cellText=rows, colLabels=headers, loc="upper center", cellLoc="center",
-                  colWidths=[0.1, 0.27, 0.08, 0.1, 0.09, 0.09, 0.085, 0.085])
+                  colWidths=[0.13, 0.25, 0.085, 0.1, 0.09, 0.09, 0.085, 0.085])
     tb.auto_set_font_size(False)
-    tb.set_fontsize(7.5)
-    tb.scale(1, 2.0)
-    for (i, _j), cell in tb.get_celld().items():
-        text = cell.get_text().get_text()
+    tb.set_fontsize(7)
+    for (i, _j), box in tb.get_celld().items():
+        text = box.get_text().get_text()
+        box.set_height(0.105 if i == 0 else 0.085)
         if i == 0:
-            cell.set_height(cell.get_height() * 2.2)
-            cell.set_facecolor("#eeeeee")
+            box.set_facecolor("#eeeeee")
         elif text.startswith(("FAIL", "Fails")):
-            cell.set_facecolor("#f9dcdc")
+            box.set_facecolor("#f9dcdc")
         elif text in ("pass", "Passes all four"):
-            cell.set_facecolor("#dcf2dc")
+            box.set_facecolor("#dcf2dc")
     bx.axis("off")
     lines = [L.RESEARCH_ONLY, res.summary(), res.assessment_line()]
     if res.banner():
-        lines.append(res.banner())
-    fig.text(0.41, 0.97, "\n".join(lines), fontsize=8, va="top", wrap=True)
+        lines += textwrap.wrap(res.banner(), 150)
+    fig.text(0.41, 0.985, "\n".join(lines), fontsize=7.5, va="top")
     fig.text(0.41, 0.02, "pass = met on the assessment data; FAIL = not met; n/a = could not be judged (never a pass)."
              " Column headers as in the module; hover text there gives each rule.", fontsize=7.5)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

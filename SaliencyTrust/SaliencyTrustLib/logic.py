@@ -482,9 +482,12 @@ def _bundle_command(bundle_dir: str | Path, args: list[str], python: str | None 
 
 
 def make_sample_study(bundle_dir: str | Path, out_dir: str | Path, python: str | None = None,
-                      timeout: float = 300.0) -> Path:
+                      timeout: float = 300.0, seed: int | None = None) -> Path:
     """A lesion-positive 320 px SynthCXR DICOM study made by the bundle under ``out_dir``; returns the file."""
-    out = _bundle_command(bundle_dir, ["saliency_trust.workflows.sample", "--study", str(out_dir)], python, timeout)
+    args = ["saliency_trust.workflows.sample", "--study", str(out_dir)]
+    if seed is not None:
+        args += ["--seed", str(seed)]
+    out = _bundle_command(bundle_dir, args, python, timeout)
     path = Path(out.strip().splitlines()[-1])
     if not path.is_file():
         raise BundleError(f"The bundle did not write the sample study in {out_dir}.")
@@ -543,9 +546,15 @@ class Results:
         """A warning naming every method that fails a dataset-level criterion ('' when none does)."""
         if not self.failing:
             return ""
-        parts = [f"{METHOD_NAMES.get(m, m)} ({', '.join(CRITERION_TITLES[c].lower() for c in cs)}: no)"
-                 for m, cs in self.failing.items()]
-        return "Do not trust these maps: " + "; ".join(parts) + "."
+        if len(self.failing) == 1:
+            (m, cs), = self.failing.items()
+            what = ", ".join(CRITERION_TITLES[c].lower() for c in cs)
+            return (f"Do not trust the {METHOD_NAMES.get(m, m)} map: it fails on the assessment data ({what}: "
+                    "no); see the table.")
+        names = [METHOD_NAMES.get(m, m) for m in self.failing]
+        every = " (every method shown)" if len(names) == len(self.map_nodes) else ""
+        return (f"Do not trust these maps{every}: {', '.join(names)} fail at least one trust criterion on the "
+                "assessment data; see the table.")
 
     def assessment_line(self) -> str:
         """Where the verdicts come from: n images, which data, synthetic or not, the preset."""

@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study", help="write a SynthCXR DICOM study here and print its file")
     p.add_argument("--task", default="opacity", choices=("opacity", "pneumothorax"))
     p.add_argument("--size", type=int, default=320)
+    p.add_argument("--seed", type=int, default=SAMPLE_SEED)
     p.add_argument("--fixture-models", help="write two untrained 64 px DenseNet121 replicates here")
     a = p.parse_args(argv)
     if not a.study and not a.fixture_models:
         p.error("give --study and / or --fixture-models")
     if a.study:
-        print(make_study(a.study, a.task, a.size))
+        print(make_study(a.study, a.task, a.size, a.seed))
     if a.fixture_models:
         print(make_fixture_models(a.fixture_models))
     return 0
