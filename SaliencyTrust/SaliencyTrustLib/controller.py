@@ -12,6 +12,7 @@ nothing else.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -146,15 +147,24 @@ def show_method(scene, results: lib.Results | None, method: str | None, opacity:
     return lib.show_overlay(scene, background, node, opacity)
 
 
+def _is_segmenter(weights: Path) -> bool:
+    """A localization network (its training record scores Dice, not AUC): not a classifier to explain."""
+    record = weights.with_suffix(".metrics.json")
+    try:
+        return record.is_file() and "val_dice" in json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def model_choices(model_dir: str | Path) -> dict[str, list[int]]:
-    """Architectures with trained replicates in ``model_dir`` (``<arch>_seed<k>.pt``): arch -> seeds."""
+    """Classifier architectures with trained replicates in ``model_dir`` (``<arch>_seed<k>.pt``): arch -> seeds."""
     found: dict[str, list[int]] = {}
     folder = Path(model_dir)
     if not folder.is_dir():
         return found
     for w in sorted(folder.glob("*_seed*.pt")):
         arch, _, seed = w.stem.rpartition("_seed")
-        if arch and seed.isdigit():
+        if arch and seed.isdigit() and not _is_segmenter(w):
             found.setdefault(arch, []).append(int(seed))
     return {a: sorted(s) for a, s in sorted(found.items())}
 

@@ -412,11 +412,11 @@ class TrainProcess(ChildProcess):
     what = "Training"
 
     def __init__(self, bundle_dir: str | Path, out_dir: str | Path, task: str = "opacity",
-                 python: str | None = None) -> None:
+                 python: str | None = None, extra_args: Sequence[str] = ()) -> None:
         if task not in DEMO_TASKS:
             raise SaliencyTrustError(f"Unknown task '{task}'; choose one of {', '.join(DEMO_TASKS)}.")
         cmd = [python or default_python(), "-m", "saliency_trust.workflows.demo", "--out", str(out_dir),
-               "--tasks", task, "--no-shortcut"]
+               "--tasks", task, "--no-shortcut", *extra_args]
         super().__init__(cmd, bundle_dir, out_dir)
         self.task = task
 

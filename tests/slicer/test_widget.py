@@ -250,6 +250,39 @@ def test_server_model_is_chosen_from_info_by_architecture():
         client.choose_model({"models": {}}, "densenet121")
 
 
+@pytest.mark.slow
+def test_train_demo_models_runs_in_the_background_and_can_be_cancelled(tmp_path):
+    """The panel's first-run offer: the demo's training for one task, as a child process (tiny settings here)."""
+    with pytest.raises(L.SaliencyTrustError, match="Unknown task"):
+        L.TrainProcess(REPO / "monai_bundle", tmp_path / "x", "fracture")
+    stopped = L.TrainProcess(REPO / "monai_bundle", tmp_path / "stopped", "opacity", python=sys.executable).start()
+    stopped.cancel()
+    with pytest.raises(L.CancelledError):
+        stopped.result()
+    tiny = ["--n", "48", "--size", "80", "--epochs", "1", "--densenet-epochs", "1", "--baseline-epochs", "1",
+            "--skip-assessment", "--min-auc", "0"]
+    train = L.TrainProcess(REPO / "monai_bundle", tmp_path / "demo", "pneumothorax", python=sys.executable,
+                           extra_args=tiny).start()
+    train.wait(600)
+    assert train.model_dir == tmp_path / "demo" / "models" / "pneumothorax"
+    assert controller.model_choices(train.model_dir) == {"densenet121": [0, 1], "inception_v3": [0]}
+    assert not (tmp_path / "demo" / "models" / "opacity").exists()  # one task only, no shortcut model
+    assert not (tmp_path / "demo" / "models" / "opacity_shortcut").exists()
+    record = json.loads((train.model_dir / "densenet121_seed0.metrics.json").read_text())
+    assert record["task"] == "pneumothorax" and record["image_size"] == 80  # InceptionV3 needs >= 75 px
+    assert controller.no_models_message(train.model_dir) == ""
+
+
+def test_the_libs_copies_of_the_engines_names_agree_with_the_engine():
+    from saliency_trust.results import CRITERION_TITLES
+    from saliency_trust.saliency import METHODS
+    from saliency_trust.saliency.presets import PRESETS
+
+    assert tuple(L.METHODS) == tuple(METHODS) and set(L.METHOD_NAMES) == set(METHODS)
+    assert set(L.PRESETS) == set(PRESETS)
+    assert L.CRITERION_TITLES == CRITERION_TITLES
+
+
 def test_model_folder_choices_and_the_empty_folder_sentence(tmp_path):
     assert controller.model_choices(tmp_path / "missing") == {}
     assert "No trained models in" in controller.no_models_message(tmp_path)
