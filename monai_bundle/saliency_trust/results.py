@@ -144,7 +144,7 @@ class Results:
         for c in CRITERIA:
             vs = [self.verdicts[m][c] for m in self.methods]
             if all(v.rule == "not run" for v in vs):
-                lines.append(f"  {c}: not run ({vs[0].why})")
+                lines.append(f"  {c}: {vs[0].why}")
                 continue
             lo, hi = min(v.n for v in vs), max(v.n for v in vs)
             text = f"  {c}: {lo} values per method" if lo == hi else f"  {c}: {lo}-{hi} values per method"

@@ -33,7 +33,6 @@ from torch import nn
 from torchvision import models
 
 CLASSIFIERS = ("inception_v3", "densenet121")
-LOCALIZERS = ("unet",)
 
 #: Randomization blocks, top (head) first; each entry lists module names reset together.
 RANDOMIZATION_BLOCKS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
