@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -48,6 +46,7 @@ from typing import Any
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
+from saliency_trust.data.imageio import SUFFIX, sniff
 from saliency_trust.results import load_results
 from saliency_trust.saliency import METHODS
 from saliency_trust.saliency.presets import PRESETS
@@ -60,31 +59,6 @@ TOKEN_ENV = "SALIENCY_TRUST_TOKEN"
 # Content sniffing
 
 
-def sniff(head: bytes) -> str | None:
-    """The file type from its first bytes: ``dicom``, ``png``, ``nifti``, ``nifti_gz``, ``nrrd`` or None."""
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"NRRD000"):
-        return "nrrd"
-    if head[:2] == b"\x1f\x8b":
-        try:
-            inner = gzip.GzipFile(fileobj=io.BytesIO(head)).read(352)
-        except (OSError, EOFError):
-            inner = b""
-        return "nifti_gz" if _is_nifti(inner) else None
-    return "nifti" if _is_nifti(head) else None
-
-
-def _is_nifti(h: bytes) -> bool:
-    if len(h) < 348:
-        return False
-    size_le, size_be = int.from_bytes(h[:4], "little"), int.from_bytes(h[:4], "big")
-    return (348 in (size_le, size_be) and h[344:347] in (b"n+1", b"ni1")) or 540 in (size_le, size_be)
-
-
-SUFFIX = {"dicom": ".dcm", "png": ".png", "nrrd": ".nrrd", "nifti": ".nii", "nifti_gz": ".nii.gz"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_assessment_writes_results_and_resumes_identically(setup):
     assert cfg["preset"] == "quick" and cfg["data_range"] == 1.0 and len(cfg["classifiers"][0]["sha256"]) == 64
     assert cfg["randomization_target"] == "trained" and cfg["explain_class"] == "predicted"
     # The resume key covers the engine's sources: steps saved by other code are not reused.
-    from saliency_trust.workflows.train import code_fingerprint
+    from saliency_trust.provenance import code_fingerprint
 
     assert cfg["code"] == code_fingerprint() and len(code_fingerprint()) == 64
     assert len(first.randomization) == 2 and len(first.randomization[0]["states"]) == 9

@@ -74,7 +74,9 @@ def test_train_config_writes_state_dict_and_metrics(tiny_set, tmp_path, arch):
 @pytest.mark.slow
 def test_train_baseline_config(tiny_set, tmp_path):
     out = tmp_path / "models"
-    r = _bundle("run", "--config_file", str(CONFIGS / "train_baseline.json"), "--bundle_root", str(BUNDLE),
+    # An override of train.json, stacked as multi_gpu_train.json is.
+    r = _bundle("run", "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'train_baseline.json'}']",
+                "--bundle_root", str(BUNDLE),
                 "--meta_file", str(CONFIGS / "metadata.json"), "--dataset_dir", str(tiny_set),
                 "--output_dir", str(out), "--image_size", "80", "--max_epochs", "1", "--batch_size", "8")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

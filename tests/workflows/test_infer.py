@@ -10,8 +10,9 @@ import SimpleITK as sitk
 import torch
 from saliency_trust.data.dicom import read_dicom
 from saliency_trust.data.errors import DataError
+from saliency_trust.data.imageio import read_input
 from saliency_trust.networks import get_network
-from saliency_trust.workflows.infer import read_input, run_inference
+from saliency_trust.workflows.infer import run_inference
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from saliency_trust.data.dicom import read_dicom
 from saliency_trust.data.errors import DataError
 from saliency_trust.data.groundtruth import rasterize_boxes, resize_image, resize_mask
+from saliency_trust.data.imageio import read_image, read_mask
 from saliency_trust.data.rle import decode_siim_rle
 
 log = logging.getLogger(__name__)
@@ -140,52 +140,6 @@ def _dict_rows(f) -> Iterator[dict[str, str]]:
         yield {k: (v or "").strip() for k, v in row.items() if k is not None}
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
-    """Read a DICOM or an 8/16-bit PNG/JPEG/TIFF as float32 in [0, 1]; returns image and spacing."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), "image file is missing")
-    if path.suffix.lower() in (".dcm", ".dicom", "") or _is_dicom(path):
-        img, geo = read_dicom(path)
-        return img, geo["spacing"]
-    arr = _pixels(path, "image")
-    if arr.ndim == 3:
-        if arr.shape[2] == 4:
-            arr = arr[..., :3]
-        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise DataError(str(path), "colour image; a radiograph must be grayscale")
-        arr = arr[..., 0]
-    if arr.ndim != 2 or arr.size == 0:
-        raise DataError(str(path), f"expected a 2-D grayscale image, got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        img = arr.astype(np.float32) / 255.0
-    elif arr.dtype.kind in "iu":
-        img = arr.astype(np.float32) / 65535.0
-    else:
-        img = np.clip(arr.astype(np.float32), 0, 1)
-    return img, (1.0, 1.0)
-
-
-def _pixels(path: Path, what: str) -> np.ndarray:
-    """The pixel array of a PNG/JPEG/TIFF file, or a DataError naming it."""
-    try:
-        from PIL import Image  # here: the data package imports without Pillow (Slicer's sample study)
-
-        with Image.open(path) as im:
-            return np.asarray(im)
-    except Exception as exc:
-        raise DataError(str(path), f"not a readable {what} ({type(exc).__name__}: {exc})") from None
-
-
-def _is_dicom(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _finish(rid: str, path: Path, img: np.ndarray, spacing, mask, label: int, image_size) -> Record:
     if image_size is not None:
         size = (int(image_size), int(image_size))
@@ -279,7 +233,7 @@ def _read_generic(root: Path, image_size: int | None) -> Iterator[Record | DataE
                 mask = np.zeros(img.shape, bool)
                 for lineno, row in items:
                     if row.get("mask"):
-                        mask |= _read_mask(root / row["mask"], img.shape, f"{labels}:{lineno}")
+                        mask |= read_mask(root / row["mask"], img.shape, f"{labels}:{lineno}")
             elif mode == "box":
                 boxes = []
                 for lineno, row in items:
@@ -305,15 +259,3 @@ def _read_generic(root: Path, image_size: int | None) -> Iterator[Record | DataE
             yield rec
         except DataError as err:
             yield err
-
-
-def _read_mask(path: Path, shape: tuple[int, ...], where: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(str(path), f"mask file is missing (named in {where})")
-    arr = _pixels(path, "mask image")
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    if arr.shape != tuple(shape):
-        raise DataError(str(path), f"mask is {arr.shape[1]}x{arr.shape[0]}, image is {shape[1]}x{shape[0]}")
-    return arr > 0
-

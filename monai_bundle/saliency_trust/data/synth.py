@@ -323,7 +323,8 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
 
 
-def _uid(*parts: object) -> str:
+def stable_uid(*parts: object) -> str:
+    """A DICOM UID (2.25 root) that depends only on ``parts``: the same study gets the same UIDs."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return "2.25." + str(int.from_bytes(digest[:15], "big"))
 
@@ -352,7 +353,7 @@ def generate(
     label_rows: list[list[str]] = []
     for i in tqdm(range(n), desc=f"SynthCXR {task}", disable=not progress):
         case = render(task, i, size, seed, shortcut=shortcut, shortcut_rate=shortcut_rate)
-        study, series, sop = (_uid("synthcxr", task, seed, i, k) for k in ("study", "series", "sop"))
+        study, series, sop = (stable_uid("synthcxr", task, seed, i, k) for k in ("study", "series", "sop"))
         if task == "opacity":
             pid = str(uuid.UUID(bytes=hashlib.sha256(f"pid/{task}/{seed}/{i}".encode()).digest()[:16], version=4))
             path = out / "stage_2_train_images" / f"{pid}.dcm"

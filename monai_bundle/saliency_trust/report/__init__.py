@@ -48,7 +48,7 @@ class ReportInputs:
 
 
 def _atomic(path: Path, data: bytes) -> None:
-    from saliency_trust.workflows.train import atomic_write_bytes
+    from saliency_trust.data.imageio import atomic_write_bytes
 
     atomic_write_bytes(path, data)
 

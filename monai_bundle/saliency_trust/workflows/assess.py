@@ -51,10 +51,12 @@ from saliency_trust.criteria import (
     utility_verdicts,
 )
 from saliency_trust.data import load_dataset
+from saliency_trust.data.imageio import atomic_write_bytes
+from saliency_trust.data.split import split_of
 from saliency_trust.networks import file_sha256, get_network, load_weights, to_network_input, trained_image_size
+from saliency_trust.provenance import code_fingerprint, versions
 from saliency_trust.results import CRITERIA, Results, Verdict
 from saliency_trust.saliency import METHODS, SegmentCache, explain, get_recipe, predict
-from saliency_trust.workflows.train import atomic_write_bytes, code_fingerprint, split_of, versions
 
 log = logging.getLogger(__name__)
 #: The class index of the finding (lesion) in the bundle's two-class classifiers.

@@ -37,11 +37,16 @@ DEMO_RECIPE = {"sg_samples": 4, "sig_samples": 2, "sig_steps": 4, "ig_steps": 6,
 
 
 def train(config: str, **overrides) -> dict:
-    """Run one bundle training config in this process; returns its metrics file's content."""
+    """Run ``train.json`` (with an override config on top, if ``config`` names one) in this process.
+
+    Returns the metrics file's content.
+    """
     from monai.bundle import run
 
-    cfg = BUNDLE / "configs" / config
-    run(config_file=str(cfg), logging_file=str(BUNDLE / "configs" / "logging.conf"),
+    files = [str(BUNDLE / "configs" / "train.json")]
+    if config != "train.json":
+        files.append(str(BUNDLE / "configs" / config))
+    run(config_file=files, logging_file=str(BUNDLE / "configs" / "logging.conf"),
         meta_file=str(BUNDLE / "configs" / "metadata.json"), bundle_root=str(BUNDLE), **overrides)
     arch, seed = overrides.get("arch", "unet"), overrides["seed"]
     metrics = Path(overrides["output_dir"]) / f"{arch}_seed{seed}.metrics.json"

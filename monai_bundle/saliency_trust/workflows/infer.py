@@ -29,13 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
-from saliency_trust.data.dicom import read_dicom
 from saliency_trust.data.errors import DataError
 from saliency_trust.data.groundtruth import resize_image
-from saliency_trust.data.readers import _is_dicom, _pixels, finding_name, read_image
+from saliency_trust.data.imageio import MAP_FORMATS, atomic_write_bytes, read_input, read_mask, write_map
+from saliency_trust.data.readers import finding_name
 from saliency_trust.metrics import auprc, ssim
 from saliency_trust.networks import (
     file_sha256,
@@ -47,120 +46,11 @@ from saliency_trust.networks import (
 )
 from saliency_trust.results import load_results
 from saliency_trust.saliency import METHODS, explain, predict
-from saliency_trust.workflows.train import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: Grad-CAM upsampling for maps shown on a patient's image (the study preset keeps the paper's legacy mode).
 DISPLAY_CAM_RESIZE = "half_pixel"
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-MAP_FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def _sitk_read(path: Path):
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DataError(str(path), f"not a readable image ({first})") from None
-
-
-def _plane(arr: np.ndarray, path: Path) -> np.ndarray:
-    """The one 2-D plane of ``arr`` (``[H, W]`` or ``[1, H, W]``), or a DataError naming ``path``."""
-    if arr.ndim == 3 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2:
-        raise DataError(str(path), f"expected one 2-D radiograph, got an image of shape {arr.shape} (3-D or colour)")
-    if arr.size == 0 or min(arr.shape) < 2:
-        raise DataError(str(path), f"empty image (shape {arr.shape})")
-    return arr
-
-
-def _normalize_volume(arr: np.ndarray, path: Path, intensity_range: Sequence[float] | None) -> np.ndarray:
-    a = arr.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise DataError(str(path), "image has NaN or infinite values")
-    if intensity_range is not None:
-        lo, hi = float(intensity_range[0]), float(intensity_range[1])
-    elif arr.dtype.kind == "u" or (arr.dtype.kind == "i" and a.min() >= 0):
-        bits = next((b for b in (8, 10, 12, 14, 16) if a.max() <= 2**b - 1), None)
-        if bits is None:
-            raise DataError(str(path), f"integer values up to {a.max():.0f} exceed 16 bits; pass intensity_range")
-        lo, hi = 0.0, float(2**bits - 1)
-    else:
-        lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        raise DataError(str(path), f"constant image or empty intensity range [{lo}, {hi}]")
-    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def read_input(path: str | Path, intensity_range: Sequence[float] | None = None):
-    """``(image in [0, 1] [H, W] float32, reference SimpleITK image with the input's geometry)``."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and (_is_dicom(p) or p.suffix.lower() == ".dcm"))
-        if len(files) != 1:
-            raise DataError(str(path), f"a DICOM folder must hold exactly one radiograph; found {len(files)} files")
-        path = files[0]
-    if not path.is_file():
-        raise DataError(str(path), "input image is missing")
-    suffix = _suffix(path)
-    if suffix in VOLUME_SUFFIXES:
-        ref = _sitk_read(path)
-        if ref.GetNumberOfComponentsPerPixel() != 1:
-            raise DataError(str(path), f"{ref.GetNumberOfComponentsPerPixel()}-component image; expected grayscale")
-        arr = _plane(sitk.GetArrayFromImage(ref), path)
-        return _normalize_volume(arr, path, intensity_range), ref
-    if suffix in PICTURE_SUFFIXES:
-        img, _ = read_image(path)
-        ref = sitk.GetImageFromArray(np.zeros(img.shape, np.float32))
-        return img, ref
-    if suffix in (".dcm", ".dicom", "") or _is_dicom(path):
-        img, _ = read_dicom(path)  # the training reader: stored range, MONOCHROME1 inverted
-        ref = _sitk_read(path)
-        if _plane(sitk.GetArrayFromImage(ref), path).shape != img.shape:
-            raise DataError(str(path), "DICOM pixel data and geometry disagree in size")
-        if intensity_range is not None:
-            raw = sitk.GetArrayFromImage(ref).reshape(img.shape)
-            img = _normalize_volume(raw, path, intensity_range)
-        return img, ref
-    raise DataError(str(path), f"unsupported file type {suffix!r}; use DICOM, NIfTI, NRRD, MHA or PNG")
-
-
-def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
-    """A ground-truth mask (any non-zero voxel is lesion) on the input grid."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), "mask file is missing")
-    if _suffix(path) in VOLUME_SUFFIXES:
-        arr = _plane(sitk.GetArrayFromImage(_sitk_read(path)), path)
-    elif _suffix(path) in PICTURE_SUFFIXES:
-        arr = _pixels(path, "mask")
-        arr = _plane(arr.any(axis=2) if arr.ndim == 3 else arr, path)
-    else:
-        raise DataError(str(path), "mask must be NIfTI, NRRD, MHA or PNG")
-    if arr.shape != tuple(shape):
-        raise DataError(str(path), f"mask is {arr.shape} but the image is {tuple(shape)}; it must share the grid")
-    return arr != 0
-
-
-def _write_map(path: Path, values: np.ndarray, ref) -> None:
-    arr = values.astype(np.float32)
-    if ref.GetDimension() == 3:
-        arr = arr[None]
-    img = sitk.GetImageFromArray(arr)
-    img.CopyInformation(ref)
-    tmp = path.with_name(f".{path.name}.tmp{_suffix(path)}")
-    sitk.WriteImage(img, str(tmp), useCompression=True)
-    tmp.replace(path)
-
-
 #: Loaded networks and their file hashes by (architecture, file, size, mtime, device): one instance
 #: per worker process; a replaced weights file (new size or mtime) is loaded and hashed again.
 _NETWORKS: dict[tuple, tuple[torch.nn.Module, str]] = {}
@@ -267,7 +157,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     for m in methods:
         grid_maps[m] = on_grid(maps[m])
         files[m] = f"maps/{m}{MAP_FORMATS[map_format]}"
-        _write_map(out / files[m], grid_maps[m], ref)
+        write_map(out / files[m], grid_maps[m], ref)
 
     live: dict = {}
     if checks:

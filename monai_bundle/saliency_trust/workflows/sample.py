@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from saliency_trust.data.dicom import write_dicom
-from saliency_trust.data.synth import FIELD_OF_VIEW_MM, _uid, render
+from saliency_trust.data.synth import FIELD_OF_VIEW_MM, render, stable_uid
 
 #: Seed of the sample (image 0 of that seed, rendered lesion-positive).
 SAMPLE_SEED = 7
@@ -25,7 +25,7 @@ def make_study(out: str | Path, task: str = "opacity", size: int = 320, seed: in
     """One lesion-positive SynthCXR radiograph as a DICOM study under ``out``; returns the file."""
     index = 0
     case = render(task, index, size, seed, positive=True)
-    study, series, sop = (_uid("synthcxr-sample", task, seed, size, k) for k in ("study", "series", "sop"))
+    study, series, sop = (stable_uid("synthcxr-sample", task, seed, size, k) for k in ("study", "series", "sop"))
     spacing = FIELD_OF_VIEW_MM / size
     path = Path(out) / "SynthCXR-study" / f"{sop}.dcm"
     write_dicom(path, case.pixels, patient_id=f"SynthCXR-sample-{task}", study_uid=study, series_uid=series,
@@ -39,8 +39,9 @@ def make_fixture_models(out: str | Path, size: int = 64, seeds: tuple[int, ...] 
     """Seeded untrained replicates of ``arch`` with training records (``untrained: true``); returns ``out``."""
     import torch
 
+    from saliency_trust.data.imageio import atomic_write_bytes
     from saliency_trust.networks import get_network
-    from saliency_trust.workflows.train import atomic_save_state, atomic_write_bytes
+    from saliency_trust.workflows.train import atomic_save_state
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """What the bundle's training configs call: data lists, the best-model saver, the metrics file.
 
-``configs/train.json`` (classifiers) and ``configs/train_baseline.json`` (localization network)
+``configs/train.json`` (classifiers) and its override ``configs/train_baseline.json`` (localization network)
 build a MONAI ``SupervisedTrainer`` / ``SupervisedEvaluator`` pair from these pieces; the
 configs own the wiring, this module owns the logic that JSON cannot express.
 """
@@ -11,8 +11,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,10 @@ import torch
 from ignite.engine import Engine, Events
 
 from saliency_trust.data import Dataset, load_dataset
+from saliency_trust.data.imageio import atomic_write_bytes
+from saliency_trust.data.split import split_of
 from saliency_trust.networks import to_network_input
+from saliency_trust.provenance import versions
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ def _cached_dataset(root: str, image_size: int | None) -> Dataset:
     if not ds.records:
         raise ValueError(f"{root}: no image could be read")
     return ds
-
-
-def split_of(record_id: str, split: str | None) -> str:
-    """The record's split, or a stable 70/15/15 split from a hash of its id when none is given."""
-    if split:
-        return split
-    u = int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "little") / 2**64
-    return "train" if u < 0.7 else ("val" if u < 0.85 else "test")
 
 
 def data_list(
@@ -104,14 +97,6 @@ def unwrap(net: torch.nn.Module) -> torch.nn.Module:
     return net.module if hasattr(net, "module") else net
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def atomic_save_state(net: torch.nn.Module, path: str | Path) -> str:
     """Save a plain state_dict atomically; returns its SHA-256."""
     import io
@@ -121,35 +106,6 @@ def atomic_save_state(net: torch.nn.Module, path: str | Path) -> str:
     data = buf.getvalue()
     atomic_write_bytes(Path(path), data)
     return hashlib.sha256(data).hexdigest()
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that decide the results."""
-    import monai
-    import torchvision
-
-    import saliency_trust
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "monai": monai.__version__,
-            "numpy": np.__version__, "saliency_trust": saliency_trust.__version__}
-
-
-def code_fingerprint() -> str:
-    """SHA-256 over the engine's own sources (saliency, metrics, criteria, networks, data).
-
-    Part of the assessment's resume key, so that steps saved by other code are recomputed
-    rather than mixed into new results.
-    """
-    import saliency_trust
-
-    root = Path(saliency_trust.__file__).parent
-    h = hashlib.sha256()
-    for sub in ("saliency", "metrics", "criteria", "networks", "data"):
-        for f in sorted((root / sub).rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 class BestModelSaver:

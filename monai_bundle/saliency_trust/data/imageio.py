@@ -1,0 +1,256 @@
+"""Image I/O, in one place: sniffing file types, reading radiographs and masks, writing maps, atomic writes.
+
+Every reader raises :class:`~saliency_trust.data.errors.DataError` naming the file and the problem.
+Pillow and SimpleITK are imported where they are used, so the data package imports without them
+(Slicer's sample study needs neither).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from saliency_trust.data.dicom import read_dicom
+from saliency_trust.data.errors import DataError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom", "")
+MAP_FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
+#: The file suffix for each sniffed type (what an upload is saved as).
+SUFFIX = {"dicom": ".dcm", "png": ".png", "nrrd": ".nrrd", "nifti": ".nii", "nifti_gz": ".nii.gz"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Types
+
+
+def sniff(head: bytes) -> str | None:
+    """The file type from its first bytes: ``dicom``, ``png``, ``nifti``, ``nifti_gz``, ``nrrd`` or None."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"NRRD000"):
+        return "nrrd"
+    if head[:2] == b"\x1f\x8b":
+        try:
+            inner = gzip.GzipFile(fileobj=io.BytesIO(head)).read(352)
+        except (OSError, EOFError):
+            inner = b""
+        return "nifti_gz" if _is_nifti(inner) else None
+    return "nifti" if _is_nifti(head) else None
+
+
+def _is_nifti(h: bytes) -> bool:
+    if len(h) < 348:
+        return False
+    size_le, size_be = int.from_bytes(h[:4], "little"), int.from_bytes(h[:4], "big")
+    return (348 in (size_le, size_be) and h[344:347] in (b"n+1", b"ni1")) or 540 in (size_le, size_be)
+
+
+def is_dicom(path: Path) -> bool:
+    """Whether ``path`` starts with a DICOM preamble (``DICM`` at byte 128)."""
+    try:
+        with Path(path).open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def suffix(path: Path) -> str:
+    """The file's type suffix, lower case (``.nii.gz`` counts as one)."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixels
+
+
+def read_pixels(path: Path, what: str) -> np.ndarray:
+    """The pixel array of a PNG/JPEG/TIFF file, or a DataError naming it and ``what`` it should be."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except Exception as exc:
+        raise DataError(str(path), f"not a readable {what} ({type(exc).__name__}: {exc})") from None
+
+
+def _sitk_read(path: Path):
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DataError(str(path), f"not a readable image ({first})") from None
+
+
+def _plane(arr: np.ndarray, path: Path) -> np.ndarray:
+    """The one 2-D plane of ``arr`` (``[H, W]`` or ``[1, H, W]``), or a DataError naming ``path``."""
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise DataError(str(path), f"expected one 2-D radiograph, got an image of shape {arr.shape} (3-D or colour)")
+    if arr.size == 0 or min(arr.shape) < 2:
+        raise DataError(str(path), f"empty image (shape {arr.shape})")
+    return arr
+
+
+def _normalize_volume(arr: np.ndarray, path: Path, intensity_range: Sequence[float] | None) -> np.ndarray:
+    a = arr.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise DataError(str(path), "image has NaN or infinite values")
+    if intensity_range is not None:
+        lo, hi = float(intensity_range[0]), float(intensity_range[1])
+    elif arr.dtype.kind == "u" or (arr.dtype.kind == "i" and a.min() >= 0):
+        bits = next((b for b in (8, 10, 12, 14, 16) if a.max() <= 2**b - 1), None)
+        if bits is None:
+            raise DataError(str(path), f"integer values up to {a.max():.0f} exceed 16 bits; pass intensity_range")
+        lo, hi = 0.0, float(2**bits - 1)
+    else:
+        lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        raise DataError(str(path), f"constant image or empty intensity range [{lo}, {hi}]")
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
+    """Read a DICOM or an 8/16-bit PNG/JPEG/TIFF as float32 in [0, 1]; returns image and spacing."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "image file is missing")
+    if path.suffix.lower() in DICOM_SUFFIXES or is_dicom(path):
+        img, geo = read_dicom(path)
+        return img, geo["spacing"]
+    arr = read_pixels(path, "image")
+    if arr.ndim == 3:
+        if arr.shape[2] == 4:
+            arr = arr[..., :3]
+        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise DataError(str(path), "colour image; a radiograph must be grayscale")
+        arr = arr[..., 0]
+    if arr.ndim != 2 or arr.size == 0:
+        raise DataError(str(path), f"expected a 2-D grayscale image, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        img = arr.astype(np.float32) / 255.0
+    elif arr.dtype.kind in "iu":
+        img = arr.astype(np.float32) / 65535.0
+    else:
+        img = np.clip(arr.astype(np.float32), 0, 1)
+    return img, (1.0, 1.0)
+
+
+def read_input(path: str | Path, intensity_range: Sequence[float] | None = None):
+    """``(image in [0, 1] [H, W] float32, reference SimpleITK image with the input's geometry)``.
+
+    DICOM (a file or a folder holding one), NIfTI, NRRD, MHA or PNG/JPEG/TIFF. DICOM goes through
+    the training reader (stored range, MONOCHROME1 inverted); unsigned volumes through the smallest
+    of 8/10/12/14/16 bits that holds their maximum, unless ``intensity_range`` is given.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and (is_dicom(p) or p.suffix.lower() == ".dcm"))
+        if len(files) != 1:
+            raise DataError(str(path), f"a DICOM folder must hold exactly one radiograph; found {len(files)} files")
+        path = files[0]
+    if not path.is_file():
+        raise DataError(str(path), "input image is missing")
+    kind = suffix(path)
+    if kind in VOLUME_SUFFIXES:
+        ref = _sitk_read(path)
+        if ref.GetNumberOfComponentsPerPixel() != 1:
+            raise DataError(str(path), f"{ref.GetNumberOfComponentsPerPixel()}-component image; expected grayscale")
+        arr = _plane(sitk.GetArrayFromImage(ref), path)
+        return _normalize_volume(arr, path, intensity_range), ref
+    if kind in PICTURE_SUFFIXES:
+        img, _ = read_image(path)
+        ref = sitk.GetImageFromArray(np.zeros(img.shape, np.float32))
+        return img, ref
+    if kind in DICOM_SUFFIXES or is_dicom(path):
+        img, _ = read_dicom(path)
+        ref = _sitk_read(path)
+        if _plane(sitk.GetArrayFromImage(ref), path).shape != img.shape:
+            raise DataError(str(path), "DICOM pixel data and geometry disagree in size")
+        if intensity_range is not None:
+            raw = sitk.GetArrayFromImage(ref).reshape(img.shape)
+            img = _normalize_volume(raw, path, intensity_range)
+        return img, ref
+    raise DataError(str(path), f"unsupported file type {kind!r}; use DICOM, NIfTI, NRRD, MHA or PNG")
+
+
+def read_mask(path: str | Path, shape: tuple[int, ...], where: str | None = None) -> np.ndarray:
+    """A ground-truth mask on an image's grid (``shape``): boolean, lesion where any colour is non-zero.
+
+    One rule for every caller: NIfTI/NRRD/MHA volumes (one plane) and PNG/JPEG/TIFF pictures; in a
+    picture, an alpha channel is ignored and a pixel is lesion when any colour channel is non-zero
+    (a mask drawn in any colour counts). ``where`` names the file that pointed here (a labels CSV).
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    named = f" (named in {where})" if where else ""
+    if not path.is_file():
+        raise DataError(str(path), f"mask file is missing{named}")
+    if suffix(path) in VOLUME_SUFFIXES:
+        arr = _plane(sitk.GetArrayFromImage(_sitk_read(path)), path)
+    elif suffix(path) in PICTURE_SUFFIXES:
+        arr = read_pixels(path, "mask image")
+        if arr.ndim == 3:
+            colour = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]  # RGB(A) or L(A): drop alpha
+            arr = (colour != 0).any(axis=2)
+        arr = _plane(arr, path)
+    else:
+        raise DataError(str(path), f"mask must be NIfTI, NRRD, MHA or PNG{named}")
+    if arr.shape != tuple(shape):
+        raise DataError(str(path), f"mask is {arr.shape[1]}x{arr.shape[0]} but the image is "
+                                   f"{shape[1]}x{shape[0]}; it must share the grid{named}")
+    return arr != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_map(path: Path, values: np.ndarray, ref) -> None:
+    """Write a float32 map with the geometry of ``ref`` (a SimpleITK image), atomically."""
+    import SimpleITK as sitk
+
+    arr = values.astype(np.float32)
+    if ref.GetDimension() == 3:
+        arr = arr[None]
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(ref)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix(path)}")
+    try:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+__all__ = ["DICOM_SUFFIXES", "MAP_FORMATS", "PICTURE_SUFFIXES", "SUFFIX", "VOLUME_SUFFIXES", "atomic_write_bytes",
+           "is_dicom", "read_image", "read_input", "read_mask", "read_pixels", "sniff", "suffix", "write_map"]
