@@ -152,6 +152,27 @@ def test_bad_requests_get_the_right_status_and_the_server_keeps_serving(server, 
     assert server["proc"].poll() is None
 
 
+def test_every_corpus_image_is_refused_with_a_reason_or_served(server, tmp_path):
+    """The broken / hostile corpus (tests/corpus/make_corpus.py) through real uploads."""
+    from tests.corpus.make_corpus import make_images
+
+    url, auth = server["url"], server["auth"]
+    cases = make_images(tmp_path / "corpus")
+    statuses = {}
+    for name, expect in cases.items():
+        r = httpx.post(f"{url}/infer/default", files={"image": ("upload", (tmp_path / "corpus" / name).read_bytes())},
+                       data={"methods": "grad", "preset": "quick", "checks": "false"}, headers=auth, timeout=300)
+        statuses[name] = r.status_code
+        if expect == "refused" or name.endswith(".jpg"):  # the service takes DICOM, PNG, NIfTI and NRRD
+            assert r.status_code in (400, 413, 415, 422), (name, r.status_code, r.text)
+            detail = r.json()["detail"]
+            assert detail and len(detail) < 400 and str(server["work"]) not in detail, (name, detail)
+        else:
+            assert r.status_code == 200, (name, r.text)
+    assert server["proc"].poll() is None, statuses
+    assert sum(s == 422 for s in statuses.values()) >= 15, statuses  # most are refused by the readers, by name
+
+
 @pytest.mark.slow
 def test_twenty_concurrent_requests_all_return_their_own_correct_maps(server, trained_bundle, tmp_path):
     images = _dicoms(trained_bundle, 4)

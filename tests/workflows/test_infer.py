@@ -66,7 +66,7 @@ def test_bad_inputs_name_the_file_and_the_problem(rsna_synth, tmp_path):
     txt.write_text("hello")
     cases[txt] = "unsupported file type"
     flat = tmp_path / "flat.nrrd"
-    sitk.WriteImage(sitk.GetImageFromArray(np.full((1, 8, 8), 7.5, np.float32)), str(flat))
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((1, 32, 32), 7.5, np.float32)), str(flat))
     cases[flat] = "constant image"
     for path, words in cases.items():
         with pytest.raises(DataError, match=words) as err:

@@ -13,6 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from saliency_trust.data.errors import DataError
 
 #: Digital X-Ray Image Storage - For Presentation.
+#: The most pixels (rows x columns x frames x samples) any reader decodes: 64 Mpx, 8192 x 8192.
+MAX_PIXELS = 8192 * 8192
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 #: Computed Radiography Image Storage.
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -113,6 +115,11 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
         sop = getattr(ds, "SOPClassUID", "unknown")
         name = getattr(sop, "name", str(sop))
         raise DataError(str(path), f"DICOM has no pixel data (SOP class {name}); not an image")
+    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1) * int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if rows * cols * frames > MAX_PIXELS:  # from the header, before any pixel is decoded
+        raise DataError(str(path), f"image is {cols}x{rows}x{frames}, over the {MAX_PIXELS // 2**20} Mpx "
+                                   "limit; downsample it before assessment")
     ts = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
     try:
         arr = ds.pixel_array

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from saliency_trust.data.dicom import read_dicom
+from saliency_trust.data.dicom import MAX_PIXELS, read_dicom
 from saliency_trust.data.errors import DataError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
 MAP_FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
+#: Sizes a radiograph may have: at least MIN_SIDE px a side, at most MAX_PIXELS (64 Mpx, from dicom.py).
+#: Checked from the header before any pixel is decoded, so a hostile header cannot make a reader allocate.
+MIN_SIDE = 16
 #: The file suffix for each sniffed type (what an upload is saved as).
 SUFFIX = {"dicom": ".dcm", "png": ".png", "nrrd": ".nrrd", "nifti": ".nii", "nifti_gz": ".nii.gz"}
 
@@ -70,39 +73,84 @@ def suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
+def check_size(rows: int, cols: int, path: Path, frames: int = 1, min_side: int = MIN_SIDE) -> None:
+    """Refuse an image too small to be a radiograph or too large to read safely (from its header)."""
+    if min(rows, cols) < min_side:
+        raise DataError(str(path), f"image is {cols}x{rows}; a radiograph needs at least {min_side} px a side")
+    if rows * cols * max(frames, 1) > MAX_PIXELS:
+        raise DataError(str(path), f"image is {cols}x{rows}" + (f"x{frames}" if frames > 1 else "")
+                        + f", over the {MAX_PIXELS // 2**20} Mpx limit; downsample it before assessment")
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixels
 
 
-def read_pixels(path: Path, what: str) -> np.ndarray:
+def read_pixels(path: Path, what: str, min_side: int = MIN_SIDE) -> np.ndarray:
     """The pixel array of a PNG/JPEG/TIFF file, or a DataError naming it and ``what`` it should be."""
     try:
         from PIL import Image
 
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            check_size(im.size[1], im.size[0], path, min_side=min_side)
             return np.asarray(im)
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(str(path), f"not a readable {what} ({type(exc).__name__}: {exc})") from None
 
 
-def _sitk_read(path: Path):
+def _sitk_read(path: Path, radiograph: bool = True):
+    """Read a volume file; a radiograph's size is checked from its header first (a mask's against its image)."""
     import SimpleITK as sitk
 
     try:
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        info.ReadImageInformation()  # header only: refuse a huge image before allocating it
+        size = list(info.GetSize()) + [1, 1]
+        frames = size[2] * info.GetNumberOfComponents()
+        check_size(size[1], size[0], path, frames=frames, min_side=MIN_SIDE if radiograph else 1)
+        _check_nifti_finite(path)
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(str(path), f"not a readable image ({first})") from None
 
 
-def _plane(arr: np.ndarray, path: Path) -> np.ndarray:
+_NIFTI_FLOATS = {16: np.float32, 64: np.float64}
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """Refuse a float NIfTI with NaN or inf values (NIfTI readers silently turn them into 0)."""
+    if suffix(path) not in (".nii", ".nii.gz"):
+        return
+    opener = gzip.open if suffix(path) == ".nii.gz" else open
+    with opener(path, "rb") as f:
+        head = f.read(352)
+        if len(head) < 348:
+            return
+        order = "<" if int.from_bytes(head[:4], "little") == 348 else ">"
+        datatype = int(np.frombuffer(head[70:72], order + "i2")[0])
+        if datatype not in _NIFTI_FLOATS:
+            return
+        offset = int(np.frombuffer(head[108:112], order + "f4")[0])
+        f.seek(max(offset, 352))
+        dtype = np.dtype(_NIFTI_FLOATS[datatype]).newbyteorder(order)
+        bad = 0
+        while chunk := f.read(2**22 - 2**22 % dtype.itemsize):
+            bad += int((~np.isfinite(np.frombuffer(chunk, dtype))).sum())
+    if bad:
+        raise DataError(str(path), f"image has {bad} NaN or infinite values")
+
+
+def _plane(arr: np.ndarray, path: Path, radiograph: bool = True) -> np.ndarray:
     """The one 2-D plane of ``arr`` (``[H, W]`` or ``[1, H, W]``), or a DataError naming ``path``."""
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
         raise DataError(str(path), f"expected one 2-D radiograph, got an image of shape {arr.shape} (3-D or colour)")
-    if arr.size == 0 or min(arr.shape) < 2:
-        raise DataError(str(path), f"empty image (shape {arr.shape})")
+    check_size(arr.shape[0], arr.shape[1], path, min_side=MIN_SIDE if radiograph else 1)
     return arr
 
 
@@ -131,6 +179,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
         raise DataError(str(path), "image file is missing")
     if path.suffix.lower() in DICOM_SUFFIXES or is_dicom(path):
         img, geo = read_dicom(path)
+        check_size(img.shape[0], img.shape[1], path)
         return img, geo["spacing"]
     arr = read_pixels(path, "image")
     if arr.ndim == 3:
@@ -141,6 +190,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
         arr = arr[..., 0]
     if arr.ndim != 2 or arr.size == 0:
         raise DataError(str(path), f"expected a 2-D grayscale image, got shape {arr.shape}")
+    check_size(arr.shape[0], arr.shape[1], path)
     if arr.dtype == np.uint8:
         img = arr.astype(np.float32) / 255.0
     elif arr.dtype.kind in "iu":
@@ -180,6 +230,7 @@ def read_input(path: str | Path, intensity_range: Sequence[float] | None = None)
         return img, ref
     if kind in DICOM_SUFFIXES or is_dicom(path):
         img, _ = read_dicom(path)
+        check_size(img.shape[0], img.shape[1], path)
         ref = _sitk_read(path)
         if _plane(sitk.GetArrayFromImage(ref), path).shape != img.shape:
             raise DataError(str(path), "DICOM pixel data and geometry disagree in size")
@@ -204,13 +255,13 @@ def read_mask(path: str | Path, shape: tuple[int, ...], where: str | None = None
     if not path.is_file():
         raise DataError(str(path), f"mask file is missing{named}")
     if suffix(path) in VOLUME_SUFFIXES:
-        arr = _plane(sitk.GetArrayFromImage(_sitk_read(path)), path)
+        arr = _plane(sitk.GetArrayFromImage(_sitk_read(path, radiograph=False)), path, radiograph=False)
     elif suffix(path) in PICTURE_SUFFIXES:
-        arr = read_pixels(path, "mask image")
+        arr = read_pixels(path, "mask image", min_side=1)
         if arr.ndim == 3:
             colour = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]  # RGB(A) or L(A): drop alpha
             arr = (colour != 0).any(axis=2)
-        arr = _plane(arr, path)
+        arr = _plane(arr, path, radiograph=False)
     else:
         raise DataError(str(path), f"mask must be NIfTI, NRRD, MHA or PNG{named}")
     if arr.shape != tuple(shape):
@@ -252,5 +303,6 @@ def write_map(path: Path, values: np.ndarray, ref) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["DICOM_SUFFIXES", "MAP_FORMATS", "PICTURE_SUFFIXES", "SUFFIX", "VOLUME_SUFFIXES", "atomic_write_bytes",
-           "is_dicom", "read_image", "read_input", "read_mask", "read_pixels", "sniff", "suffix", "write_map"]
+__all__ = ["DICOM_SUFFIXES", "MAP_FORMATS", "MAX_PIXELS", "MIN_SIDE", "PICTURE_SUFFIXES", "SUFFIX", "VOLUME_SUFFIXES",
+           "atomic_write_bytes", "check_size", "is_dicom", "read_image", "read_input", "read_mask", "read_pixels",
+           "sniff", "suffix", "write_map"]

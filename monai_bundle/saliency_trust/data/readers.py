@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ def load_dataset(root: str | Path, image_size: int | None = None, layout: str | 
     if layout not in readers:
         raise ValueError(f"unknown layout {layout!r}")
     ds = Dataset(root=root, layout=layout)
-    splits = _read_splits(root)
+    splits = _read_splits(root)  # an unreadable split file stops the load: the splits would be wrong
     for item in readers[layout](root, image_size):
         if isinstance(item, DataError):
             log.warning("skipped: %s", item)
@@ -129,15 +130,33 @@ def _read_splits(root: Path) -> dict[str, str]:
     path = root / "split.csv"
     if not path.is_file():
         return {}
-    with path.open(newline="") as f:
-        return {row["id"]: row["split"] for row in _dict_rows(f)}
+    rows = _csv_rows(path)
+    if rows and not {"id", "split"} <= rows[0].keys():
+        raise DataError(str(path), "split.csv needs 'id' and 'split' columns")
+    return {row["id"]: row["split"] for row in rows}
 
 
-def _dict_rows(f) -> Iterator[dict[str, str]]:
-    reader = csv.DictReader(f)
-    reader.fieldnames = [n.strip() for n in (reader.fieldnames or [])]
-    for row in reader:
-        yield {k: (v or "").strip() for k, v in row.items() if k is not None}
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (header names and values stripped), or a DataError naming it."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            reader.fieldnames = [n.strip() for n in (reader.fieldnames or [])]
+            return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(str(path), f"not a readable UTF-8 CSV file ({type(exc).__name__}: {exc})") from None
+
+
+def _inside(root: Path, relative: str, where: str) -> Path:
+    """``root / relative``, or a DataError when the name leaves the dataset folder (``..``, absolute).
+
+    Judged on the name, not on where symbolic links lead: a dataset whose images folder is a link
+    to shared storage still loads.
+    """
+    norm = os.path.normpath(relative)
+    if os.path.isabs(norm) or Path(relative).drive or norm == ".." or norm.startswith(".." + os.sep):
+        raise DataError(where, f"file name {relative!r} points outside the dataset folder; refused")
+    return root / norm
 
 
 def _finish(rid: str, path: Path, img: np.ndarray, spacing, mask, label: int, image_size) -> Record:
@@ -155,28 +174,32 @@ def _read_rsna(root: Path, image_size: int | None) -> Iterator[Record | DataErro
     boxes: dict[str, list[tuple[int, tuple[float, float, float, float]]]] = {}
     targets: dict[str, int] = {}
     bad: dict[str, DataError] = {}
-    with labels.open(newline="") as f:
-        for lineno, row in enumerate(_dict_rows(f), start=2):
-            pid = row.get("patientId", "")
-            where = f"{labels}:{lineno} (patientId {pid})"
-            try:
-                target = int(float(row.get("Target", "1") or 0))
-                coords = [row.get(k, "") for k in ("x", "y", "width", "height")]
-                if target and all(coords):
-                    box = tuple(float(c) for c in coords)
-                    boxes.setdefault(pid, []).append((lineno, box))
-                elif target:
-                    raise DataError(where, "Target=1 but the box coordinates are empty")
-            except ValueError as exc:
-                bad.setdefault(pid, DataError(where, f"malformed row ({exc})"))
-                continue
-            targets[pid] = max(targets.get(pid, 0), target)
+    try:
+        rows = _csv_rows(labels)
+    except DataError as err:
+        yield err
+        return
+    for lineno, row in enumerate(rows, start=2):
+        pid = row.get("patientId", "")
+        where = f"{labels}:{lineno} (patientId {pid})"
+        try:
+            target = int(float(row.get("Target", "1") or 0))
+            coords = [row.get(k, "") for k in ("x", "y", "width", "height")]
+            if target and all(coords):
+                box = tuple(float(c) for c in coords)
+                boxes.setdefault(pid, []).append((lineno, box))
+            elif target:
+                raise DataError(where, "Target=1 but the box coordinates are empty")
+        except ValueError as exc:
+            bad.setdefault(pid, DataError(where, f"malformed row ({exc})"))
+            continue
+        targets[pid] = max(targets.get(pid, 0), target)
     for pid in dict.fromkeys([*targets, *bad]):
         if pid in bad:
             yield bad[pid]
             continue
-        path = img_dir / f"{pid}.dcm"
         try:
+            path = _inside(img_dir, f"{pid}.dcm", f"{labels} (patientId {pid})")
             img, spacing = read_image(path)
             dst = (int(image_size), int(image_size)) if image_size is not None else None
             mask = None
@@ -195,13 +218,17 @@ def _read_rsna(root: Path, image_size: int | None) -> Iterator[Record | DataErro
 def _read_siim(root: Path, image_size: int | None) -> Iterator[Record | DataError]:
     labels = root / SIIM_LABELS
     rles: dict[str, list[tuple[int, str]]] = {}
-    with labels.open(newline="") as f:
-        for lineno, row in enumerate(_dict_rows(f), start=2):
-            rles.setdefault(row.get("ImageId", ""), []).append((lineno, row.get("EncodedPixels", "")))
+    try:
+        rows = _csv_rows(labels)
+    except DataError as err:
+        yield err
+        return
+    for lineno, row in enumerate(rows, start=2):
+        rles.setdefault(row.get("ImageId", ""), []).append((lineno, row.get("EncodedPixels", "")))
     files = {p.stem: p for p in root.rglob("*.dcm")}
     for image_id, rows in rles.items():
-        path = files.get(image_id, root / f"{image_id}.dcm")
         try:
+            path = files.get(image_id) or _inside(root, f"{image_id}.dcm", f"{labels} (ImageId {image_id})")
             img, spacing = read_image(path)
             mask = np.zeros(img.shape, bool)
             for lineno, rle in rows:
@@ -215,8 +242,11 @@ def _read_siim(root: Path, image_size: int | None) -> Iterator[Record | DataErro
 def _read_generic(root: Path, image_size: int | None) -> Iterator[Record | DataError]:
     labels = root / GENERIC_LABELS
     groups: dict[str, list[tuple[int, dict[str, str]]]] = {}
-    with labels.open(newline="") as f:
-        rows = list(_dict_rows(f))
+    try:
+        rows = _csv_rows(labels)
+    except DataError as err:
+        yield err
+        return
     if not rows or "file" not in rows[0]:
         yield DataError(str(labels), "a generic labels.csv needs a 'file' column")
         return
@@ -224,16 +254,18 @@ def _read_generic(root: Path, image_size: int | None) -> Iterator[Record | DataE
     for lineno, row in enumerate(rows, start=2):
         groups.setdefault(row["file"], []).append((lineno, row))
     for rel, items in groups.items():
-        path = root / rel
         rid = Path(rel).stem
+        path = root / rel
         try:
+            path = _inside(root, rel, f"{labels}:{items[0][0]}")
             img, spacing = read_image(path)
             mask = None
             if mode == "mask":
                 mask = np.zeros(img.shape, bool)
                 for lineno, row in items:
                     if row.get("mask"):
-                        mask |= read_mask(root / row["mask"], img.shape, f"{labels}:{lineno}")
+                        where = f"{labels}:{lineno}"
+                        mask |= read_mask(_inside(root, row["mask"], where), img.shape, where)
             elif mode == "box":
                 boxes = []
                 for lineno, row in items:
