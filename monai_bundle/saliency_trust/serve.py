@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hmac
 import ipaddress
 import json
@@ -267,6 +268,18 @@ def create_app(state: State) -> FastAPI:
             if exc.status_code != 504:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
+        except OSError as exc:  # the work folder: full disk or quota; nothing half-written is served
+            shutil.rmtree(folder, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("request %s: work folder full (%s)", rid, exc.strerror)
+                raise HTTPException(507, "the server's work folder is full; retry later") from None
+            log.exception("request %s: I/O error", rid)
+            raise HTTPException(500, f"internal I/O error ({exc.strerror or type(exc).__name__})") from None
+        except Exception as exc:  # a fault in the worker: this request fails, the service goes on
+            shutil.rmtree(folder, ignore_errors=True)
+            log.exception("request %s: worker failed", rid)
+            raise HTTPException(500, f"internal error in the worker ({type(exc).__name__}); "
+                                     "the request was dropped") from None
         if "error" in result:
             shutil.rmtree(folder, ignore_errors=True)
             log.info("request %s: rejected (%s) in %.2f s", rid, result["error"]["type"], time.time() - t0)

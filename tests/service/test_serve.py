@@ -252,6 +252,71 @@ def test_results_expire_on_the_servers_clock_and_their_files_are_removed(trained
 
 
 @pytest.mark.slow
+def test_worker_faults_and_a_full_disk_fail_one_request_and_the_service_goes_on(trained_bundle, tmp_path, monkeypatch):
+    """A worker exception gives 500 with a short reason, a full work folder 507; neither leaves files behind."""
+    import asyncio
+    import errno
+
+    import saliency_trust.workflows.infer as infer
+
+    state, app = _in_process(trained_bundle, tmp_path / "work")
+    real_write = infer.write_map
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async def post():
+                files = {"image": ("a", trained_bundle["dicom"].read_bytes())}
+                return await client.post("/infer/default", files=files, data={"methods": "grad", "preset": "quick"})
+
+            monkeypatch.setattr(infer, "explain", crash)
+            r = await post()
+            assert r.status_code == 500 and "RuntimeError" in r.json()["detail"], r.text
+            assert "illegal memory" not in r.json()["detail"]  # a short reason, not the internals
+            monkeypatch.undo()
+            monkeypatch.setattr(infer, "write_map", full_disk)
+            r = await post()
+            assert r.status_code == 507 and "full" in r.json()["detail"], r.text
+            monkeypatch.setattr(infer, "write_map", real_write)
+            assert list(state.work.iterdir()) == [], "a failed request leaves nothing in the work folder"
+            r = await post()
+            assert r.status_code == 200, r.text  # the next request works
+            assert (await client.get(r.json()["maps"]["grad"])).status_code == 200
+            assert state.pending == 0
+
+    try:
+        asyncio.run(go())
+    finally:
+        state.executor.shutdown(wait=True)
+
+
+def test_a_client_that_disconnects_mid_upload_leaves_nothing_and_the_server_keeps_serving(server, trained_bundle):
+    host, port = server["url"].removeprefix("http://").split(":")
+    body = trained_bundle["dicom"].read_bytes()
+    boundary = "cut-short-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    request = (f"POST /infer/default HTTP/1.1\r\nHost: {host}\r\nAuthorization: {server['auth']['Authorization']}\r\n"
+               f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+               f"Content-Length: {len(head) + len(body) + 100}\r\n\r\n").encode()
+    before = set(server["work"].iterdir()) if server["work"].is_dir() else set()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request + head + body[: len(body) // 2])  # half the image, then the client is gone
+    r = _post(server, trained_bundle["dicom"])
+    assert r.status_code == 200, r.text
+    assert server["proc"].poll() is None
+    after = set(server["work"].iterdir())
+    new = after - before
+    assert all((p / "out").is_dir() for p in new), "only finished results are kept, no half-uploaded request"
+
+
+@pytest.mark.slow
 def test_slicer_server_mode_builds_the_same_scene_as_local_mode(server, trained_bundle, tmp_path):
     slicer = pytest.importorskip("slicer")
     sys.path.insert(0, str(REPO / "SaliencyTrust"))

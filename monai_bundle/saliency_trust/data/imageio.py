@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from saliency_trust import faults
 from saliency_trust.data.dicom import MAX_PIXELS, read_dicom
 from saliency_trust.data.errors import DataError
 
@@ -281,9 +282,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)
+        faults.point(f"write:{path.name}")
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries (``.<name>.<pid>.tmp...``) of writers that died; returns what went.
+
+    A temporary whose process is still alive is left alone (another writer may be at work).
+    """
+    gone = []
+    for f in Path(folder).glob(".*.tmp*") if Path(folder).is_dir() else []:
+        parts = f.name.split(".")
+        pids = [int(p) for p in parts if p.isdigit()]
+        if pids and _alive(pids[-1]):
+            continue
+        f.unlink(missing_ok=True)
+        gone.append(f)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours (PermissionError), or not checkable here
+        return True
+    return True
 
 
 def write_map(path: Path, values: np.ndarray, ref) -> None:
@@ -305,4 +335,4 @@ def write_map(path: Path, values: np.ndarray, ref) -> None:
 
 __all__ = ["DICOM_SUFFIXES", "MAP_FORMATS", "MAX_PIXELS", "MIN_SIDE", "PICTURE_SUFFIXES", "SUFFIX", "VOLUME_SUFFIXES",
            "atomic_write_bytes", "check_size", "is_dicom", "read_image", "read_input", "read_mask", "read_pixels",
-           "sniff", "suffix", "write_map"]
+           "remove_stale_temporaries", "sniff", "suffix", "write_map"]

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saliency_trust import faults
 from saliency_trust.criteria import (
     TARGETS,
     agreement_verdicts,
@@ -51,7 +52,7 @@ from saliency_trust.criteria import (
     utility_verdicts,
 )
 from saliency_trust.data import load_dataset
-from saliency_trust.data.imageio import atomic_write_bytes
+from saliency_trust.data.imageio import atomic_write_bytes, remove_stale_temporaries
 from saliency_trust.data.split import split_of
 from saliency_trust.networks import file_sha256, get_network, load_weights, to_network_input, trained_image_size
 from saliency_trust.provenance import code_fingerprint, versions
@@ -332,7 +333,12 @@ def compute_maps(plan: Plan, progress: bool = True) -> Maps:
     n = len(plan.ids)
     images = plan.images
 
+    calls = iter(range(1 << 30))
+
     def explain_sharded(net: torch.nn.Module, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        # One call per model state: the trained replicates, the untrained network, each randomized state.
+        faults.point(f"explain:{next(calls)}")
+
         def part(s: slice) -> dict[str, torch.Tensor]:
             maps = explain(net, images[s], plan.methods, targets=targets[s], preset=plan.preset, segment_cache=cache,
                            seed=plan.seed, **plan.overrides)
@@ -677,6 +683,9 @@ def run_assessment(
     plan = plan_assessment(dataset_dir, output_dir, classifiers, localizers, methods, preset, n_images, image_size,
                            split, seed, data_range, pairs_per_image, agreement_threshold, device, randomize,
                            recipe_overrides, explain_class, randomization_target, block)
+    if _world()[0] == 0:
+        for folder in (plan.out_dir, plan.out_dir / ".steps", plan.out_dir / "figures"):
+            remove_stale_temporaries(folder)  # left by a run that was killed mid-write
     maps = compute_maps(plan, progress=progress)
     results, scores = score(plan, maps, seconds=time.time() - t0)
     rank, _ = _world()
