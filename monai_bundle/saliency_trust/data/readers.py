@@ -116,13 +116,17 @@ def load_dataset(root: str | Path, image_size: int | None = None, layout: str | 
         raise ValueError(f"unknown layout {layout!r}")
     ds = Dataset(root=root, layout=layout)
     splits = _read_splits(root)  # an unreadable split file stops the load: the splits would be wrong
-    for item in readers[layout](root, image_size):
-        if isinstance(item, DataError):
-            log.warning("skipped: %s", item)
-            ds.errors.append(item)
-        else:
-            item.split = splits.get(item.id)
-            ds.records.append(item)
+    try:
+        for item in readers[layout](root, image_size):
+            if isinstance(item, DataError):
+                log.warning("skipped: %s", item)
+                ds.errors.append(item)
+            else:
+                item.split = splits.get(item.id)
+                ds.records.append(item)
+    except DataError as err:  # the labels file itself is unreadable: nothing more can load
+        log.warning("skipped: %s", err)
+        ds.errors.append(err)
     return ds
 
 
@@ -174,11 +178,7 @@ def _read_rsna(root: Path, image_size: int | None) -> Iterator[Record | DataErro
     boxes: dict[str, list[tuple[int, tuple[float, float, float, float]]]] = {}
     targets: dict[str, int] = {}
     bad: dict[str, DataError] = {}
-    try:
-        rows = _csv_rows(labels)
-    except DataError as err:
-        yield err
-        return
+    rows = _csv_rows(labels)  # unreadable: load_dataset reports it
     for lineno, row in enumerate(rows, start=2):
         pid = row.get("patientId", "")
         where = f"{labels}:{lineno} (patientId {pid})"
@@ -218,11 +218,7 @@ def _read_rsna(root: Path, image_size: int | None) -> Iterator[Record | DataErro
 def _read_siim(root: Path, image_size: int | None) -> Iterator[Record | DataError]:
     labels = root / SIIM_LABELS
     rles: dict[str, list[tuple[int, str]]] = {}
-    try:
-        rows = _csv_rows(labels)
-    except DataError as err:
-        yield err
-        return
+    rows = _csv_rows(labels)  # unreadable: load_dataset reports it
     for lineno, row in enumerate(rows, start=2):
         rles.setdefault(row.get("ImageId", ""), []).append((lineno, row.get("EncodedPixels", "")))
     files = {p.stem: p for p in root.rglob("*.dcm")}
@@ -242,11 +238,7 @@ def _read_siim(root: Path, image_size: int | None) -> Iterator[Record | DataErro
 def _read_generic(root: Path, image_size: int | None) -> Iterator[Record | DataError]:
     labels = root / GENERIC_LABELS
     groups: dict[str, list[tuple[int, dict[str, str]]]] = {}
-    try:
-        rows = _csv_rows(labels)
-    except DataError as err:
-        yield err
-        return
+    rows = _csv_rows(labels)  # unreadable: load_dataset reports it
     if not rows or "file" not in rows[0]:
         yield DataError(str(labels), "a generic labels.csv needs a 'file' column")
         return
