@@ -1,4 +1,4 @@
-"""Model-parameter randomization (Adebayo et al. 2018) over the registry's named blocks.
+"""Model-parameter randomization (Adebayo et al. 2018) over named blocks (a model folder's, or a registry network's).
 
 Re-initialization scheme (the paper does not state its own): every module inside a block that
 has parameters or running statistics is reset as if freshly constructed -- ``reset_parameters()``
@@ -15,7 +15,7 @@ model is never modified: each state is a copy.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -48,20 +48,22 @@ def randomize_block(model: nn.Module, members: tuple[str, ...], seed: int) -> No
 
 def randomization_states(
     model: nn.Module,
-    arch: str,
+    blocks: str | Sequence[tuple[str, Sequence[str]]],
     mode: str = "cascading",
     seed: int = 0,
 ) -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(block name, randomized copy)`` for each block of ``arch``, head first.
+    """Yield ``(block name, randomized copy)`` for each block, head first.
 
-    ``mode`` is ``"cascading"`` (blocks accumulate, as the paper) or ``"independent"`` (one block
-    at a time). Copies are made lazily; the caller's model is left as it is.
+    ``blocks`` are ``(name, module names)`` pairs (:meth:`~saliency_trust.networks.ModelFolder.randomization_blocks`)
+    or a registry network's name. ``mode`` is ``"cascading"`` (blocks accumulate, as the paper) or
+    ``"independent"`` (one block at a time). Copies are made lazily; the caller's model is left as it is.
     """
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
-    blocks = randomization_blocks(arch)
+    if isinstance(blocks, str):
+        blocks = randomization_blocks(blocks)
     current = copy.deepcopy(model) if mode == "cascading" else None
     for k, (name, members) in enumerate(blocks):
         state = current if mode == "cascading" else copy.deepcopy(model)
-        randomize_block(state, members, seed=seed * 1000 + k)
+        randomize_block(state, tuple(members), seed=seed * 1000 + k)
         yield name, (copy.deepcopy(state) if mode == "cascading" else state)

@@ -5,25 +5,19 @@ radiograph in [0, 1] mapped to [-1, 1] (Inception scaling ``x / 127.5 - 1`` on 8
 copied to three channels, exactly as the paper fed its Keras models (:func:`to_network_input`).
 They return pre-softmax logits ``[B, num_classes]``; saliency explains the predicted logit.
 
-Cascading randomization blocks (top to bottom), the single place where they are defined:
+The Grad-CAM layers and cascading randomization blocks of every family live in one table,
+:data:`saliency_trust.networks.modelfolder.FAMILY_DEFAULTS` (InceptionV3: ``fc``, ``Mixed_7c`` ...
+``Mixed_5b``, the paper's Logits, mixed10 ... mixed0, its verdict at mixed1 = ``Mixed_5c``;
+DenseNet121: ``classifier``, ``denseblock4`` (+ ``norm5``), ``transition3`` ... ``conv0``
+(+ ``norm0``)); the helpers below read it for the registry's names.
 
-================  ===========================================================================
-architecture      blocks, in randomization order
-================  ===========================================================================
-inception_v3      ``fc`` (logits), ``Mixed_7c``, ``Mixed_7b``, ``Mixed_7a``, ``Mixed_6e``,
-                  ``Mixed_6d``, ``Mixed_6c``, ``Mixed_6b``, ``Mixed_6a``, ``Mixed_5d``,
-                  ``Mixed_5c``, ``Mixed_5b`` -- the paper's Logits, mixed10 ... mixed0
-                  (torchvision Mixed_5b = Keras mixed0; the paper stopped at mixed1 = Mixed_5c;
-                  we add Mixed_5b so the cascade reaches the first Inception block). The stem
-                  convolutions are never randomized, as in the paper.
-densenet121       ``classifier``, ``denseblock4`` (+ ``norm5``), ``transition3``, ``denseblock3``,
-                  ``transition2``, ``denseblock2``, ``transition1``, ``denseblock1``, ``conv0``
-                  (+ ``norm0``)
-================  ===========================================================================
+``resnet50`` and ``efficientnet_b0`` (torchvision) are there for models people bring (a model
+folder's ``network`` field); the bundle's own study trains the paper's two.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -32,36 +26,19 @@ import torch
 from torch import nn
 from torchvision import models
 
+#: The classifiers the bundle's own study trains (the paper's two).
 CLASSIFIERS = ("inception_v3", "densenet121")
 
-#: Randomization blocks, top (head) first; each entry lists module names reset together.
-RANDOMIZATION_BLOCKS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
-    "inception_v3": [
-        ("logits", ("fc",)),
-        *[(n, (n,)) for n in ("Mixed_7c", "Mixed_7b", "Mixed_7a", "Mixed_6e", "Mixed_6d", "Mixed_6c",
-                             "Mixed_6b", "Mixed_6a", "Mixed_5d", "Mixed_5c", "Mixed_5b")],
-    ],
-    "densenet121": [
-        ("logits", ("classifier",)),
-        ("denseblock4", ("features.denseblock4", "features.norm5")),
-        ("transition3", ("features.transition3",)),
-        ("denseblock3", ("features.denseblock3",)),
-        ("transition2", ("features.transition2",)),
-        ("denseblock2", ("features.denseblock2",)),
-        ("transition1", ("features.transition1",)),
-        ("denseblock1", ("features.denseblock1",)),
-        ("conv0", ("features.conv0", "features.norm0")),
-    ],
-}
 
-#: The state whose maps the randomization verdict reads: where the paper's cascade ended
-#: (InceptionV3: mixed1 = torchvision Mixed_5c). Later states stay on the curve, marked as beyond
-#: the paper. Architectures not listed: the last state (the whole cascade).
-PAPER_FINAL_STATE = {"inception_v3": "Mixed_5c"}
+def _family(name: str) -> dict:
+    from saliency_trust.networks.modelfolder import FAMILY_DEFAULTS, REGISTRY_CLASSES
 
-#: Grad-CAM layer per architecture and whether the model applies a ReLU right after it: the
-#: last post-ReLU feature map, as the paper's Keras layers (mixed10, DenseNet's final relu).
-CAM_LAYERS = {"inception_v3": ("Mixed_7c", False), "densenet121": ("features", True)}
+    return FAMILY_DEFAULTS.get(REGISTRY_CLASSES.get(name, ""), {})
+
+
+#: Grad-CAM layer of each registry classifier and whether the model applies a ReLU right after it.
+CAM_LAYERS = {n: (_family(n)["cam_layer"], _family(n)["cam_post_relu"])
+              for n in ("inception_v3", "densenet121", "resnet50", "efficientnet_b0")}
 
 
 def to_network_input(images01: torch.Tensor) -> torch.Tensor:
@@ -85,6 +62,14 @@ def _densenet121(num_classes: int) -> nn.Module:
     return models.densenet121(weights=None, num_classes=num_classes)
 
 
+def _resnet50(num_classes: int) -> nn.Module:
+    return models.resnet50(weights=None, num_classes=num_classes)
+
+
+def _efficientnet_b0(num_classes: int) -> nn.Module:
+    return models.efficientnet_b0(weights=None, num_classes=num_classes)
+
+
 def _unet(num_classes: int) -> nn.Module:
     from monai.networks.nets import UNet
 
@@ -95,12 +80,15 @@ def _unet(num_classes: int) -> nn.Module:
 _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "inception_v3": _inception_v3,
     "densenet121": _densenet121,
+    "resnet50": _resnet50,
+    "efficientnet_b0": _efficientnet_b0,
     "unet": _unet,
 }
 
 
 def get_network(name: str, num_classes: int = 2, pretrained: str | Path | None = None) -> nn.Module:
-    """Build ``inception_v3``, ``densenet121`` (torchvision) or ``unet`` (MONAI, localization baseline).
+    """Build ``inception_v3``, ``densenet121``, ``resnet50``, ``efficientnet_b0`` (torchvision) or ``unet``
+    (MONAI, the localization baseline).
 
     Nothing is downloaded. ``pretrained`` is a local state_dict file (for example torchvision's
     ImageNet weights saved beforehand); it loads with ``weights_only=True`` and the
@@ -132,33 +120,26 @@ def load_weights(net: nn.Module, path: str | Path, skip_mismatched: bool = False
     return net
 
 
+@functools.lru_cache(maxsize=8)
 def randomization_blocks(arch: str) -> list[tuple[str, tuple[str, ...]]]:
-    """Named blocks of ``arch`` for cascading randomization, head first."""
-    if arch not in RANDOMIZATION_BLOCKS:
-        raise ValueError(f"no randomization blocks for {arch!r}; choose one of {sorted(RANDOMIZATION_BLOCKS)}")
-    return RANDOMIZATION_BLOCKS[arch]
+    """Named blocks of registry network ``arch`` for cascading randomization, head first."""
+    from saliency_trust.networks.modelfolder import expand_blocks
+
+    blocks = _family(arch).get("randomization_blocks")
+    if arch not in _BUILDERS or blocks is None:
+        raise ValueError(f"no randomization blocks for {arch!r}; choose one of {sorted(CAM_LAYERS)}")
+    if any(isinstance(b, str) for b in blocks):
+        blocks = expand_blocks(get_network(arch), blocks)
+    return [(b["name"], tuple(b["modules"])) for b in blocks]
 
 
 def verdict_state(arch: str, states: list[str]) -> str:
-    """The randomization state the verdict reads for ``arch`` (see :data:`PAPER_FINAL_STATE`)."""
+    """The randomization state the verdict reads for registry network ``arch``: where the paper's
+    cascade ended (InceptionV3: ``Mixed_5c``), else the last state (the whole cascade)."""
     if not states:
         raise ValueError("no randomization states")
-    want = PAPER_FINAL_STATE.get(arch)
+    want = _family(arch).get("verdict_block")
     return want if want in states else states[-1]
-
-
-def trained_image_size(weights: str | Path) -> int | None:
-    """The input size recorded by training beside ``weights`` (``<stem>.metrics.json``), or None."""
-    import json
-
-    meta = Path(weights).with_suffix(".metrics.json")
-    if not meta.is_file():
-        return None
-    try:
-        size = json.loads(meta.read_text()).get("image_size")
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{meta}: unreadable training record ({exc})") from None
-    return int(size) if size else None
 
 
 def file_sha256(path: str | Path) -> str:

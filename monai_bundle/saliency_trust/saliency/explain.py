@@ -19,20 +19,18 @@ from saliency_trust.saliency.xrai import DEFAULT_CACHE, SegmentCache, xrai_greed
 
 
 def default_cam_layer(model: nn.Module) -> tuple[str, bool]:
-    """The registered Grad-CAM layer of torchvision InceptionV3 / DenseNet and whether a ReLU follows it.
+    """The Grad-CAM layer of ``model``'s family and whether a ReLU follows it (see
+    :data:`~saliency_trust.networks.modelfolder.FAMILY_DEFAULTS`).
 
     InceptionV3's ``Mixed_7c`` output is already post-ReLU; DenseNet's ``features`` ends at
     ``norm5`` and the model applies ``F.relu`` after it, so the post-ReLU map is taken there.
     """
-    from torchvision.models import DenseNet, Inception3
+    from saliency_trust.networks.modelfolder import family_defaults
 
-    from saliency_trust.networks import CAM_LAYERS
-
-    if isinstance(model, Inception3):
-        return CAM_LAYERS["inception_v3"]
-    if isinstance(model, DenseNet):
-        return CAM_LAYERS["densenet121"]
-    raise ValueError(f"no default Grad-CAM layer for {type(model).__name__}; pass cam_layer='<module name>'")
+    family = family_defaults(model)
+    if "cam_layer" not in family:
+        raise ValueError(f"no default Grad-CAM layer for {type(model).__name__}; pass cam_layer='<module name>'")
+    return family["cam_layer"], family["cam_post_relu"]
 
 
 @lru_cache(maxsize=64)
@@ -267,9 +265,12 @@ def _raw_maps(engine: GradientEngine, model: nn.Module, x: torch.Tensor, t: torc
     def same(b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return x[b]
 
-    def const(value: float):
-        one = torch.full((1, 1, 1, 1), value, device=dev, dtype=x.dtype)
-        return lambda b, j: one.expand(b.shape[0], C, H, W)  # a view: nothing written per chunk
+    def const(value: float | tuple[float, ...]):
+        # One value, or one per channel (black in a per-channel normalization); a view: nothing written per chunk.
+        one = torch.tensor(value, device=dev, dtype=x.dtype).reshape(1, -1, 1, 1)
+        if one.shape[1] not in (1, C):
+            raise ValueError(f"ig_baseline has {one.shape[1]} values for {C} input channels")
+        return lambda b, j: one.expand(b.shape[0], C, H, W)
 
     def ig_finalize(S, P, Z):
         return (P - Z) * S

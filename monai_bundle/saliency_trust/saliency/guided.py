@@ -37,27 +37,38 @@ def _clamp_incoming(grad_outputs: tuple[torch.Tensor | None, ...]) -> tuple[torc
     return tuple(None if g is None else g.clamp(min=0) for g in grad_outputs)
 
 
-def guide_relus(output: torch.Tensor) -> int:
-    """Make every ReLU in ``output``'s autograd graph backpropagate the guided way; returns their number.
-
-    Call it between the forward pass and ``torch.autograd.grad``. Raises ``ValueError`` when
-    the graph holds no ReLU (guided backprop would silently be the plain gradient).
-    """
+def relu_nodes(output: torch.Tensor):
+    """The ReLU nodes of ``output``'s autograd graph (any ReLU form records the same node), each once."""
     root = output.grad_fn
     if root is None:
         raise ValueError("the output does not depend on the input through autograd; nothing to guide")
     seen = set()  # the node objects themselves, kept alive so that no id is reused mid-walk
     stack = [root]
-    n = 0
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
         if node.name() in _RELU_NODES:
-            node.register_prehook(_clamp_incoming)
-            n += 1
+            yield node
         stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
+
+
+def has_relu(output: torch.Tensor) -> bool:
+    """Whether the forward pass that made ``output`` applied a ReLU (guided backprop needs one)."""
+    return next(relu_nodes(output), None) is not None
+
+
+def guide_relus(output: torch.Tensor) -> int:
+    """Make every ReLU in ``output``'s autograd graph backpropagate the guided way; returns their number.
+
+    Call it between the forward pass and ``torch.autograd.grad``. Raises ``ValueError`` when
+    the graph holds no ReLU (guided backprop would silently be the plain gradient).
+    """
+    n = 0
+    for node in relu_nodes(output):
+        node.register_prehook(_clamp_incoming)
+        n += 1
     if n == 0:
         raise ValueError("guided backprop needs ReLUs, and the model's forward pass used none")
     return n

@@ -49,7 +49,7 @@ class Recipe:
 
     name: str = "paper"
     ig_steps: int = 10
-    ig_baseline: float = -1.0  # black in the [-1, 1] input scale
+    ig_baseline: float | tuple[float, ...] = -1.0  # black in the network's input scale (per channel: a tuple)
     sg_samples: int = 25
     sg_sigma: float = 0.15  # fraction of each image's value range
     sg_magnitude: bool = True  # mean of squared gradients (PAIR magnitude=True)
@@ -83,8 +83,9 @@ class Recipe:
         bad = sorted(set(overrides) - known)
         if bad:
             raise TypeError(f"unknown saliency setting(s) {bad}; known: {sorted(known)}")
-        if "xrai_scales" in overrides:
-            overrides["xrai_scales"] = tuple(overrides["xrai_scales"])
+        for key in ("xrai_scales", "ig_baseline"):
+            if isinstance(overrides.get(key), list):
+                overrides[key] = tuple(overrides[key])
         return replace(self, **overrides)
 
     def passes_per_image(self, methods: tuple[str, ...] | list[str] = METHODS) -> int:
