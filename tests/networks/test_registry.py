@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from saliency_trust.networks import (
-    RANDOMIZATION_BLOCKS,
+    CAM_LAYERS,
     get_network,
     load_weights,
     randomization_blocks,
@@ -14,7 +14,7 @@ from saliency_trust.networks import (
 from torch import nn
 
 
-@pytest.mark.parametrize("name", ["inception_v3", "densenet121"])
+@pytest.mark.parametrize("name", ["inception_v3", "densenet121", "resnet50", "efficientnet_b0"])
 def test_classifier_shapes(name):
     net = get_network(name, num_classes=2).eval()
     with torch.no_grad():
@@ -49,10 +49,10 @@ def test_randomization_blocks_exist_and_cover_head_to_bottom(name):
 
 def test_unknown_names():
     with pytest.raises(ValueError, match="unknown network"):
-        get_network("resnet50")
+        get_network("vgg16")
     with pytest.raises(ValueError, match="no randomization blocks"):
         randomization_blocks("unet")
-    assert set(RANDOMIZATION_BLOCKS) == {"inception_v3", "densenet121"}
+    assert set(CAM_LAYERS) == {"inception_v3", "densenet121", "resnet50", "efficientnet_b0"}
 
 
 def test_local_pretrained_weights_skip_mismatched_head(tmp_path):

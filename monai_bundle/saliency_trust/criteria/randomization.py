@@ -19,7 +19,7 @@ TARGETS = ("own", "trained")
 
 def randomization_curves(
     model: nn.Module,
-    arch: str,
+    blocks: str | Sequence[tuple[str, Sequence[str]]],
     images: torch.Tensor,
     methods: Sequence[str],
     preset: str = "paper",
@@ -34,9 +34,14 @@ def randomization_curves(
     target: str = "own",
     trained_maps: dict[str, torch.Tensor] | None = None,
     trained_targets: torch.Tensor | None = None,
+    verdict_block: str | None = None,
     **overrides,
 ) -> dict:
     """SSIM and Spearman of every randomized state's maps to the trained maps, per image.
+
+    ``blocks``: the randomization blocks, head first (a model folder's, or a registry network's
+    name); ``verdict_block``: the state the verdict reads (default: the registry's rule for a name,
+    else the last state).
 
     ``target="own"``: each state explains its own predicted class, as the paper's pipeline did
     (argmax of the model being explained); ``"trained"``: the trained model's class, so a change
@@ -70,12 +75,12 @@ def randomization_curves(
     out: dict = {"states": [], "ssim": {m: [] for m in methods}, "spearman": {m: [] for m in methods},
                  "examples": {m: [] for m in methods}, "undefined": {m: [] for m in methods},
                  "spearman_undefined": {m: [] for m in methods}, "class_changed": []}
-    states = randomization_states(model, arch, mode=mode, seed=seed)
+    block_list = randomization_blocks(blocks) if isinstance(blocks, str) else list(blocks)
+    states = randomization_states(model, block_list, mode=mode, seed=seed)
     if progress:
         from tqdm.auto import tqdm
 
-        states = tqdm(states, total=len(randomization_blocks(arch)), desc=f"randomization {arch}", unit="state",
-                      leave=False)
+        states = tqdm(states, total=len(block_list), desc="randomization", unit="state", leave=False)
     for name, state in states:
         own = predict(state, images).argmax(1)
         targets = own if target == "own" else trained_targets
@@ -94,7 +99,12 @@ def randomization_curves(
         del state, maps
     for key in ("ssim", "spearman", "examples"):
         out[key] = {m: torch.stack(v) for m, v in out[key].items()}
-    out["verdict_state"] = verdict_state(arch, out["states"])
+    if verdict_block is not None and verdict_block in out["states"]:
+        out["verdict_state"] = verdict_block
+    elif isinstance(blocks, str):
+        out["verdict_state"] = verdict_state(blocks, out["states"])
+    else:
+        out["verdict_state"] = out["states"][-1]
     out["baseline"] = {m: random_pair_ssim(trained[m], pairs_per_image, data_range, seed) for m in methods}
     out["trained_maps"] = trained
     return out

@@ -211,13 +211,14 @@ class ModelFolder:
         path = Path(path)
         if path.is_file() and path.name == MANIFEST:
             path = path.parent
-        elif path.is_file():
+        elif path.is_file():  # one weights file: <arch>_seed<k>.pt, or any name with the architecture given
             m = LEGACY_FILE.match(path.name)
-            if not m:
-                raise ManifestError(f"{path}: not a model folder, a {MANIFEST} or an <arch>_seed<k>.pt file")
-            if arch is not None and arch != m["arch"]:
+            if m and arch is not None and arch != m["arch"]:
                 raise ManifestError(f"{path}: the file name says architecture {m['arch']!r}, not {arch!r}")
-            return cls._implied(path.parent, m["arch"], only=int(m["k"]))
+            if not m and arch is None:
+                raise ManifestError(f"{path}: not a model folder, a {MANIFEST} or an <arch>_seed<k>.pt file; "
+                                    "give its architecture")
+            return cls._implied(path.parent, m["arch"] if m else arch, only=(int(m["k"]) if m else 0, path.name))
         if not path.is_dir():
             raise ManifestError(f"{path}: no such model folder")
         manifest = path / MANIFEST
@@ -243,10 +244,8 @@ class ModelFolder:
         return cls._implied(path, arch)
 
     @classmethod
-    def _implied(cls, folder: Path, arch: str, only: int | None = None) -> ModelFolder:
-        files = legacy_architectures(folder).get(arch, {})
-        if only is not None:
-            files = {only: files[only]}
+    def _implied(cls, folder: Path, arch: str, only: tuple[int, str] | None = None) -> ModelFolder:
+        files = legacy_architectures(folder).get(arch, {}) if only is None else {only[0]: only[1]}
         if arch not in REGISTRY_CLASSES:
             raise ManifestError(f"{folder}: {arch}_seed<k>.pt files of an architecture the registry does not "
                                 f"know; add a {MANIFEST}")

@@ -54,13 +54,14 @@ from saliency_trust.criteria import (
 from saliency_trust.data import load_dataset
 from saliency_trust.data.imageio import atomic_write_bytes, remove_stale_temporaries
 from saliency_trust.data.split import split_of
-from saliency_trust.networks import file_sha256, get_network, load_weights, to_network_input, trained_image_size
+from saliency_trust.networks import ManifestError, ModelFolder
+from saliency_trust.networks.modelfolder import LEGACY_FILE
 from saliency_trust.provenance import code_fingerprint, versions
 from saliency_trust.results import CRITERIA, Results, Verdict
 from saliency_trust.saliency import METHODS, SegmentCache, explain, get_recipe, predict
 
 log = logging.getLogger(__name__)
-#: The class index of the finding (lesion) in the bundle's two-class classifiers.
+#: The class index of the finding (lesion) in the bundle's own two-class classifiers (a model folder says its own).
 FINDING_CLASS = 1
 EXPLAIN_CLASSES = ("predicted", "finding")
 
@@ -132,15 +133,19 @@ class Plan:
     out_dir: Path
     ids: list[str]
     images01: np.ndarray  # [N, H, W] in [0, 1], for figures
-    images: torch.Tensor  # [N, 3, H, W] network input, on the device
+    images: torch.Tensor  # [N, H, W] in [0, 1], on the device (each model maps it to its own input)
     masks: torch.Tensor  # [N, H, W] bool, on the device
     prior: torch.Tensor  # [H, W] or [N, H, W] (leave-one-out) float64, on the device
     data: dict
-    models: list[dict]  # {"arch", "path", "sha256"}
+    models: list[dict]  # {"arch", "path", "sha256", "replicate", "folder"}: one model state per entry
+    folders: list[ModelFolder]  # per entry of models
     randomized: list[int]  # indices into models
     replicate_pair: tuple[int, int] | None
     second_arch: int | None
     localizers: list[dict]
+    localizer_folders: list[ModelFolder]
+    finding_class: int
+    dropped: dict[str, str]  # methods left out, with the reason
     methods: list[str]
     preset: str
     overrides: dict
@@ -187,9 +192,9 @@ def _select(ds, split: str, dataset_dir: Path) -> tuple[list, str]:
     return sorted(positives, key=lambda r: r.id), how
 
 
-def _image_size(classifiers: Sequence[dict], image_size: int | None) -> tuple[int | None, str]:
-    """The size the classifiers were trained at (from their training records), checked against ``image_size``."""
-    recorded = {str(c["path"]): trained_image_size(c["path"]) for c in classifiers}
+def _image_size(folders: Sequence[ModelFolder], image_size: int | None) -> tuple[int | None, str]:
+    """The size the classifiers were trained at (manifest or training record), checked against ``image_size``."""
+    recorded = {str(f.folder if not f.implied else f.weights()): f.image_size for f in folders}
     sizes = {s for s in recorded.values() if s}
     if len(sizes) > 1:
         raise ValueError(f"the classifiers were trained at different image sizes {recorded}; assess them separately")
@@ -197,18 +202,56 @@ def _image_size(classifiers: Sequence[dict], image_size: int | None) -> tuple[in
         size = sizes.pop()
         if image_size is not None and int(image_size) != size:
             raise ValueError(f"image_size {image_size} differs from the {size} px the models were trained at "
-                             "(their .metrics.json); leave image_size unset or set it to the training size")
-        return size, "the models' training records"
+                             "(their model.json or .metrics.json); leave image_size unset or set it to that size")
+        return size, ("the models' training records" if all(f.implied for f in folders)
+                      else "the models' manifests (model.json)")
     if image_size is not None:
         return int(image_size), "given (no training record beside the weights)"
     return None, "the images' own grid (no training record and no image_size given)"
 
 
+def model_entries(models: Sequence[Any], kind: str = "classifier") -> list[tuple[ModelFolder, int]]:
+    """``(model folder, replicate)`` per model state to explain, in order.
+
+    An entry is a model folder (a path or a :class:`ModelFolder`: the first entry gives its first
+    two replicates, for repeatability, the others their first; localizers their first two),
+    ``{"model": folder, "replicates": [k, ...]}``, or one weights file: a path or the older
+    ``{"arch": name, "path": "<arch>_seed<k>.pt"}``.
+    """
+    out: list[tuple[ModelFolder, int]] = []
+    for i, c in enumerate(models):
+        wanted = None
+        if isinstance(c, dict) and "model" in c:
+            folder, wanted = c["model"], c.get("replicates")
+        elif isinstance(c, dict):
+            folder = ModelFolder.open(c["path"], c.get("arch"))
+        elif kind == "localizer" and isinstance(c, str | Path) and Path(c).is_file():
+            folder = ModelFolder.open(c, None if LEGACY_FILE.match(Path(c).name) else "unet")  # the bundle's U-Net
+        else:
+            folder = c
+        if not isinstance(folder, ModelFolder):
+            folder = ModelFolder.open(folder)
+        if folder.kind != kind:
+            raise ManifestError(f"{folder.folder}: a {folder.kind} where a {kind} was expected")
+        reps = list(folder.replicates)
+        if wanted is None:
+            wanted = reps[:2] if i == 0 or kind == "localizer" else reps[:1]
+        for k in wanted:
+            folder.weights(k)  # an unknown replicate is refused here
+            out.append((folder, int(k)))
+    return out
+
+
+def same_model(a: ModelFolder, b: ModelFolder) -> bool:
+    """Whether two entries are replicates of one model (same folder and network)."""
+    return (a.folder.resolve(), a.arch, a.network_label) == (b.folder.resolve(), b.arch, b.network_label)
+
+
 def plan_assessment(
     dataset_dir: str | Path,
     output_dir: str | Path,
-    classifiers: Sequence[dict],
-    localizers: Sequence[str | Path] = (),
+    classifiers: Sequence[Any],
+    localizers: Sequence[Any] | str | Path = (),
     methods: Sequence[str] | None = None,
     preset: str = "paper",
     n_images: int = 100,
@@ -233,16 +276,40 @@ def plan_assessment(
     randomization_target = randomization_target or ("own" if preset == "paper" else "trained")
     if randomization_target not in TARGETS:
         raise ValueError(f"randomization_target must be one of {TARGETS}, got {randomization_target!r}")
-    methods = list(methods or METHODS)
     overrides = dict(recipe_overrides or {})
     get_recipe(preset, **overrides)  # unknown settings fail here, before any work
+    entries = model_entries(classifiers)
+    if isinstance(localizers, str | Path | ModelFolder):
+        localizers = [localizers]
+    loc_entries = model_entries(list(localizers), "localizer")
+    folders: list[ModelFolder] = []
+    for f, _ in entries:
+        if not any(same_model(f, g) for g in folders):
+            folders.append(f)
+    unavailable: dict[str, str] = {}
+    for f in folders:
+        probe = f.build() if f.format != "torchscript" else f.load()
+        for m, why in f.unavailable(probe).items():
+            unavailable.setdefault(m, why)
+    if methods is not None:
+        asked = list(methods)
+        refused = [m for m in asked if m in unavailable]
+        if refused:
+            raise ValueError(f"method(s) {refused} cannot be computed for these models: {unavailable[refused[0]]}; "
+                             "leave them out of methods")
+        methods = asked
+    else:
+        methods = [m for m in METHODS if m not in unavailable]
+    dropped = {m: why for m, why in unavailable.items() if m not in methods}
+    for m, why in dropped.items():
+        log.warning("method %s left out: %s", m, why)
     rank, world = _world()
     if device is None and torch.cuda.is_available():
         device = f"cuda:{rank % torch.cuda.device_count()}" if world > 1 else "cuda"
     dev = torch.device(device or "cpu")
     data_range = data_range if data_range is not None else (2.0 if preset == "paper" else 1.0)
     dataset_dir = Path(dataset_dir)
-    size, size_source = _image_size(classifiers, image_size)
+    size, size_source = _image_size(folders, image_size)
     ds = load_dataset(dataset_dir, image_size=size)
     chosen, how = _select(ds, split, dataset_dir)
     skipped = [{"id": r.id, "why": "lesion-positive but has no ground-truth mask or box"}
@@ -268,32 +335,37 @@ def plan_assessment(
         prior = leave_one_out_priors(masks)
         prior_source = "leave-one-out mean of the other assessed images' masks (no training masks in the dataset)"
 
-    models = [dict(c, path=str(c["path"]), sha256=file_sha256(c["path"])) for c in classifiers]
-    locs = [{"path": str(p), "sha256": file_sha256(p)} for p in localizers]
-    primary = models[0]["arch"]
-    same = [i for i, m in enumerate(models) if m["arch"] == primary]
+    models = [{"arch": f.network_label, "path": str(f.weights(k)), "sha256": f.sha256(k), "replicate": k,
+               "folder": str(f.folder)} for f, k in entries]
+    locs = [{"path": str(f.weights(k)), "sha256": f.sha256(k), "replicate": k, "folder": str(f.folder)}
+            for f, k in loc_entries]
+    primary = entries[0][0]
+    same = [i for i, (f, _) in enumerate(entries) if same_model(f, primary)]
     randomized = same[: randomize if randomize is not None else None]
-    others = [i for i, m in enumerate(models) if m["arch"] != primary]
+    others = [i for i, (f, _) in enumerate(entries) if not same_model(f, primary)]
     data = {"dataset_dir": str(dataset_dir.resolve()), "layout": ds.layout, "split_rule": split, "split": how,
             "n_positive_found": len(chosen), "n_images": len(positives), "n_requested": n_images,
             "ids": [r.id for r in positives], "skipped": skipped,
             "load_errors": [{"source": e.source, "problem": e.problem} for e in ds.errors],
             "image_size": size, "image_size_source": size_source, "grid": list(positives[0].image.shape),
-            "synthetic": (dataset_dir / "synthcxr.json").is_file(), "prior": prior_source}
+            "synthetic": (dataset_dir / "synthcxr.json").is_file(), "prior": prior_source,
+            "methods_left_out": dropped}
     config = {"dataset_dir": data["dataset_dir"], "image_size": size, "split": split, "n_images": len(positives),
               "ids": data["ids"], "methods": methods, "preset": preset, "seed": seed, "data_range": data_range,
               "pairs_per_image": pairs_per_image, "agreement_threshold": agreement_threshold,
               "recipe_overrides": overrides, "randomized_replicates": len(randomized), "block": block,
               "explain_class": explain_class, "randomization_target": randomization_target,
               "classifiers": [{k: str(v) for k, v in m.items()} for m in models], "localizers": locs,
-              "code": code_fingerprint()}
+              "models": {str(f.folder): f.describe() for f in folders}, "code": code_fingerprint()}
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     return Plan(
         out_dir=Path(output_dir), ids=data["ids"], images01=np.stack([r.image for r in positives]),
-        images=to_network_input(torch.tensor(np.stack([r.image for r in positives]))).to(dev),
-        masks=masks.to(dev), prior=prior.to(dev), data=data, models=models, randomized=randomized,
-        replicate_pair=(same[0], same[1]) if len(same) >= 2 else None, second_arch=others[0] if others else None,
-        localizers=locs, methods=methods, preset=preset, overrides=overrides, seed=seed, data_range=data_range,
+        images=torch.tensor(np.stack([r.image for r in positives])).to(dev),
+        masks=masks.to(dev), prior=prior.to(dev), data=data, models=models, folders=[f for f, _ in entries],
+        randomized=randomized, replicate_pair=(same[0], same[1]) if len(same) >= 2 else None,
+        second_arch=others[0] if others else None, localizers=locs, localizer_folders=[f for f, _ in loc_entries],
+        finding_class=primary.finding_class, dropped=dropped,
+        methods=methods, preset=preset, overrides=overrides, seed=seed, data_range=data_range,
         pairs_per_image=pairs_per_image, threshold=agreement_threshold, explain_class=explain_class,
         randomization_target=randomization_target, block=block, device=dev, config=config, key=key,
         example=int(np.argmax([r.mask.sum() for r in positives])))  # the largest lesion: the clearest figure
@@ -315,14 +387,11 @@ class Maps:
     randomization: list[dict] = field(default_factory=list)  # per randomized replicate
 
 
-def _load_model(arch: str, path: str | Path, device: torch.device) -> torch.nn.Module:
-    return load_weights(get_network(arch), path).to(device).eval()
-
-
-def _unet_output(path: str | Path, images: torch.Tensor) -> torch.Tensor:
-    net = load_weights(get_network("unet"), path).to(images.device).eval()
+def _unet_output(folder: ModelFolder, replicate: int, images01: torch.Tensor) -> torch.Tensor:
+    net = folder.load(replicate, images01.device)
+    x = folder.to_input(images01)
     with torch.no_grad():
-        return torch.cat([torch.sigmoid(net(images[i : i + 16]))[:, 0] for i in range(0, len(images), 16)])
+        return torch.cat([torch.sigmoid(net(x[i : i + 16]))[:, 0] for i in range(0, len(x), 16)])
 
 
 def compute_maps(plan: Plan, progress: bool = True) -> Maps:
@@ -335,26 +404,31 @@ def compute_maps(plan: Plan, progress: bool = True) -> Maps:
 
     calls = iter(range(1 << 30))
 
-    def explain_sharded(net: torch.nn.Module, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        # One call per model state: the trained replicates, the untrained network, each randomized state.
-        faults.point(f"explain:{next(calls)}")
+    def explainer(folder: ModelFolder, x: torch.Tensor) -> Callable[[torch.nn.Module, torch.Tensor], dict]:
+        def explain_sharded(net: torch.nn.Module, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+            # One call per model state: the trained replicates, the untrained network, each randomized state.
+            faults.point(f"explain:{next(calls)}")
+            settings = {**folder.explain_settings(net), **plan.overrides}  # the user's overrides win
 
-        def part(s: slice) -> dict[str, torch.Tensor]:
-            maps = explain(net, images[s], plan.methods, targets=targets[s], preset=plan.preset, segment_cache=cache,
-                           seed=plan.seed, **plan.overrides)
-            return {k: v.cpu() for k, v in maps.items()}
+            def part(s: slice) -> dict[str, torch.Tensor]:
+                maps = explain(net, x[s], plan.methods, targets=targets[s], preset=plan.preset, segment_cache=cache,
+                               seed=plan.seed, **settings)
+                return {k: v.cpu() for k, v in maps.items()}
 
-        return sharded(part, n, plan.block)
+            return sharded(part, n, plan.block)
+
+        return explain_sharded
 
     def classes(probs: torch.Tensor) -> torch.Tensor:
         if plan.explain_class == "finding":
-            return torch.full((probs.shape[0],), FINDING_CLASS, dtype=torch.long)
+            return torch.full((probs.shape[0],), plan.finding_class, dtype=torch.long)
         return probs.argmax(1)
 
-    def run_model(net: torch.nn.Module) -> dict:
-        probs = torch.softmax(predict(net, images).double(), 1).cpu()
+    def run_model(folder: ModelFolder, net: torch.nn.Module) -> dict:
+        x = folder.to_input(images)
+        probs = torch.softmax(predict(net, x).double(), 1).cpu()
         targets = classes(probs)
-        return {"maps": explain_sharded(net, targets.to(images.device)), "probs": probs, "targets": targets}
+        return {"maps": explainer(folder, x)(net, targets.to(images.device)), "probs": probs, "targets": targets}
 
     bar = None
     if progress and rank == 0:
@@ -367,26 +441,31 @@ def compute_maps(plan: Plan, progress: bool = True) -> Maps:
             bar.update()
         return value
 
+    primary = plan.folders[0]
+
     def untrained_net() -> torch.nn.Module:
         torch.manual_seed(plan.seed)
-        return get_network(plan.models[0]["arch"]).to(plan.device).eval()
+        return primary.build().to(plan.device).eval()
 
-    runs = [counted(steps.run(f"maps_{i}", lambda m=m: run_model(_load_model(m["arch"], m["path"], plan.device))))
-            for i, m in enumerate(plan.models)]
-    untrained = counted(steps.run("maps_untrained", lambda: run_model(untrained_net())))
-    locs = [steps.run(f"localizer_{i}", lambda p=p: _unet_output(p["path"], images).cpu())
-            for i, p in enumerate(plan.localizers)]
+    runs = [counted(steps.run(f"maps_{i}", lambda i=i, f=f: run_model(f, f.load(plan.models[i]["replicate"],
+                                                                                plan.device))))
+            for i, f in enumerate(plan.folders)]
+    untrained = counted(steps.run("maps_untrained", lambda: run_model(primary, untrained_net())))
+    locs = [steps.run(f"localizer_{i}", lambda f=f, p=p: _unet_output(f, p["replicate"], images).cpu())
+            for i, (f, p) in enumerate(zip(plan.localizer_folders, plan.localizers, strict=True))]
 
     def curves(i: int) -> dict:
-        m = plan.models[i]
-        net = _load_model(m["arch"], m["path"], plan.device)
+        folder = plan.folders[i]
+        net = folder.load(plan.models[i]["replicate"], plan.device)
+        x = folder.to_input(images)
         c = randomization_curves(
-            net, m["arch"], images, plan.methods, preset=plan.preset, seed=plan.seed, data_range=plan.data_range,
-            pairs_per_image=plan.pairs_per_image, segment_cache=cache, explain_fn=explain_sharded,
+            net, folder.randomization_blocks(net), x, plan.methods, preset=plan.preset, seed=plan.seed,
+            data_range=plan.data_range, verdict_block=folder.verdict_block(net),
+            pairs_per_image=plan.pairs_per_image, segment_cache=cache, explain_fn=explainer(folder, x),
             examples=[plan.example], progress=bar is not None,
             # Explaining the finding class: every state explains it, whatever it predicts.
             target="trained" if plan.explain_class == "finding" else plan.randomization_target,
-            trained_maps=runs[i]["maps"], trained_targets=runs[i]["targets"].to(images.device), **plan.overrides)
+            trained_maps=runs[i]["maps"], trained_targets=runs[i]["targets"].to(images.device))
         return {"states": c["states"], "verdict_state": c["verdict_state"], "class_changed": c["class_changed"],
                 "ssim": {k: v.cpu() for k, v in c["ssim"].items()},
                 "spearman": {k: v.cpu() for k, v in c["spearman"].items()},
@@ -462,6 +541,8 @@ def deviations(plan: Plan) -> list[str]:
         out.append("Maps explain the finding (lesion) class; the paper explained the predicted class.")
     if plan.models[0]["arch"] != "inception_v3":
         out.append(f"Primary architecture {plan.models[0]['arch']} (the paper's: InceptionV3).")
+    for m, why in plan.dropped.items():
+        out.append(f"{m} not computed: {why}.")
     out.append("Verdicts use statistical tests the paper did not name (Holm-corrected paired Wilcoxon; bootstrap "
                "CIs); repeatability / reproducibility also require agreement above chance.")
     if plan.data["prior"].startswith("leave-one-out"):
@@ -599,7 +680,7 @@ def per_image_csv(plan: Plan, maps: Maps, scores: Scores, results: Results) -> s
     for i, rid in enumerate(plan.ids):
         pred = int(probs[i].argmax())
         for m in plan.methods:
-            w.writerow([rid, m, pred, repr(float(probs[i, pred])), repr(float(probs[i, FINDING_CLASS])),
+            w.writerow([rid, m, pred, repr(float(probs[i, pred])), repr(float(probs[i, plan.finding_class])),
                         int(targets[i]), int(bool(s.blank[m][i])), _num(s.auprc[m], i), _num(s.auprc_untrained[m], i),
                         _num(s.auprc_prior, i), _num(s.auprc_localization, i), _num(s.repeat.get(m), i),
                         _num(s.repeat_chance.get(m), i), _num(s.reprod.get(m), i), _num(s.reprod_chance.get(m), i),
@@ -618,7 +699,7 @@ def write_outputs(plan: Plan, maps: Maps, scores: Scores, results: Results, repo
 
         e, methods = plan.example, plan.methods
         first = maps.randomization[0] if maps.randomization else None
-        columns = {Path(m["path"]).stem: maps.trained[i] for i, m in enumerate(plan.models)}
+        columns = {f"{m['arch']} #{m['replicate']}": maps.trained[i] for i, m in enumerate(plan.models)}
         inputs = ReportInputs(
             ids=plan.ids, images=plan.images01, masks=plan.masks.cpu().numpy().astype(bool), methods=methods,
             auprc=scores.auprc, auprc_untrained=scores.auprc_untrained, auprc_prior=scores.auprc_prior,
