@@ -104,7 +104,7 @@ class SaliencyTrustParameterNode:
     scoreAgainst: Union[vtkMRMLSegmentationNode, vtkMRMLMarkupsROINode, None]  # noqa: UP007
     bundleDir: Path = DEFAULT_BUNDLE  # ctkPathLineEdit binds to pathlib.Path fields
     modelDir: Path = DEFAULT_MODELS / "models" / "opacity"
-    arch: str = ""  # filled from the model folder (not bound: the choices depend on the folder)
+    arch: str = ""  # the chosen model's name in the model folder (not bound: the choices depend on the folder)
     replicate: int = 0
     methods: str = ",".join(lib.METHODS)  # filled from the method check boxes
     preset: Annotated[str, Choice(list(lib.PRESETS))] = "quick"
@@ -217,11 +217,12 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---- model folder ---------------------------------------------------------------------
 
     def onModelDirChanged(self, path: str) -> None:
-        """Fill the architecture and replicate choices from the folder; say so when it has no models."""
+        """Fill the model and replicate choices from the folder; say so when it has no usable model."""
         if not self._parameterNode:
             return
-        choices = controller.model_choices(path)
-        message = controller.no_models_message(path)
+        bundle = self._parameterNode.bundleDir
+        choices = controller.model_choices(path, bundle)
+        message = controller.no_models_message(path, bundle)
         self.ui.modelStatusLabel.setText(message)
         self.ui.modelStatusLabel.setVisible(bool(message))
         self.ui.trainWidget.setVisible(bool(message))
@@ -241,7 +242,8 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         arch = self.ui.archSelector.itemText(index)
         self._parameterNode.arch = arch
-        seeds = controller.model_choices(self._parameterNode.modelDir).get(arch, [])
+        choice = controller.model_choices(self._parameterNode.modelDir, self._parameterNode.bundleDir).get(arch)
+        seeds = choice.replicates if choice else []
         self.ui.replicateSelector.blockSignals(True)
         self.ui.replicateSelector.clear()
         for seed in seeds:
@@ -409,8 +411,13 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
         methods = [m.strip() for m in p.methods.split(",") if m.strip()]
         if not methods:
             raise lib.SaliencyTrustError(_("Choose at least one saliency method."))
-        request = lib.Request(bundle_dir=str(p.bundleDir), model_dir=str(p.modelDir), arch=p.arch,
-                              replicate=p.replicate, methods=methods, preset=p.preset)
+        choice = controller.model_choices(p.modelDir, p.bundleDir).get(p.arch)
+        if choice is None and not p.useServer:
+            raise lib.SaliencyTrustError(_("Choose a model: {folder} has no model named '{name}'.").format(
+                folder=p.modelDir, name=p.arch))
+        request = lib.Request(bundle_dir=str(p.bundleDir), model_dir=choice.folder if choice else str(p.modelDir),
+                              arch=choice.arch if choice else "", replicate=p.replicate, methods=methods,
+                              preset=p.preset)
         token = os.environ.get("SALIENCY_TRUST_TOKEN") or slicer.util.settingsValue("SaliencyTrust/Token", "")
         server_model = slicer.util.settingsValue("SaliencyTrust/ServerModel", "") or None
         return controller.Settings(volume=p.inputVolume, score_node=p.scoreAgainst, request=request,
@@ -499,8 +506,8 @@ class SaliencyTrustTest(ScriptedLoadableModuleTest):
         models = lib.make_fixture_models(str(DEFAULT_BUNDLE), root / "models")
         study = lib.make_sample_study(str(DEFAULT_BUNDLE), root / "study")
         volume = slicer.util.loadVolume(str(study), {"singleFile": True})
-        request = lib.Request(bundle_dir=str(DEFAULT_BUNDLE), model_dir=str(models), arch="densenet121",
-                              methods=("grad", "gradcam", "gbp"), preset="quick")
+        request = lib.Request(bundle_dir=str(DEFAULT_BUNDLE), model_dir=str(models), methods=("grad", "gradcam", "gbp"),
+                              preset="quick")
         results = lib.run_local(slicer.mrmlScene, volume, request, root / "work", timeout=900)
         self.assertEqual(set(results.map_nodes), {"grad", "gradcam", "gbp"})
         for node in results.map_nodes.values():

@@ -38,7 +38,7 @@ def shared_set(name: str) -> Path:
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory) -> dict:
     """Two DenseNet121 replicates trained through train.json on a small SynthCXR set (64 px, 2 epochs),
-    with a real trust ``results.json`` beside the weights, as inference.json expects.
+    with a real trust ``results.json`` in their model folder, as inference.json expects.
 
     Shared by the Slicer-module and service tests; about a minute on two cores.
     """
@@ -54,12 +54,12 @@ def trained_bundle(tmp_path_factory) -> dict:
     for seed in (0, 1):
         train("train.json", arch="densenet121", seed=seed, max_epochs=2, learning_rate=0.001, batch_size=8,
               dataset_dir=str(data), output_dir=str(models), image_size=64)
-    classifiers = [{"arch": "densenet121", "path": str(models / f"densenet121_seed{s}.pt")} for s in (0, 1)]
-    run_assessment(data, root / "trust", classifiers, [], methods=["grad", "gradcam", "gbp"], preset="quick",
+    model = models / "densenet121"  # the model folder train.json wrote (model.json, seed0.pt, seed1.pt)
+    run_assessment(data, root / "trust", [model], [], methods=["grad", "gradcam", "gbp"], preset="quick",
                    n_images=6, pairs_per_image=3, randomize=1, device="cpu", report=False, progress=False)
-    shutil.copy(root / "trust" / "results.json", models / "results.json")
+    shutil.copy(root / "trust" / "results.json", model / "results.json")
     positives = [line.split(",")[0] for line in (data / "split.csv").read_text().splitlines()[1:]
                  if line.split(",")[1] == "test" and line.split(",")[2] == "1"]
     images = data / "stage_2_train_images"
-    return {"root": root, "data": data, "models": models, "bundle": REPO / "monai_bundle",
+    return {"root": root, "data": data, "models": models, "model": model, "bundle": REPO / "monai_bundle",
             "dicom": images / f"{positives[0]}.dcm", "arch": "densenet121"}

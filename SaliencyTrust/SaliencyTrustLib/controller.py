@@ -12,7 +12,6 @@ nothing else.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import threading
@@ -147,31 +146,42 @@ def show_method(scene, results: lib.Results | None, method: str | None, opacity:
     return lib.show_overlay(scene, background, node, opacity)
 
 
-def _is_segmenter(weights: Path) -> bool:
-    """A localization network (its training record scores Dice, not AUC): not a classifier to explain."""
-    record = weights.with_suffix(".metrics.json")
-    try:
-        return record.is_file() and "val_dice" in json.loads(record.read_text())
-    except (OSError, ValueError):
-        return False
+@dataclass
+class ModelChoice:
+    """One classifier the panel offers: where it is, its architecture and its replicates."""
+
+    folder: str
+    arch: str
+    replicates: list[int]
 
 
-def model_choices(model_dir: str | Path) -> dict[str, list[int]]:
-    """Classifier architectures with trained replicates in ``model_dir`` (``<arch>_seed<k>.pt``): arch -> seeds."""
-    found: dict[str, list[int]] = {}
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        return found
-    for w in sorted(folder.glob("*_seed*.pt")):
-        arch, _, seed = w.stem.rpartition("_seed")
-        if arch and seed.isdigit() and not _is_segmenter(w):
-            found.setdefault(arch, []).append(int(seed))
-    return {a: sorted(s) for a, s in sorted(found.items())}
+def model_choices(model_dir: str | Path, bundle_dir: str | Path | None = None) -> dict[str, ModelChoice]:
+    """The classifiers under ``model_dir`` by name (the bundle's listing: folders with a ``model.json``,
+    named by their path there, or the architectures of an older ``<arch>_seed<k>.pt`` folder).
+    Localization networks and folders whose manifest is broken are left out."""
+    if not Path(model_dir).is_dir():
+        return {}
+    out = {}
+    for name, found in lib.find_models(model_dir, bundle_dir).items():
+        if isinstance(found, Exception) or found.kind != "classifier":
+            continue
+        out[name] = ModelChoice(str(found.folder), found.network_label, list(found.replicates))
+    return out
 
 
-def no_models_message(model_dir: str | Path) -> str:
-    """One sentence for a model folder without models ('' when it has some)."""
-    if model_choices(model_dir):
+def model_problems(model_dir: str | Path, bundle_dir: str | Path | None = None) -> list[str]:
+    """One sentence per model folder under ``model_dir`` that cannot be used (a broken ``model.json``)."""
+    if not Path(model_dir).is_dir():
+        return []
+    return [str(found) for found in lib.find_models(model_dir, bundle_dir).values() if isinstance(found, Exception)]
+
+
+def no_models_message(model_dir: str | Path, bundle_dir: str | Path | None = None) -> str:
+    """One sentence for a model folder without usable models ('' when it has some)."""
+    if model_choices(model_dir, bundle_dir):
         return ""
-    return (f"No trained models in {model_dir}: choose the folder that holds <architecture>_seed<k>.pt files, "
+    problems = model_problems(model_dir, bundle_dir)
+    if problems:
+        return f"No usable model in {model_dir}: {problems[0]}"
+    return (f"No trained models in {model_dir}: choose a model folder (with a model.json) or a folder of them, "
             "or train the demo's models for a task (Train demo models).")

@@ -264,6 +264,36 @@ def find_bundle(module_dir: str | Path) -> Path:
     return module_dir / "SaliencyTrustBundle"
 
 
+def _modelfolder(bundle_dir: str | Path):
+    """The bundle's ``saliency_trust.networks.modelfolder`` (standard library only), loaded by file.
+
+    The panel reads model folders with the bundle's own code, without importing the engine (torch)
+    into Slicer's process; one copy per bundle file is kept.
+    """
+    import importlib.util
+
+    path = Path(bundle_dir) / "saliency_trust" / "networks" / "modelfolder.py"
+    if not path.is_file():
+        raise BundleError(f"No SaliencyTrust bundle at {bundle_dir} (it has no {path.name}).")
+    name = f"_saliency_trust_modelfolder_{abs(hash(str(path.resolve())))}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: dataclasses look their module up while it loads
+        try:
+            spec.loader.exec_module(module)
+        except Exception:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def find_models(model_dir: str | Path, bundle_dir: str | Path | None = None) -> dict:
+    """The bundle's model listing of ``model_dir``: name -> model folder, or the error that makes one unusable."""
+    module = _modelfolder(bundle_dir or find_bundle(Path(__file__).resolve().parents[1]))
+    return module.find_models(model_dir)
+
+
 def default_python() -> str:
     """Slicer's Python without GUI (``PythonSlicer``) when there is one, else this interpreter."""
     return shutil.which("PythonSlicer") or sys.executable
@@ -271,11 +301,15 @@ def default_python() -> str:
 
 @dataclass
 class Request:
-    """What to run: the bundle folder, the model (folder, architecture, replicate), methods and preset."""
+    """What to run: the bundle folder, the model (its folder, its architecture, the replicate), methods and preset.
+
+    ``model_dir`` is one model folder (``model.json``), or an older flat folder where ``arch`` picks
+    the architecture; ``arch`` also chooses the server's model by architecture in server mode.
+    """
 
     bundle_dir: str
     model_dir: str
-    arch: str = "inception_v3"
+    arch: str = ""
     replicate: int = 0
     methods: Sequence[str] = METHODS
     preset: str = "quick"
@@ -289,9 +323,11 @@ class Request:
         cmd = [self.python, "-m", "monai.bundle", "run", "--config_file", str(configs / "inference.json"),
                "--meta_file", str(configs / "metadata.json"), "--bundle_root", str(self.bundle_dir),
                "--image", str(image), "--output_dir", str(output_dir), "--model_dir", str(self.model_dir),
-               "--arch", self.arch, "--replicate", str(int(self.replicate)),
+               "--replicate", str(int(self.replicate)),
                "--methods", json.dumps(list(self.methods)), "--preset", self.preset,
                "--checks", "True" if self.checks else "False"]
+        if self.arch:
+            cmd += ["--arch", self.arch]
         if mask is not None:
             cmd += ["--mask", str(mask)]
         if self.device:
@@ -426,7 +462,7 @@ class TrainProcess(ChildProcess):
         return self.output_dir / "models" / self.task
 
     def check_output(self) -> None:
-        if not any(self.model_dir.glob("*_seed*.pt")):
+        if not find_models(self.model_dir, self.bundle_dir):
             raise BundleError(f"Training finished but left no model in {self.model_dir}.")
 
 
@@ -496,10 +532,11 @@ def make_sample_study(bundle_dir: str | Path, out_dir: str | Path, python: str |
 
 def make_fixture_models(bundle_dir: str | Path, out_dir: str | Path, python: str | None = None,
                         timeout: float = 300.0) -> Path:
-    """Two untrained 64 px DenseNet121 replicates (seconds, no training) for the module's self-test."""
-    _bundle_command(bundle_dir, ["saliency_trust.workflows.sample", "--fixture-models", str(out_dir)], python,
-                    timeout)
-    return Path(out_dir)
+    """A model folder of two untrained 64 px DenseNet121 replicates (seconds, no training) for the module's
+    self-test; returns that folder."""
+    out = _bundle_command(bundle_dir, ["saliency_trust.workflows.sample", "--fixture-models", str(out_dir)], python,
+                          timeout)
+    return Path(out.strip().splitlines()[-1])
 
 
 def dicom_series_uid(path: str | Path) -> str:

@@ -4,8 +4,9 @@
 
 Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 
-* ``GET /info``: models (architecture, replicates, training data, dataset-level verdicts),
-  methods, presets;
+* ``GET /info``: models (architecture, replicates, task and classes, training data,
+  dataset-level verdicts), methods, presets; a model is a model folder under ``--models-dir``,
+  named by its path there (``opacity/densenet121``);
 * ``POST /infer/{model}``: multipart upload ``image`` (DICOM, NIfTI, NRRD or PNG; the type is
   read from the content, never from the name), optional ``mask``, and form fields ``methods``,
   ``preset``, ``replicate``, ``checks``. Runs the bundle's inference workflow and returns its
@@ -29,7 +30,6 @@ import asyncio
 import errno
 import hmac
 import ipaddress
-import json
 import logging
 import os
 import shutil
@@ -48,6 +48,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
 from saliency_trust.data.imageio import SUFFIX, sniff
+from saliency_trust.networks.modelfolder import ManifestError, ModelFolder, find_models
 from saliency_trust.results import load_results
 from saliency_trust.saliency import METHODS
 from saliency_trust.saliency.presets import PRESETS
@@ -68,17 +69,19 @@ TOKEN_ENV = "SALIENCY_TRUST_TOKEN"
 
 @dataclass
 class Model:
-    """One servable model: a folder of replicates of one architecture (plus an optional results.json)."""
+    """One servable model: a model folder (``model.json``, or an older ``<arch>_seed<k>.pt`` folder) and its
+    replicates, plus the ``results.json`` of its assessment when one is in the folder."""
 
     name: str
-    folder: Path
-    arch: str
-    replicates: list[int]
+    folder: ModelFolder
+
+    @property
+    def replicates(self) -> list[int]:
+        return list(self.folder.replicates)
 
     def info(self) -> dict:
-        meta = self.folder / f"{self.arch}_seed{self.replicates[0]}.metrics.json"
-        m = json.loads(meta.read_text()) if meta.is_file() else {}
-        res = self.folder / "results.json"
+        m = self.folder.record()
+        res = self.folder.folder / "results.json"
         verdicts, assessment = None, None
         if res.is_file():
             try:
@@ -88,28 +91,23 @@ class Model:
                               "failing": r.failing()}
             except ValueError as exc:
                 assessment = {"error": str(exc)}
-        return {"name": self.name, "architecture": self.arch, "replicates": self.replicates,
-                "image_size": m.get("image_size"),
+        return {"name": self.name, "architecture": self.folder.network_label, "replicates": self.replicates,
+                "image_size": self.folder.image_size, "task": self.folder.task, "classes": self.folder.classes,
+                "finding_class": self.folder.finding_class, "manifest": not self.folder.implied,
                 "training": {k: m.get(k) for k in ("n_train", "n_val", "max_epochs", "val_auc", "best_epoch")}
                 | {"dataset": Path(m["dataset_dir"]).name if m.get("dataset_dir") else None},
                 "verdicts": verdicts, "assessment": assessment}
 
 
 def discover_models(bundle: Path, models_dir: Path | None = None) -> dict[str, Model]:
-    """Model folders: ``models_dir`` itself and each sub-folder holding ``<arch>_seed<k>.pt`` files."""
-    root = models_dir or bundle / "models"
+    """The classifiers under ``models_dir`` (default ``<bundle>/models``), named by their path in it
+    (:func:`~saliency_trust.networks.find_models`); a folder whose manifest is broken is logged and skipped."""
     out: dict[str, Model] = {}
-    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []:
-        by_arch: dict[str, list[int]] = {}
-        for w in folder.glob("*_seed*.pt"):
-            arch, _, seed = w.stem.rpartition("_seed")
-            if arch in ("inception_v3", "densenet121") and seed.isdigit():
-                by_arch.setdefault(arch, []).append(int(seed))
-        if not by_arch:
-            continue
-        arch = max(by_arch, key=lambda a: (len(by_arch[a]), a == "inception_v3"))
-        name = folder.name if folder != root else "default"
-        out[name] = Model(name, folder, arch, sorted(by_arch[arch]))
+    for name, found in find_models(models_dir or bundle / "models").items():
+        if isinstance(found, ManifestError):
+            log.warning("model %s skipped: %s", name, found)
+        elif found.kind == "classifier":
+            out[name] = Model(name, found)
     return out
 
 
@@ -223,7 +221,7 @@ def create_app(state: State) -> FastAPI:
         tmp.replace(path)
         return path
 
-    @app.post("/infer/{model}")
+    @app.post("/infer/{model:path}")
     async def infer(model: str, image: UploadFile = File(...), mask: UploadFile | None = File(None),
                     methods: str = Form(",".join(METHODS)), preset: str = Form("quick"), replicate: int = Form(-1),
                     checks: bool = Form(True)) -> Any:
@@ -316,14 +314,15 @@ def _run(state: State, m: Model, rep: int, image: Path, mask: Path | None, out: 
     from saliency_trust.workflows.infer import run_inference
 
     try:
-        return run_inference(image, out, m.folder, arch=m.arch, replicate=rep, methods=methods, preset=preset,
+        return run_inference(image, out, m.folder.folder, arch=m.folder.arch, replicate=rep, methods=methods,
+                             preset=preset,
                              mask=mask, map_format="nifti", device=state.device, checks=checks,
                              cache_networks=True)
     except DataError as exc:  # name the upload, never the server's path
         what = "mask" if mask is not None and Path(exc.source).name == mask.name else "image"
         return {"error": {"type": "DataError", "message": f"uploaded {what}: {exc.problem}"}}
     except (ValueError, FileNotFoundError) as exc:
-        return {"error": {"type": type(exc).__name__, "message": str(exc).replace(str(m.folder), m.name)}}
+        return {"error": {"type": type(exc).__name__, "message": str(exc).replace(str(m.folder.folder), m.name)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle = Path(a.bundle).resolve()
     models = discover_models(bundle, Path(a.models_dir).resolve() if a.models_dir else None)
     if not models:
-        p.error(f"no models found under {a.models_dir or bundle / 'models'} (<arch>_seed<k>.pt files)")
+        p.error(f"no models found under {a.models_dir or bundle / 'models'} (folders with a model.json, or "
+                "older <arch>_seed<k>.pt files)")
     work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="saliency-trust-serve-"))
     work.mkdir(parents=True, exist_ok=True)
     state = State(bundle, models, work, token, int(a.max_upload_mb * 2**20), a.timeout, a.ttl, a.max_queue, a.device)

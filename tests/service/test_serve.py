@@ -63,13 +63,13 @@ def server(trained_bundle, tmp_path_factory):
 def _post(server, path: Path, methods=METHODS, **extra):
     files = {"image": ("whatever.bin", path.read_bytes(), "application/octet-stream")}
     data = {"methods": ",".join(methods), "preset": "quick", "checks": "false", **extra}
-    return httpx.post(f"{server['url']}/infer/default", files=files, data=data, headers=server["auth"], timeout=300)
+    return httpx.post(f"{server['url']}/infer/densenet121", files=files, data=data, headers=server["auth"], timeout=300)
 
 
 def _local(trained_bundle, image: Path, out: Path, methods=METHODS, checks=False) -> dict:
     from saliency_trust.workflows.infer import run_inference
 
-    run_inference(image, out, trained_bundle["models"], arch="densenet121", methods=methods, preset="quick",
+    run_inference(image, out, trained_bundle["model"], arch="densenet121", methods=methods, preset="quick",
                   checks=checks, device="cpu")
     return {m: sitk.GetArrayFromImage(sitk.ReadImage(str(out / "maps" / f"{m}.nrrd"))) for m in methods}
 
@@ -92,7 +92,7 @@ def _dicoms(trained_bundle, n: int) -> list[Path]:
 @pytest.mark.slow
 def test_upload_dicom_gives_the_local_maps_and_info_lists_the_model(server, trained_bundle, tmp_path):
     info = httpx.get(f"{server['url']}/info", headers=server["auth"]).json()
-    model = info["models"]["default"]
+    model = info["models"]["densenet121"]
     assert model["architecture"] == "densenet121" and model["replicates"] == [0, 1]
     assert set(model["verdicts"]["gradcam"]) == {"utility", "randomization", "repeatability", "reproducibility"}
     assert "quick" in info["presets"] and info["methods"][0] == "grad"
@@ -122,23 +122,23 @@ def test_bad_requests_get_the_right_status_and_the_server_keeps_serving(server, 
     dicom = trained_bundle["dicom"]
     assert httpx.get(f"{url}/info").status_code == 401
     assert httpx.get(f"{url}/info", headers={"Authorization": "Bearer nope"}).status_code == 401
-    r = httpx.post(f"{url}/infer/default", files={"image": ("a.dcm", dicom.read_bytes())},
+    r = httpx.post(f"{url}/infer/densenet121", files={"image": ("a.dcm", dicom.read_bytes())},
                    headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401 and "token" in r.json()["detail"]
 
     big = dicom.read_bytes() + os.urandom(1_200_000)  # over the 1 MiB limit, read in full
-    r = httpx.post(f"{url}/infer/default", files={"image": ("big.dcm", big)}, headers=auth, timeout=60)
+    r = httpx.post(f"{url}/infer/densenet121", files={"image": ("big.dcm", big)}, headers=auth, timeout=60)
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     huge = b"\0" * 4_000_000  # over the limit by Content-Length alone
-    r = httpx.post(f"{url}/infer/default", files={"image": ("huge.dcm", huge)}, headers=auth, timeout=60)
+    r = httpx.post(f"{url}/infer/densenet121", files={"image": ("huge.dcm", huge)}, headers=auth, timeout=60)
     assert r.status_code == 413
 
-    r = httpx.post(f"{url}/infer/default", files={"image": ("scan.dcm", b"patient notes, not an image\n" * 20)},
+    r = httpx.post(f"{url}/infer/densenet121", files={"image": ("scan.dcm", b"patient notes, not an image\n" * 20)},
                    headers=auth)
     assert r.status_code == 415 and "checked by content" in r.json()["detail"]
     raw = dicom.read_bytes()
     for broken, words in ((raw[:600], "DICOM has no pixel data"), (raw[: len(raw) - 3000], "truncated")):
-        r = httpx.post(f"{url}/infer/default", files={"image": ("x.png", broken)}, headers=auth, timeout=60)
+        r = httpx.post(f"{url}/infer/densenet121", files={"image": ("x.png", broken)}, headers=auth, timeout=60)
         assert r.status_code == 422 and r.json()["detail"].startswith("uploaded image: "), r.text
         assert words in r.json()["detail"] and str(server["work"]) not in r.json()["detail"], r.text
     assert _post(server, dicom, methods=["nope"]).status_code == 422
@@ -160,7 +160,8 @@ def test_every_corpus_image_is_refused_with_a_reason_or_served(server, tmp_path)
     cases = make_images(tmp_path / "corpus")
     statuses = {}
     for name, expect in cases.items():
-        r = httpx.post(f"{url}/infer/default", files={"image": ("upload", (tmp_path / "corpus" / name).read_bytes())},
+        upload = (tmp_path / "corpus" / name).read_bytes()
+        r = httpx.post(f"{url}/infer/densenet121", files={"image": ("upload", upload)},
                        data={"methods": "grad", "preset": "quick", "checks": "false"}, headers=auth, timeout=300)
         statuses[name] = r.status_code
         if expect == "refused" or name.endswith(".jpg"):  # the service takes DICOM, PNG, NIfTI and NRRD
@@ -230,7 +231,7 @@ def test_results_expire_on_the_servers_clock_and_their_files_are_removed(trained
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             files = {"image": ("a", trained_bundle["dicom"].read_bytes())}
-            r = await client.post("/infer/default", files=files, data={"methods": "grad", "preset": "quick"})
+            r = await client.post("/infer/densenet121", files=files, data={"methods": "grad", "preset": "quick"})
             assert r.status_code == 200, r.text
             res = r.json()
             assert res["expires_in_s"] == 60.0
@@ -273,7 +274,7 @@ def test_worker_faults_and_a_full_disk_fail_one_request_and_the_service_goes_on(
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             async def post():
                 files = {"image": ("a", trained_bundle["dicom"].read_bytes())}
-                return await client.post("/infer/default", files=files, data={"methods": "grad", "preset": "quick"})
+                return await client.post("/infer/densenet121", files=files, data={"methods": "grad", "preset": "quick"})
 
             monkeypatch.setattr(infer, "explain", crash)
             r = await post()
@@ -302,7 +303,8 @@ def test_a_client_that_disconnects_mid_upload_leaves_nothing_and_the_server_keep
     boundary = "cut-short-boundary"
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\"\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode()
-    request = (f"POST /infer/default HTTP/1.1\r\nHost: {host}\r\nAuthorization: {server['auth']['Authorization']}\r\n"
+    request = (f"POST /infer/densenet121 HTTP/1.1\r\nHost: {host}\r\n"
+               f"Authorization: {server['auth']['Authorization']}\r\n"
                f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
                f"Content-Length: {len(head) + len(body) + 100}\r\n\r\n").encode()
     before = set(server["work"].iterdir()) if server["work"].is_dir() else set()
@@ -328,7 +330,7 @@ def test_slicer_server_mode_builds_the_same_scene_as_local_mode(server, trained_
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     volume = load_dicom(scene, trained_bundle["dicom"])
-    req = L.Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(trained_bundle["models"]),
+    req = L.Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(trained_bundle["model"]),
                     arch="densenet121", methods=("grad", "gradcam"), preset="quick", device="cpu",
                     python=sys.executable)
     local = L.run_local(scene, volume, req, tmp_path / "local", timeout=600)
@@ -336,21 +338,22 @@ def test_slicer_server_mode_builds_the_same_scene_as_local_mode(server, trained_
     local_matrix = {m: matrix(n) for m, n in local.map_nodes.items()}
     local_rows = table_rows(local.table_node)
     # The widget's server path: the model is chosen from the server's /info by architecture (the
-    # service names models by folder, "default" here), the HTTP work runs in a worker thread.
+    # service names models by their folder under --models-dir, "densenet121" here), the HTTP work
+    # runs in a worker thread.
     from SaliencyTrustLib import controller
 
     run = controller.Run(controller.Settings(volume, None, req, use_server=True, server_url=server["url"],
                                              token=TOKEN), tmp_path / "srv").start()
     run._thread.join(600)
     remote = run.finish(scene)
-    assert run.model_name == "default"
+    assert run.model_name == "densenet121"
     assert set(remote.map_nodes) == set(local_nodes)
     for m in local_nodes:
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(remote.map_nodes[m]), local_nodes[m])
         np.testing.assert_allclose(matrix(remote.map_nodes[m]), local_matrix[m], atol=1e-5)
     assert table_rows(remote.table_node) == local_rows
     assert remote.prediction["probabilities"] == local.prediction["probabilities"]
-    assert remote.prediction["server"]["model"] == "default"
+    assert remote.prediction["server"]["model"] == "densenet121"
     # The server run replaced the local run's nodes for this input (one run's nodes per input).
     assert not any(scene.IsNodePresent(n) for n in local.map_nodes.values())
     image, mask = L.prepare(volume, None, tmp_path / "srv_in")
@@ -364,7 +367,7 @@ def test_slicer_server_mode_builds_the_same_scene_as_local_mode(server, trained_
         cancelled.finish(scene)
     assert scene.GetNumberOfNodes() == before
     with pytest.raises(L.BundleError, match="HTTP 401"):
-        client.infer(server["url"], "default", image, tmp_path / "bad", req, token="wrong")
+        client.infer(server["url"], "densenet121", image, tmp_path / "bad", req, token="wrong")
     json.dumps(remote.prediction)
 
 
@@ -380,7 +383,7 @@ def test_a_request_over_the_time_limit_gets_504_and_its_files_go(trained_bundle,
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             files = {"image": ("a", trained_bundle["dicom"].read_bytes())}
-            return await client.post("/infer/default", files=files, data={"methods": "grad", "preset": "quick"})
+            return await client.post("/infer/densenet121", files=files, data={"methods": "grad", "preset": "quick"})
 
     r = asyncio.run(go())
     assert r.status_code == 504 and "no result within" in r.json()["detail"]

@@ -50,7 +50,7 @@ def matrix(node) -> np.ndarray:
 
 
 def request(b: dict, **kw) -> L.Request:
-    return L.Request(bundle_dir=str(b["bundle"]), model_dir=str(b["models"]), arch=b["arch"],
+    return L.Request(bundle_dir=str(b["bundle"]), model_dir=str(b["model"]), arch=b["arch"],
                      methods=kw.pop("methods", METHODS), preset="quick", device="cpu", python=sys.executable, **kw)
 
 
@@ -105,7 +105,7 @@ def test_local_run_puts_aligned_overlays_and_trust_table_in_the_scene(scene, tra
     rows = table_rows(res.table_node)
     assert [r["method"] for r in rows] == [L.METHOD_NAMES[m] for m in METHODS]
     assert list(rows[0]) == list(L.TABLE_COLUMNS)
-    saved = json.loads((trained_bundle["models"] / "results.json").read_text())
+    saved = json.loads((trained_bundle["model"] / "results.json").read_text())
     pred = res.prediction
     for r, m in zip(rows, METHODS, strict=True):
         for crit in L.CRITERIA:
@@ -170,7 +170,7 @@ def test_bad_input_volumes_get_clear_messages_and_leave_the_scene_unchanged(scen
 def test_failed_bundle_process_reaches_the_user_and_leaves_the_scene_unchanged(scene, trained_bundle, tmp_path):
     volume = load_dicom(scene, trained_bundle["dicom"])
     before = _node_count(scene)
-    with pytest.raises(L.BundleError, match=r"densenet121_seed7\.pt: no such model file"):
+    with pytest.raises(L.BundleError, match=r"densenet121: no replicate 7 \(it has \[0, 1\]\)"):
         L.run_local(scene, volume, request(trained_bundle, replicate=7), tmp_path / "work", timeout=600)
     assert _node_count(scene) == before
     # A process that is cancelled says so and adds nothing either.

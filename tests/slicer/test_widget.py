@@ -193,7 +193,7 @@ def test_a_second_run_replaces_the_first_under_the_inputs_study_and_the_table_re
     assert "Rule:" in table.GetColumnDescription("utility")
     rows = table_rows(table)
     assert [r["method"] for r in rows] == ["Gradient", "Grad-CAM"]
-    saved = json.loads((trained_bundle["models"] / "results.json").read_text())
+    saved = json.loads((trained_bundle["model"] / "results.json").read_text())
     for r, m in zip(rows, ("grad", "gradcam"), strict=True):
         passed = [saved["verdicts"][m][c]["passed"] for c in L.CRITERIA]
         if False in passed:
@@ -265,10 +265,12 @@ def test_train_demo_models_runs_in_the_background_and_can_be_cancelled(tmp_path)
                            extra_args=tiny).start()
     train.wait(600)
     assert train.model_dir == tmp_path / "demo" / "models" / "pneumothorax"
-    assert controller.model_choices(train.model_dir) == {"densenet121": [0, 1], "inception_v3": [0]}
+    choices = controller.model_choices(train.model_dir)  # the U-Net folder is a localizer: not offered
+    assert {k: c.replicates for k, c in choices.items()} == {"densenet121": [0, 1], "inception_v3": [0]}
+    assert choices["densenet121"].folder == str(train.model_dir / "densenet121")
     assert not (tmp_path / "demo" / "models" / "opacity").exists()  # one task only, no shortcut model
     assert not (tmp_path / "demo" / "models" / "opacity_shortcut").exists()
-    record = json.loads((train.model_dir / "densenet121_seed0.metrics.json").read_text())
+    record = json.loads((train.model_dir / "densenet121" / "seed0.metrics.json").read_text())
     assert record["task"] == "pneumothorax" and record["image_size"] == 80  # InceptionV3 needs >= 75 px
     assert controller.no_models_message(train.model_dir) == ""
 
@@ -286,9 +288,20 @@ def test_the_libs_copies_of_the_engines_names_agree_with_the_engine():
 def test_model_folder_choices_and_the_empty_folder_sentence(tmp_path):
     assert controller.model_choices(tmp_path / "missing") == {}
     assert "No trained models in" in controller.no_models_message(tmp_path)
+    # A broken manifest alone: the sentence says what is wrong with it, naming the field.
+    broken = tmp_path / "mine"
+    broken.mkdir()
+    (broken / "model.json").write_text(json.dumps({"schema_version": 1, "network": "densenet121", "weights": "w.pt",
+                                                   "input": {"size": 64}, "classes": ["a", "b"], "colour": 1}))
+    assert controller.model_choices(tmp_path) == {}
+    assert "'colour' is not a model.json field" in controller.no_models_message(tmp_path)
+    # An older flat folder: one choice per architecture, named by it.
     for name in ("densenet121_seed1.pt", "densenet121_seed0.pt", "inception_v3_seed0.pt", "notes.pt"):
         (tmp_path / name).write_bytes(b"")
-    assert controller.model_choices(tmp_path) == {"densenet121": [0, 1], "inception_v3": [0]}
+    choices = controller.model_choices(tmp_path)
+    assert {k: (c.arch, c.replicates) for k, c in choices.items()} == {"densenet121": ("densenet121", [0, 1]),
+                                                                     "inception_v3": ("inception_v3", [0])}
+    assert choices["densenet121"].folder == str(tmp_path)
     assert controller.no_models_message(tmp_path) == ""
 
 

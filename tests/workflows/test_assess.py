@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,13 +105,17 @@ def test_trust_config_runs_through_monai_bundle(setup, tmp_path):
     from tests.conftest import REPO
 
     root, data, p = setup
+    from saliency_trust.networks.modelfolder import training_weights, write_training_manifest
+
     models = tmp_path / "models"
-    models.mkdir()
-    for src, dst in (("d0", "inception_v3_seed0"), ("d1", "inception_v3_seed1"), ("i0", "densenet121_seed0"),
-                     ("u0", "unet_seed0"), ("u1", "unet_seed1")):
-        arch = {"d": "densenet121", "i": "inception_v3", "u": "unet"}[dst[0]]
-        torch.manual_seed(int(src[1]))
-        torch.save(get_network(arch).state_dict(), models / f"{dst}.pt")
+    # Model folders as train.json writes them: <models_dir>/<arch>/seed<k>.pt and model.json.
+    for arch, seed in (("inception_v3", 0), ("inception_v3", 1), ("densenet121", 0), ("unet", 0), ("unet", 1)):
+        torch.manual_seed(seed)
+        weights = Path(training_weights(models, arch, seed))
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(get_network(arch).state_dict(), weights)
+        write_training_manifest(weights.parent, arch, seed, 96, "lung opacity",
+                                "localizer" if arch == "unet" else "classifier")
     cfg = REPO / "monai_bundle" / "configs"
     r = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg / "trust.json"),

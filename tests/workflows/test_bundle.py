@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from saliency_trust.networks import get_network, load_weights
+from saliency_trust.networks import ModelFolder, get_network, load_weights
 
 from tests.conftest import REPO
 
@@ -62,13 +62,17 @@ def test_train_config_writes_state_dict_and_metrics(tiny_set, tmp_path, arch):
                 "--dataset_dir", str(tiny_set), "--output_dir", str(out), "--arch", arch, "--seed", "3",
                 "--image_size", "80", "--max_epochs", "1", "--batch_size", "8")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    weights = out / f"{arch}_seed3.pt"
-    metrics = json.loads((out / f"{arch}_seed3.metrics.json").read_text())
+    weights = out / arch / "seed3.pt"
+    metrics = json.loads((out / arch / "seed3.metrics.json").read_text())
     assert 0.0 <= metrics["val_auc"] <= 1.0 and metrics["arch"] == arch and metrics["seed"] == 3
     assert metrics["n_train"] > 0 and metrics["versions"]["torch"] == torch.__version__
     state = torch.load(weights, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     load_weights(get_network(arch), weights)  # strict: every key matches the registry's network
+    # The model folder's manifest lists the replicate and says how the network takes its input.
+    folder = ModelFolder.open(out / arch)
+    assert not folder.implied and folder.replicates == {3: weights} and folder.image_size == 80
+    assert folder.kind == "classifier" and folder.task == "lung opacity" and folder.black() == -1.0
 
 
 @pytest.mark.slow
@@ -80,9 +84,10 @@ def test_train_baseline_config(tiny_set, tmp_path):
                 "--meta_file", str(CONFIGS / "metadata.json"), "--dataset_dir", str(tiny_set),
                 "--output_dir", str(out), "--image_size", "80", "--max_epochs", "1", "--batch_size", "8")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    metrics = json.loads((out / "unet_seed0.metrics.json").read_text())
+    metrics = json.loads((out / "unet" / "seed0.metrics.json").read_text())
     assert 0.0 <= metrics["val_dice"] <= 1.0
-    load_weights(get_network("unet"), out / "unet_seed0.pt")
+    load_weights(get_network("unet"), out / "unet" / "seed0.pt")
+    assert ModelFolder.open(out / "unet").kind == "localizer"
 
 
 @pytest.mark.slow
@@ -96,7 +101,7 @@ def test_multi_gpu_train_config_under_torchrun_on_cpu(tiny_set, tmp_path):
            "--image_size", "80", "--max_epochs", "1", "--batch_size", "4"]
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    metrics = json.loads((out / "densenet121_seed0.metrics.json").read_text())
+    metrics = json.loads((out / "densenet121" / "seed0.metrics.json").read_text())
     assert 0.0 <= metrics["val_auc"] <= 1.0
-    state = torch.load(out / "densenet121_seed0.pt", weights_only=True)
+    state = torch.load(out / "densenet121" / "seed0.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # the plain network, not the DDP wrapper

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from saliency_trust.data.synth import generate
+from saliency_trust.networks.modelfolder import record_file, training_weights
 from saliency_trust.results import CRITERIA, CRITERION_TITLES, Results
 
 BUNDLE = Path(__file__).resolve().parents[2]  # monai_bundle/
@@ -49,18 +50,18 @@ def train(config: str, **overrides) -> dict:
     run(config_file=files, logging_file=str(BUNDLE / "configs" / "logging.conf"),
         meta_file=str(BUNDLE / "configs" / "metadata.json"), bundle_root=str(BUNDLE), **overrides)
     arch, seed = overrides.get("arch", "unet"), overrides["seed"]
-    metrics = Path(overrides["output_dir"]) / f"{arch}_seed{seed}.metrics.json"
-    return json.loads(metrics.read_text())
+    return json.loads(record_file(training_weights(overrides["output_dir"], arch, seed)).read_text())
 
 
-def assess(data: Path, models: Path, out: Path, a: argparse.Namespace, classifiers: list[tuple[str, int]],
-           localizers: int, randomize: int) -> Results:
-    """The trust assessment of one task's models (quick preset, demo recipe)."""
+def assess(data: Path, models: Path, out: Path, a: argparse.Namespace, classifiers: list[str],
+           localizers: bool, randomize: int) -> Results:
+    """The trust assessment of one task's model folders (quick preset, demo recipe): the first
+    architecture's first two replicates, the others' first, the U-Net folder's two replicates."""
     from saliency_trust.workflows.assess import run_assessment
 
     return run_assessment(
-        data, out, [{"arch": arch, "path": str(models / f"{arch}_seed{s}.pt")} for arch, s in classifiers],
-        [str(models / f"unet_seed{s}.pt") for s in range(localizers)], preset="quick", n_images=a.images,
+        data, out, [models / arch for arch in classifiers], [models / "unet"] if localizers else [],
+        preset="quick", n_images=a.images,
         pairs_per_image=a.pairs, randomize=randomize, recipe_overrides=DEMO_RECIPE, device="cpu",
         progress=False)
 
@@ -143,14 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_assessment:
         for k, (task, _) in enumerate(tasks):
             results[task] = assess(out / "data" / task, out / "models" / task, out / "trust" / task, a,
-                                   list(CLASSIFIERS), localizers=2, randomize=1 if k == 0 or a.randomize_all else 0)
+                                   list(dict.fromkeys(arch for arch, _ in CLASSIFIERS)), localizers=True,
+                                   randomize=1 if k == 0 or a.randomize_all else 0)
             reports[task] = out / "trust" / task / "report.html"
-            # Beside the weights, so inference.json, the Slicer module and the service show the verdicts.
-            shutil.copy(out / "trust" / task / "results.json", out / "models" / task / "results.json")
+            # Into the primary model's folder, so inference.json, the Slicer module and the service show
+            # the verdicts beside its maps (they are about its maps).
+            shutil.copy(out / "trust" / task / "results.json", out / "models" / task / primary / "results.json")
     if not a.skip_assessment and shortcut:
         # The shortcut model, scored on the clean opacity test images (utility only).
         results["opacity_shortcut"] = assess(out / "data" / "opacity", sc_models, out / "trust" / "opacity_shortcut",
-                                             a, [(primary, 0)], localizers=0, randomize=0)
+                                             a, [primary], localizers=False, randomize=0)
         reports["opacity_shortcut"] = out / "trust" / "opacity_shortcut" / "report.html"
     minutes = (time.time() - t0) / 60
     timings["assessment_min"] = minutes - timings["training_min"]

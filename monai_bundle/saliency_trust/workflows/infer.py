@@ -36,14 +36,7 @@ from saliency_trust.data.groundtruth import resize_image
 from saliency_trust.data.imageio import MAP_FORMATS, atomic_write_bytes, read_input, read_mask, write_map
 from saliency_trust.data.readers import finding_name
 from saliency_trust.metrics import auprc, ssim
-from saliency_trust.networks import (
-    file_sha256,
-    get_network,
-    load_weights,
-    randomization_states,
-    to_network_input,
-    trained_image_size,
-)
+from saliency_trust.networks import ModelFolder, randomization_states
 from saliency_trust.results import load_results
 from saliency_trust.saliency import METHODS, explain, predict
 
@@ -51,34 +44,28 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: Grad-CAM upsampling for maps shown on a patient's image (the study preset keeps the paper's legacy mode).
 DISPLAY_CAM_RESIZE = "half_pixel"
-#: Loaded networks and their file hashes by (architecture, file, size, mtime, device): one instance
-#: per worker process; a replaced weights file (new size or mtime) is loaded and hashed again.
+#: Loaded networks and their file hashes by (weights file, size, mtime, device): one instance per
+#: worker process; a replaced weights file (new size or mtime) is loaded and hashed again.
 _NETWORKS: dict[tuple, tuple[torch.nn.Module, str]] = {}
 
 
-def _network(arch: str, path: Path, dev: torch.device, cache: bool) -> tuple[torch.nn.Module, str]:
+def _network(folder: ModelFolder, replicate: int, dev: torch.device, cache: bool) -> tuple[torch.nn.Module, str]:
     """The network and the SHA-256 of its weights file (read once per file version when cached)."""
     if not cache:
-        return load_weights(get_network(arch), path).to(dev).eval(), file_sha256(path)
+        return folder.load(replicate, dev), folder.sha256(replicate)
+    path = folder.weights(replicate)
     st = path.stat()
-    key = (arch, str(path.resolve()), st.st_size, st.st_mtime_ns, str(dev))
+    key = (str(path.resolve()), folder.network_label, st.st_size, st.st_mtime_ns, str(dev))
     if key not in _NETWORKS:
-        _NETWORKS[key] = (load_weights(get_network(arch), path).to(dev).eval(), file_sha256(path))
+        _NETWORKS[key] = (folder.load(replicate, dev), folder.sha256(replicate))
     return _NETWORKS[key]
 
 
-def _replicates(model_dir: Path, arch: str, replicate: int) -> list[Path]:
-    own = model_dir / f"{arch}_seed{replicate}.pt"
-    return [p for p in sorted(model_dir.glob(f"{arch}_seed*.pt")) if p != own]
-
-
-def _task(weights: Path) -> str | None:
-    """The finding the model predicts, from its training record (older records: from its dataset's layout)."""
-    meta = weights.with_suffix(".metrics.json")
-    try:
-        record = json.loads(meta.read_text()) if meta.is_file() else {}
-    except (OSError, ValueError):
-        return None
+def _task(folder: ModelFolder, replicate: int) -> str | None:
+    """The finding the model predicts: its manifest's, else its training record's (older: its dataset's layout)."""
+    if folder.manifest.get("task") or not folder.implied:
+        return folder.task
+    record = folder.record(replicate)
     if record.get("task"):
         return str(record["task"])
     try:
@@ -87,10 +74,10 @@ def _task(weights: Path) -> str | None:
         return None
 
 
-def _image_size(weights: Path, image_size: int | None) -> int:
-    trained = trained_image_size(weights)
+def _image_size(folder: ModelFolder, image_size: int | None) -> int:
+    trained = folder.image_size
     if image_size and trained and int(image_size) != trained:
-        raise ValueError(f"image_size {image_size} differs from the {trained} px {weights.name} was trained at")
+        raise ValueError(f"image_size {image_size} differs from the {trained} px {folder.name} was trained at")
     return int(image_size or trained or 320)  # 320: the paper's input size
 
 
@@ -98,8 +85,8 @@ def run_inference(
     image: str | Path,
     output_dir: str | Path,
     model_dir: str | Path,
-    arch: str = "inception_v3",
-    replicate: int = 0,
+    arch: str | None = None,
+    replicate: int | None = None,
     methods: Sequence[str] | None = None,
     preset: str = "paper",
     mask: str | Path | None = None,
@@ -113,13 +100,17 @@ def run_inference(
 ) -> dict:
     """Explain one image with one trained replicate; returns what ``prediction.json`` holds.
 
-    ``cache_networks`` keeps loaded networks for the next call (the service's one instance per worker).
+    ``model_dir`` is a model folder (``model.json``) or an older folder of ``<arch>_seed<k>.pt``
+    files, where ``arch`` picks the architecture; ``replicate`` None is the first. Methods the
+    model cannot give (guided backprop without ReLUs) are refused when asked for and left out,
+    with the reason in ``prediction.json``, when ``methods`` is None. ``cache_networks`` keeps loaded
+    networks for the next call (the service's one instance per worker).
     """
     t0 = time.time()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(image, out, Path(model_dir), arch, int(replicate), methods, preset, mask, map_format,
+        return _run(image, out, Path(model_dir), arch, replicate, methods, preset, mask, map_format,
                     image_size, device, seed, intensity_range, checks, cache_networks, t0)
     except (DataError, ValueError, FileNotFoundError) as exc:
         source, problem = (exc.source, exc.problem) if isinstance(exc, DataError) else ("", str(exc))
@@ -132,21 +123,28 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
          seed, intensity_range, checks, cache, t0) -> dict:
     if map_format not in MAP_FORMATS:
         raise ValueError(f"map_format must be one of {sorted(MAP_FORMATS)}, got {map_format!r}")
-    methods = list(methods or METHODS)
-    weights = model_dir / f"{arch}_seed{replicate}.pt"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no such model file (architecture {arch}, replicate {replicate})")
+    folder = ModelFolder.open(model_dir, arch)
+    if folder.kind != "classifier":
+        raise ValueError(f"{model_dir}: a {folder.kind}, not a classifier to explain")
+    replicate = next(iter(folder.replicates)) if replicate is None else int(replicate)
+    weights = folder.weights(replicate)
     img, ref = read_input(image, intensity_range)
     gt = read_mask(mask, img.shape) if mask else None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    size = _image_size(weights, image_size)
-    x = to_network_input(torch.from_numpy(resize_image(img, (size, size)))[None]).to(dev)
-    net, weights_sha = _network(arch, weights, dev, cache)
+    size = _image_size(folder, image_size)
+    x = folder.to_input(torch.from_numpy(resize_image(img, (size, size)))[None]).to(dev)
+    net, weights_sha = _network(folder, replicate, dev, cache)
+    unavailable = folder.unavailable(net)
+    if methods is not None and [m for m in methods if m in unavailable]:
+        bad = [m for m in methods if m in unavailable]
+        raise ValueError(f"method(s) {bad} cannot be computed for {folder.name}: {unavailable[bad[0]]}")
+    methods = list(methods or [m for m in METHODS if m not in unavailable])
     with torch.no_grad():
         probs = torch.softmax(predict(net, x).float(), 1)[0].cpu()
     target = torch.tensor([int(probs.argmax())], device=dev)
     # Drawn on a patient's image: Grad-CAM with half-pixel centres (the geometrically correct resize).
-    maps = explain(net, x, methods, targets=target, preset=preset, seed=seed, cam_resize=DISPLAY_CAM_RESIZE)
+    settings = {**folder.explain_settings(net), "cam_resize": DISPLAY_CAM_RESIZE}
+    maps = explain(net, x, methods, targets=target, preset=preset, seed=seed, **settings)
 
     def on_grid(m: torch.Tensor) -> np.ndarray:
         return np.clip(resize_image(m[0].float().cpu().numpy(), img.shape), 0.0, 1.0)
@@ -161,19 +159,19 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
 
     live: dict = {}
     if checks:
-        others = _replicates(model_dir, arch, replicate)
+        others = [k for k in folder.replicates if k != replicate]
         if others:
-            other, _ = _network(arch, others[0], dev, cache)
-            om = explain(other, x, methods, targets=target, preset=preset, seed=seed, cam_resize=DISPLAY_CAM_RESIZE)
-            live["repeatability"] = {"against": others[0].name,
+            other, _ = _network(folder, others[0], dev, cache)
+            om = explain(other, x, methods, targets=target, preset=preset, seed=seed, **settings)
+            live["repeatability"] = {"against": folder.weights(others[0]).name, "replicate": others[0],
                                      "ssim": {m: float(ssim(maps[m], om[m], data_range=1.0)[0]) for m in methods}}
             del other
         else:
-            live["repeatability"] = {"against": None, "ssim": None, "why": "no other replicate beside the weights"}
+            live["repeatability"] = {"against": None, "ssim": None, "why": "the model folder has no other replicate"}
         final = None
-        for name, state in randomization_states(net, arch, mode="cascading", seed=seed):
+        for name, state in randomization_states(net, folder.randomization_blocks(net), mode="cascading", seed=seed):
             final = (name, state)
-        rm = explain(final[1], x, methods, targets=target, preset=preset, seed=seed, cam_resize=DISPLAY_CAM_RESIZE)
+        rm = explain(final[1], x, methods, targets=target, preset=preset, seed=seed, **settings)
         live["randomization"] = {"state": final[0], "mode": "cascading",
                                  "ssim": {m: float(ssim(maps[m], rm[m], data_range=1.0)[0]) for m in methods}}
     if gt is not None:
@@ -181,23 +179,29 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
         live["auprc"] = {m: float(auprc(torch.from_numpy(grid_maps[m])[None].double(), g)[0]) for m in methods}
         live["mask_pixels"] = int(gt.sum())
 
-    results_file = model_dir / "results.json"
+    results_file = folder.folder / "results.json"
     verdicts = None
     if results_file.is_file():
         try:
-            verdicts = {"file": results_file.name, **load_results(results_file).verdict_copy(methods)}
+            assessed = load_results(results_file)
+            shas = {c.get("sha256") for c in assessed.provenance.get("config", {}).get("classifiers", [])}
+            # The verdicts are about the weights the assessment explained; say whether these are among them.
+            verdicts = {"file": results_file.name, "these_weights_assessed": weights_sha in shas,
+                        **assessed.verdict_copy(methods)}
         except ValueError as exc:  # an outdated or broken file: say so beside the maps, do not fail the image
             verdicts = {"file": results_file.name, "error": str(exc), "methods": {}}
     result = {
         "schema_version": SCHEMA_VERSION,
         "input": {"shape": list(img.shape), "spacing": list(ref.GetSpacing()),
                   "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection())},
-        "model": {"arch": arch, "replicate": replicate, "file": weights.name, "sha256": weights_sha,
-                  "image_size": size},
-        "task": _task(weights),
+        "model": {"arch": folder.network_label, "name": folder.name, "replicate": replicate, "file": weights.name,
+                  "sha256": weights_sha, "image_size": size, "classes": folder.classes,
+                  "finding_class": folder.finding_class, "implied_manifest": folder.implied},
+        "task": _task(folder, replicate),
         "preset": preset, "cam_resize": DISPLAY_CAM_RESIZE, "methods": methods, "device": str(dev),
         "probabilities": [float(p) for p in probs], "predicted_class": int(probs.argmax()),
         "explained_class": int(target[0]), "maps": files, "checks": live, "verdicts": verdicts,
+        "methods_left_out": {m: why for m, why in unavailable.items() if m not in methods},
         "seconds": round(time.time() - t0, 2),
     }
     atomic_write_bytes(out / "prediction.json", json.dumps(result, indent=2).encode())

@@ -2,10 +2,10 @@
 
 ``--study DIR`` writes one lesion-positive SynthCXR radiograph (320 px, the paper's input size)
 as a DICOM study (its own patient, study and series UIDs) and prints the file's path: the Slicer
-module's SampleData entry loads it. ``--fixture-models DIR`` writes two seeded, *untrained*
-DenseNet121 replicates at 64 px with their training records (marked untrained), so the Slicer
-module's self-test can run the whole bundle path in seconds without training. Neither downloads
-anything.
+module's SampleData entry loads it. ``--fixture-models DIR`` writes a model folder
+``DIR/densenet121`` of two seeded, *untrained* DenseNet121 replicates at 64 px with their
+training records (marked untrained) and its ``model.json``, so the Slicer module's self-test can
+run the whole bundle path in seconds without training. Neither downloads anything.
 """
 
 from __future__ import annotations
@@ -36,24 +36,25 @@ def make_study(out: str | Path, task: str = "opacity", size: int = 320, seed: in
 
 def make_fixture_models(out: str | Path, size: int = 64, seeds: tuple[int, ...] = (0, 1),
                         arch: str = "densenet121") -> Path:
-    """Seeded untrained replicates of ``arch`` with training records (``untrained: true``); returns ``out``."""
+    """A model folder ``out/<arch>`` of seeded untrained replicates, laid out as training writes it
+    (``model.json``, weights, records marked ``untrained: true``); returns the model folder."""
     import torch
 
     from saliency_trust.data.imageio import atomic_write_bytes
     from saliency_trust.networks import get_network
+    from saliency_trust.networks.modelfolder import record_file, training_weights, write_training_manifest
     from saliency_trust.workflows.train import atomic_save_state
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         torch.manual_seed(seed)
         net = get_network(arch, num_classes=2)
-        weights = out / f"{arch}_seed{seed}.pt"
+        weights = Path(training_weights(out, arch, seed))
         sha = atomic_save_state(net, weights)
         record = {"arch": arch, "seed": seed, "image_size": size, "task": "lung opacity", "untrained": True,
                   "sha256": sha, "model_file": weights.name}
-        atomic_write_bytes(weights.with_suffix(".metrics.json"), json.dumps(record, indent=2).encode())
-    return out
+        atomic_write_bytes(record_file(weights), json.dumps(record, indent=2).encode())
+        write_training_manifest(weights.parent, arch, seed, size, "lung opacity")
+    return Path(out) / arch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="opacity", choices=("opacity", "pneumothorax"))
     p.add_argument("--size", type=int, default=320)
     p.add_argument("--seed", type=int, default=SAMPLE_SEED)
-    p.add_argument("--fixture-models", help="write two untrained 64 px DenseNet121 replicates here")
+    p.add_argument("--fixture-models", help="write a model folder of two untrained 64 px DenseNet121 replicates here")
     a = p.parse_args(argv)
     if not a.study and not a.fixture_models:
         p.error("give --study and / or --fixture-models")

@@ -22,6 +22,7 @@ from saliency_trust.data import Dataset, load_dataset
 from saliency_trust.data.imageio import atomic_write_bytes
 from saliency_trust.data.split import split_of
 from saliency_trust.networks import to_network_input
+from saliency_trust.networks.modelfolder import write_training_manifest
 from saliency_trust.provenance import versions
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ class BestModelSaver:
     """Ignite handler: after each validation, keep the best model and write its metrics file.
 
     The state_dict goes to ``model_file`` and the metrics to ``model_file`` with a
-    ``.metrics.json`` suffix, both atomically, on rank 0 only.
+    ``.metrics.json`` suffix, both atomically, on rank 0 only. When ``info`` names the ``arch``,
+    the model folder's ``model.json`` lists this replicate from the first save on
+    (:func:`~saliency_trust.networks.modelfolder.write_training_manifest`).
     """
 
     def __init__(self, evaluator: Engine, model: torch.nn.Module, model_file: str | Path,
@@ -125,6 +128,7 @@ class BestModelSaver:
         self.best = -float("inf")
         self.best_epoch = 0
         self.history: list[float] = []
+        self._listed = False
 
     def attach(self, trainer: Engine) -> None:
         """Hook into the trainer (after validation) and the evaluator."""
@@ -148,6 +152,11 @@ class BestModelSaver:
             self.best, self.best_epoch = value, epoch
             if self._rank0():
                 self.info["sha256"] = atomic_save_state(self.model, self.model_file)
+                if "arch" in self.info and not self._listed:
+                    write_training_manifest(self.model_file.parent, self.info["arch"], int(self.info.get("seed", 0)),
+                                            int(self.info["image_size"]), self.info.get("task"),
+                                            self.info.get("kind", "classifier"))
+                    self._listed = True
         log.info("epoch %d: %s = %.4f (best %.4f at epoch %d)", epoch, self.metric, value, self.best, self.best_epoch)
         if self._rank0():
             self._write_metrics()
