@@ -61,7 +61,7 @@ async def _load(url: str, image: bytes, n: int, concurrency: int, data: dict, mo
 def main(argv: list[str] | None = None) -> int:
     """Run the load test; writes the JSON report."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models-dir", required=True, help="a folder of <arch>_seed<k>.pt replicates")
+    p.add_argument("--models-dir", required=True, help="a model folder (model.json and its replicates)")
     p.add_argument("--image", required=True)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--requests", type=int, default=40)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 if time.time() > deadline or proc.poll() is not None:
                     raise SystemExit("service did not start") from None
                 time.sleep(0.5)
-        model = models.name if models.name in info["models"] else "default"
+        model = models.name if models.name in info["models"] else next(iter(info["models"]))
         data = {"methods": a.methods, "preset": a.preset, "checks": "true" if a.checks else "false"}
         image = Path(a.image).read_bytes()
         asyncio.run(_load(url, image, 2, 1, data, model))  # warm-up: imports, first network load

@@ -1,6 +1,7 @@
 """The README's Slicer picture: a real MRML scene rendered by Slicer's own slice logic, offscreen.
 
-    .venv/bin/python docs/make_slicer_picture.py [--models demo_out/models/opacity] [--out docs/slicer_overlay.png]
+    .venv/bin/python docs/make_slicer_picture.py [--models demo_out/models/opacity/densenet121]
+        [--out docs/slicer_overlay.png]
 
 A 320 px SynthCXR DICOM study made by the bundle (``saliency_trust.workflows.sample``) is read by
 Slicer's volume storage node into a ``slicer-core`` scene; the module's library runs the bundle
@@ -24,8 +25,8 @@ sys.path.insert(0, str(REPO / "SaliencyTrust"))
 def main(argv: list[str] | None = None) -> int:
     """Make the picture; returns 0."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=str(REPO / "demo_out" / "models" / "opacity"))
-    p.add_argument("--arch", default="densenet121")
+    p.add_argument("--models", default=str(REPO / "demo_out" / "models" / "opacity" / "densenet121"),
+                   help="a model folder")
     p.add_argument("--method", default="gradcam")
     p.add_argument("--seed", type=int, default=10,
                    help="SynthCXR sample seed (10: a positive image the demo's opacity model detects)")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     storage.SetSingleFile(True)
     if not storage.ReadData(volume):
         raise SystemExit(f"could not read {study}")
-    req = L.Request(bundle_dir=str(bundle), model_dir=str(a.models), arch=a.arch, methods=L.METHODS,
+    req = L.Request(bundle_dir=str(bundle), model_dir=str(a.models), methods=L.METHODS,
                     preset="quick", device="cpu", python=sys.executable)
     res = L.run_local(scene, volume, req, work / "run", timeout=1800)
     controller.show_method(scene, res, a.method, 0.6)

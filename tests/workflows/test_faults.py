@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from saliency_trust.faults import ENV
-from saliency_trust.networks import get_network
+from saliency_trust.networks import ModelFolder, get_network
 
 from tests.conftest import REPO
 
@@ -109,18 +109,19 @@ def test_training_killed_while_saving_restarts_cleanly_to_the_same_weights(rsna_
     clean = train(tmp_path / "clean", None)
     assert clean.returncode == 0, clean.stderr[-3000:]
     out = tmp_path / "killed"
-    for fault in ("write:densenet121_seed4.pt", "write:densenet121_seed4.metrics.json"):
+    for fault in ("write:seed4.pt", "write:model.json", "write:seed4.metrics.json"):
         r = train(out, fault)
         assert r.returncode == -signal.SIGKILL, (fault, r.returncode, r.stderr[-2000:])
-        if (out / "densenet121_seed4.pt").exists():  # a previous epoch's best: whole, never torn
-            torch.load(out / "densenet121_seed4.pt", weights_only=True)
-        if (out / "densenet121_seed4.metrics.json").exists():
-            json.loads((out / "densenet121_seed4.metrics.json").read_text())
+        if (out / "densenet121" / "seed4.pt").exists():  # a previous epoch's best: whole, never torn
+            torch.load(out / "densenet121" / "seed4.pt", weights_only=True)
+        if (out / "densenet121" / "seed4.metrics.json").exists():
+            json.loads((out / "densenet121" / "seed4.metrics.json").read_text())
     again = train(out, None)
     assert again.returncode == 0, again.stderr[-3000:]
-    want = torch.load(tmp_path / "clean" / "densenet121_seed4.pt", weights_only=True)
-    got = torch.load(out / "densenet121_seed4.pt", weights_only=True)
+    want = torch.load(tmp_path / "clean" / "densenet121" / "seed4.pt", weights_only=True)
+    got = torch.load(out / "densenet121" / "seed4.pt", weights_only=True)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    a = json.loads((tmp_path / "clean" / "densenet121_seed4.metrics.json").read_text())
-    b = json.loads((out / "densenet121_seed4.metrics.json").read_text())
+    a = json.loads((tmp_path / "clean" / "densenet121" / "seed4.metrics.json").read_text())
+    b = json.loads((out / "densenet121" / "seed4.metrics.json").read_text())
     assert a["val_auc"] == b["val_auc"] and a["best_epoch"] == b["best_epoch"]
+    assert ModelFolder.open(out / "densenet121").replicates == {4: out / "densenet121" / "seed4.pt"}
