@@ -24,10 +24,10 @@ def test_readme_example_runs_and_prints_one_auprc_per_method(tmp_path, monkeypat
     code = _example()
     assert len(code.strip().splitlines()) <= 12, "the example is meant to be about ten lines"
     generate(tmp_path / "demo_out" / "data" / "opacity", "opacity", n=12, size=112, seed=0)
-    models = tmp_path / "demo_out" / "models" / "opacity"
+    models = tmp_path / "demo_out" / "models" / "opacity" / "densenet121"  # the model folder make demo writes
     models.mkdir(parents=True)
     torch.manual_seed(0)
-    torch.save(get_network("densenet121").state_dict(), models / "densenet121_seed0.pt")
+    torch.save(get_network("densenet121").state_dict(), models / "seed0.pt")
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
