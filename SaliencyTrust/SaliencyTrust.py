@@ -368,6 +368,10 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self) -> bool:
         """Install what the bundle needs into Slicer's Python, after asking; never replace Slicer's torch."""
+        too_old = deps.python_problem()  # Slicer 5.8 (Python 3.9): said before anything is downloaded
+        if too_old:
+            slicer.util.errorDisplay(too_old)
+            return False
         problem = deps.torch_problem()
         if problem:
             try:

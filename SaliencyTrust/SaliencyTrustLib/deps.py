@@ -13,14 +13,31 @@ No Qt here: the module asks the user and calls Slicer's ``pip_install``; this pa
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
 TORCH_MIN = "2.8"
+#: The oldest Python the bundle runs on (MONAI 1.6); Slicer 5.8 has 3.9, Slicer 5.10 and later 3.12.
+PYTHON_MIN = (3, 10)
+SLICER_MIN = "5.10"
 #: Distributions that only the PyTorch extension may install or change.
 PINNED = ("torch", "torchvision", "numpy")
+
+
+def python_problem() -> str:
+    """'' on a Slicer whose Python can run the bundle, else one sentence saying which Slicer is needed.
+
+    Checked before anything is installed or launched: on Slicer 5.8 (Python 3.9) MONAI 1.6 cannot
+    be installed, and finding that out after downloading PyTorch helps nobody.
+    """
+    if tuple(sys.version_info[:2]) >= PYTHON_MIN:
+        return ""
+    have = ".".join(str(v) for v in sys.version_info[:3])
+    return (f"SaliencyTrust needs Slicer {SLICER_MIN} or later: this Slicer's Python is {have}, and MONAI 1.6, "
+            f"which runs the maps, needs Python {'.'.join(map(str, PYTHON_MIN))} or later.")
 
 
 def read_requirements(path: str | Path) -> list[Requirement]:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from SaliencyTrustLib import deps
+
 CRITERIA = ("utility", "randomization", "repeatability", "reproducibility")
 METHODS = ("grad", "sg", "ig", "sig", "gradcam", "gbp", "ggcam", "xrai")
 #: The methods by the names a reader knows them by.
@@ -253,6 +255,14 @@ def prepare(volume, score_node, folder: str | Path) -> tuple[Path, Path | None]:
 # The bundle, out of process
 
 
+def require_supported_python() -> None:
+    """Raise :class:`SaliencyTrustError` with one sentence when this Slicer's Python cannot run the bundle
+    (Slicer 5.8 and older), before anything is generated, installed or launched."""
+    problem = deps.python_problem()
+    if problem:
+        raise SaliencyTrustError(problem)
+
+
 def find_bundle(module_dir: str | Path) -> Path:
     """The MONAI bundle the module runs: installed beside it by the extension build
     (``SaliencyTrustBundle``, see CMakeLists.txt), or the ``monai_bundle`` folder of a source checkout
@@ -352,7 +362,8 @@ class ChildProcess:
         self._reader: threading.Thread | None = None
 
     def start(self) -> ChildProcess:
-        """Launch the child; returns at once."""
+        """Launch the child; returns at once (a Slicer too old for the bundle is told so first)."""
+        require_supported_python()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([self.bundle_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -504,6 +515,7 @@ def failure_message(output_dir: Path, lines: Sequence[str], returncode: int) -> 
 def _bundle_command(bundle_dir: str | Path, args: list[str], python: str | None = None,
                     timeout: float = 600.0) -> str:
     """Run ``python -m <args>`` with the bundle importable; its stdout, or BundleError with the reason."""
+    require_supported_python()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(bundle_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     flags = 0 if os.name == "posix" else getattr(subprocess, "CREATE_NO_WINDOW", 0)

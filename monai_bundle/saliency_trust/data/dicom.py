@@ -19,6 +19,8 @@ DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 #: Computed Radiography Image Storage.
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 IMPLEMENTATION_UID = "2.25.167930441383373474155623452166541234517"
+#: Our own (pydicom would write its version here, so files would differ between pydicom 2 and 3).
+IMPLEMENTATION_VERSION = "SALIENCYTRUST_1"
 
 
 def write_dicom(
@@ -49,6 +51,7 @@ def write_dicom(
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     today = _dt.date(2020, 1, 1).strftime("%Y%m%d")
     ds.SOPClassUID = sop_class
@@ -89,9 +92,25 @@ def write_dicom(
     ds.WindowWidth = f"{top:.1f}"
     ds.PixelData = pixels.tobytes()
     tmp = path.with_name(path.name + ".partial")
-    ds.save_as(tmp, enforce_file_format=True)
+    save_dicom(ds, tmp)
     tmp.replace(path)
     return path
+
+
+def save_dicom(ds: FileDataset, path: str | Path) -> None:
+    """Write ``ds`` as a standard DICOM file (preamble, file meta) with pydicom 2.4 (Slicer 5.8 / 5.10) or 3.
+
+    pydicom 3 spells this ``enforce_file_format=True``; 2.x spells it ``write_like_original=False``
+    (deprecated in 3); each version is called with its own keyword, so neither warns nor fails. 2.x
+    also encodes by the dataset's ``is_implicit_VR`` / ``is_little_endian`` (a new dataset says
+    implicit VR), so they are set from the file meta's transfer syntax there (3 reads it itself).
+    """
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    else:
+        syntax = ds.file_meta.TransferSyntaxUID
+        ds.is_implicit_VR, ds.is_little_endian = syntax.is_implicit_VR, syntax.is_little_endian
+        pydicom.dcmwrite(path, ds, write_like_original=False)
 
 
 def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
