@@ -4,6 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
+# Test-only packages, each in its own folder (never in the venv, whose versions they would replace):
+# what Slicer ships (5.10: pydicom 2.4.4, numpy 2.0.2, scipy 1.13.1; 5.8: numpy 1.26.4) for the
+# module's Slicer-side paths, and MONAI Label's own client (monailabel 0.8.5 without its dependencies).
+SLICER510 := $(VENV)/slicer-5.10
+SLICER58 := $(VENV)/slicer-5.8
+MONAILABEL := $(VENV)/monailabel-0.8.5
+EXTRAS := $(VENV)/.test-extras
 
 .PHONY: demo test lint bench venv clean
 
@@ -17,12 +24,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+$(EXTRAS): $(STAMP) Makefile
+	rm -rf $(SLICER510) $(SLICER58) $(MONAILABEL)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(SLICER510) pydicom==2.4.4 numpy==2.0.2 scipy==1.13.1
+	$(BIN)/python -m pip install --quiet --no-deps --target $(SLICER58) pydicom==2.4.4 numpy==1.26.4
+	$(BIN)/python -m pip install --quiet --no-deps --target $(MONAILABEL) monailabel==0.8.5
+	touch $(EXTRAS)
+
 demo: $(STAMP)
 	$(BIN)/python -m saliency_trust.workflows.demo --out $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) $(EXTRAS)
 	$(BIN)/ruff check monai_bundle tests bench SaliencyTrust docs
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -ra --timeout=900 tests
+	SALIENCY_TRUST_REQUIRE_EXTRAS=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -ra --timeout=900 tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/metrics_bench.py --out bench/results
