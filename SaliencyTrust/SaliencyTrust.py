@@ -123,6 +123,8 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._timer = None
+        self._modelDirTimer = None
+        self._listedModelDir = None  # the model folder the choices were listed from
         self._methodBoxes = {}
         self.results = None
 
@@ -150,7 +152,13 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
-        self.ui.modelPath.connect("currentPathChanged(QString)", self.onModelDirChanged)
+        # The folder is listed once the user stops typing (and after the parameter node has taken the
+        # new path: this slot runs before the node's own connection, so it must not read or write it).
+        self._modelDirTimer = qt.QTimer()
+        self._modelDirTimer.setSingleShot(True)
+        self._modelDirTimer.setInterval(400)
+        self._modelDirTimer.timeout.connect(self.updateModelChoices)
+        self.ui.modelPath.connect("currentPathChanged(QString)", self.onModelPathEdited)
         self.ui.archSelector.connect("currentIndexChanged(int)", self.onArchChanged)
         self.ui.replicateSelector.connect("currentIndexChanged(int)", self.onReplicateChanged)
         self.ui.methodSelector.connect("currentIndexChanged(int)", self.onMethodChanged)
@@ -161,8 +169,9 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Module closed or reloaded: stop the timer and the run, drop the observers."""
-        if self._timer is not None:
-            self._timer.stop()
+        for timer in (self._timer, self._modelDirTimer):
+            if timer is not None:
+                timer.stop()
         if self.logic:
             self.logic.cancel()
         self.removeObservers()
@@ -207,19 +216,34 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = node
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            if self._parameterNodeGuiTag is None:
+                # Slicer 5.8's connectGui returns no tag (5.10 does), so disconnectGui could never
+                # undo it; its tags are counted up from 0 per wrapper.
+                self._parameterNodeGuiTag = self._parameterNode._nextParameterGUIsTag - 1
             chosen = {m.strip() for m in self._parameterNode.methods.split(",")}
             for m, box in self._methodBoxes.items():
                 box.blockSignals(True)
                 box.checked = m in chosen
                 box.blockSignals(False)
-            self.onModelDirChanged(str(self._parameterNode.modelDir))
+            self.updateModelChoices()
 
     # ---- model folder ---------------------------------------------------------------------
 
-    def onModelDirChanged(self, path: str) -> None:
-        """Fill the model and replicate choices from the folder; say so when it has no usable model."""
+    def onModelPathEdited(self, path: str) -> None:
+        """The model folder field changed (each keystroke, or the node writing it back): list it later.
+
+        Runs before the parameter node's own slot has stored ``path``; writing the node here (the
+        architecture) would make it write its old folder back into the field.
+        """
+        if path != self._listedModelDir:
+            self._modelDirTimer.start()
+
+    def updateModelChoices(self) -> None:
+        """Fill the model and replicate choices from the node's folder; say so when it has no usable model."""
         if not self._parameterNode:
             return
+        path = str(self._parameterNode.modelDir)
+        self._listedModelDir = path
         bundle = self._parameterNode.bundleDir
         choices = controller.model_choices(path, bundle)
         message = controller.no_models_message(path, bundle)
@@ -313,7 +337,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if isinstance(outcome, Path):  # training ended: the new model folder
             self._parameterNode.modelDir = outcome
-            self.onModelDirChanged(str(outcome))
+            self.updateModelChoices()
             self.ui.statusLabel.setText(_("Models trained in {path}.").format(path=outcome))
             return
         self.results = outcome
