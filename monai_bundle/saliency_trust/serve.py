@@ -14,6 +14,17 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
   the input's grid);
 * ``GET /results/{id}/{file}``: a result file, until the result expires (``--ttl`` seconds).
 
+MONAI Label's clients (``MONAILabelClient`` of its scripts, its Slicer module and OHIF plugin)
+call the same endpoints in their own shapes, accepted beside ours: ``GET /info/`` (trailing
+slash; the info carries MONAI Label's ``name``, ``labels`` and per-model ``type``, ``labels``,
+``dimension``, ``description``, ``config``), and ``POST /infer/{model}?image=<id>`` with the image
+as ``file``, an optional ``label`` (our ``mask``) and a JSON ``params`` field holding ``methods``,
+``preset``, ``replicate``, ``checks`` and ``method`` (the map to send back; the first method by
+default). Such a request is answered as MONAI Label answers: a multipart reply of the JSON
+``params`` (our prediction, links to every map) and the one map as a NIfTI file named ``image``;
+``?output=json`` gives the JSON alone, ``?output=image`` the map alone. This service keeps no
+datastore, so an image id without a file is refused with a sentence saying so.
+
 Requests are queued for one worker thread that owns the device and keeps one instance of each
 network; a request waits at most ``--timeout`` seconds (queue time included) and then gets 504.
 Security: binds to 127.0.0.1 unless told otherwise and refuses a non-loopback address without a
@@ -30,6 +41,7 @@ import asyncio
 import errno
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -44,8 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from saliency_trust.data.imageio import SUFFIX, sniff
 from saliency_trust.networks.modelfolder import ManifestError, ModelFolder, find_models
@@ -146,6 +158,107 @@ class State:
         return len(gone)
 
 
+# ---------------------------------------------------------------------------------------------
+# MONAI Label's request and reply shapes
+
+
+#: What a MONAI Label ``params`` object may set here (anything else, such as ``client_id``, is ignored).
+MONAI_LABEL_PARAMS = ("methods", "preset", "replicate", "checks", "method")
+#: MONAI Label's ``?output=``: the multipart reply (``all``, its default), the JSON alone or the map alone.
+MONAI_LABEL_OUTPUTS = ("all", "json", "image")
+
+
+def monai_label_model_info(m: Model) -> dict:
+    """A model as MONAI Label's ``/info/`` lists it: type, labels, dimension, description, config.
+
+    The type is MONAI Label's ``others``: a saliency map is a continuous heat map, not a label map,
+    so it is not offered to the label-map (segmentation) tools of MONAI Label's viewers.
+    """
+    task = m.folder.task or "finding"
+    return {"type": "others", "labels": list(m.folder.classes or []), "dimension": 2,
+            "description": f"{m.folder.network_label} ({task}): one saliency map per request (params.method), the "
+                           "prediction, live checks and trust verdicts in the reply's params",
+            "config": {"methods": ",".join(METHODS), "method": "gradcam", "preset": "quick", "checks": True}}
+
+
+@dataclass
+class RequestShape:
+    """One ``/infer`` request, ours or MONAI Label's, reduced to the upload(s) and the options."""
+
+    image: UploadFile
+    mask: UploadFile | None
+    options: dict
+    monai_label: bool
+    method: str | None = None
+    output: str = "all"
+
+
+def request_shape(image: UploadFile | None, file: UploadFile | None, mask: UploadFile | None,
+                  label: UploadFile | None, params: str | None, image_id: str | None,
+                  output: str | None) -> RequestShape:
+    """Which shape a request has (any of MONAI Label's fields makes it MONAI Label's) and what it asks for."""
+    monai_label = any(x is not None for x in (file, label, params, image_id, output))
+    if image is not None and file is not None:
+        raise HTTPException(422, "send the image once, as 'image' or as 'file' (MONAI Label), not both")
+    if mask is not None and label is not None:
+        raise HTTPException(422, "send the mask once, as 'mask' or as 'label' (MONAI Label), not both")
+    upload = image if image is not None else file
+    if upload is None:
+        if image_id:
+            raise HTTPException(422, "this service keeps no datastore, so an image id alone cannot be explained; "
+                                     "send the image itself as the multipart field 'file' (or 'image')")
+        raise HTTPException(422, "no image: send it as the multipart field 'image' (or 'file', as MONAI Label does)")
+    options: dict = {}
+    if params:
+        try:
+            given = json.loads(params)
+        except ValueError:
+            given = None
+        if not isinstance(given, dict):
+            raise HTTPException(422, "params must be a JSON object")
+        options = {k: v for k, v in given.items() if k in MONAI_LABEL_PARAMS and v is not None}
+    method = options.pop("method", None)
+    if method is not None and not isinstance(method, str):
+        raise HTTPException(422, "params.method must be one method's name")
+    if output is not None and output not in MONAI_LABEL_OUTPUTS:
+        raise HTTPException(422, f"output {output!r} is not offered; choose from {list(MONAI_LABEL_OUTPUTS)}")
+    return RequestShape(upload, mask if mask is not None else label, options, monai_label, method, output or "all")
+
+
+def _int(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise HTTPException(422, f"{name} must be an integer, got {value!r}") from None
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
+
+
+def monai_label_reply(result: dict, out: Path, local: dict[str, str], shape: RequestShape, rid: str) -> Any:
+    """The reply MONAI Label gives: multipart of the JSON ``params`` and one map named ``image``
+    (``output=all``), or the JSON alone, or the map alone."""
+    method = shape.method or result["methods"][0]
+    name = f"saliency_{method}_{rid[:12]}.nii.gz"  # clients save a reply's file by its name: one per result
+    result["file"] = {"method": method, "name": name}
+    if shape.output == "json":
+        return result
+    path = out / local[method]
+    if shape.output == "image":
+        return FileResponse(path, media_type="application/gzip", filename=name)
+    boundary = uuid.uuid4().hex
+    body = b"".join([
+        f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n'
+        "Content-Type: application/json\r\n\r\n".encode(), json.dumps(result).encode(), b"\r\n",
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+        "Content-Type: application/gzip\r\n\r\n".encode(), path.read_bytes(), b"\r\n",
+        f"--{boundary}--\r\n".encode()])
+    return Response(body, media_type=f"multipart/form-data; boundary={boundary}")
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -194,9 +307,14 @@ def create_app(state: State) -> FastAPI:
         return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
 
     @app.get("/info")
+    @app.get("/info/", include_in_schema=False)  # MONAI Label's clients ask here and do not follow redirects
     def info() -> dict:
-        """Models, methods and presets this service offers."""
-        return {"models": {k: m.info() for k, m in state.models.items()}, "methods": list(METHODS),
+        """Models, methods and presets this service offers (with the fields MONAI Label's clients read)."""
+        models = {k: m.info() | monai_label_model_info(m) for k, m in state.models.items()}
+        return {"name": "SaliencyTrust", "description": "Saliency maps of chest X-ray classifiers and how far each "
+                "can be trusted (Arun et al., Radiology: AI 2021). Research use only.", "version": "1",
+                "labels": [], "trainers": {}, "strategies": {}, "scoring": {}, "train_stats": {}, "datastore": {},
+                "models": models, "methods": list(METHODS),
                 "presets": {k: v.name for k, v in PRESETS.items()}, "max_upload_mb": state.max_upload / 2**20,
                 "timeout_s": state.timeout, "result_ttl_s": state.ttl}
 
@@ -222,19 +340,38 @@ def create_app(state: State) -> FastAPI:
         return path
 
     @app.post("/infer/{model:path}")
-    async def infer(model: str, image: UploadFile = File(...), mask: UploadFile | None = File(None),
-                    methods: str = Form(",".join(METHODS)), preset: str = Form("quick"), replicate: int = Form(-1),
-                    checks: bool = Form(True)) -> Any:
-        """Explain one image: prediction, live checks, verdicts and links to the maps."""
+    async def infer(model: str, image: UploadFile | None = File(None), mask: UploadFile | None = File(None),
+                    methods: str | None = Form(None), preset: str | None = Form(None),
+                    replicate: int | None = Form(None), checks: bool | None = Form(None),
+                    file: UploadFile | None = File(None), label: UploadFile | None = File(None),
+                    params: str | None = Form(None), image_id: str | None = Query(None, alias="image"),
+                    output: str | None = Query(None)) -> Any:
+        """Explain one image: prediction, live checks, verdicts and links to the maps.
+
+        Ours: the upload ``image`` (and ``mask``) with form fields. MONAI Label's: the upload ``file``
+        (and ``label``), a JSON ``params`` field and ``?image=<id>&output=``; answered as MONAI Label does.
+        """
+        shape = request_shape(image, file, mask, label, params, image_id, output)
+        options = shape.options | {k: v for k, v in {"methods": methods, "preset": preset, "replicate": replicate,
+                                                     "checks": checks}.items() if v is not None}
+        image, mask = shape.image, shape.mask
         if model not in state.models:
             raise HTTPException(404, f"no model named {model!r}; GET /info lists them")
         m = state.models[model]
-        wanted = [x.strip() for x in methods.replace("[", "").replace("]", "").replace('"', "").split(",") if x.strip()]
+        methods = options.get("methods", ",".join(METHODS))
+        if isinstance(methods, list | tuple):
+            methods = ",".join(str(x) for x in methods)
+        preset, replicate = str(options.get("preset", "quick")), _int(options.get("replicate", -1), "replicate")
+        checks = _bool(options.get("checks", True))
+        wanted = [x.strip() for x in str(methods).replace("[", "").replace("]", "").replace('"', "").split(",")
+                  if x.strip()]
         bad = [x for x in wanted if x not in METHODS]
         if bad or not wanted:
             raise HTTPException(422, f"unknown methods {bad}; choose from {list(METHODS)}")
         if preset not in PRESETS:
             raise HTTPException(422, f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        if shape.method is not None and shape.method not in wanted:
+            raise HTTPException(422, f"params.method {shape.method!r} is not among the methods asked for {wanted}")
         rep = m.replicates[0] if replicate < 0 else replicate
         if rep not in m.replicates:
             raise HTTPException(422, f"model {model!r} has replicates {m.replicates}, not {rep}")
@@ -289,9 +426,12 @@ def create_app(state: State) -> FastAPI:
             state.results[rid] = Result(folder, files, state.clock() + state.ttl)
         result["id"] = rid
         result["expires_in_s"] = state.ttl
+        local = dict(result["maps"])
         result["maps"] = {k: f"/results/{rid}/{rel}" for k, rel in result["maps"].items()}
         log.info("request %s: %d methods, %.2f s", rid, len(wanted), time.time() - t0)
-        return result
+        if not shape.monai_label:
+            return result
+        return monai_label_reply(result, folder / "out", local, shape, rid)
 
     @app.get("/results/{rid}/{name:path}")
     def results(rid: str, name: str):

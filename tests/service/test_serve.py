@@ -391,3 +391,69 @@ def test_a_request_over_the_time_limit_gets_504_and_its_files_go(trained_bundle,
     # The job's done-callback removes its folder in the worker thread; waiting for the worker is enough.
     state.executor.shutdown(wait=True)
     assert not any(work.iterdir())
+
+
+def _monai_label_client():
+    """MONAI Label 0.8.5's own client module (its package installed apart, without its dependencies)."""
+    from tests.extras import MONAILABEL, extra
+
+    folder = str(extra(MONAILABEL))
+    if folder not in sys.path:
+        sys.path.append(folder)  # last: the wheel also carries a top-level 'tests' package
+    from monailabel.client import client
+
+    return client
+
+
+@pytest.mark.slow
+def test_monai_labels_own_client_gets_info_and_an_inference_with_its_map(server, trained_bundle, tmp_path):
+    """MONAILabelClient (the client of MONAI Label's scripts and Slicer module) against the service: /info/, then
+    infer(model, image_id, params, file=...) gets the map file and the JSON params back in one multipart reply."""
+    ml = _monai_label_client()
+    client = ml.MONAILabelClient(server["url"], tmpdir=str(tmp_path / "client"))
+    (tmp_path / "client").mkdir()
+    client.update_auth({"token_type": "Bearer", "access_token": TOKEN})
+    info = client.info()
+    model = info["models"]["densenet121"]
+    assert model["architecture"] == "densenet121" and model["type"] == "others" and model["dimension"] == 2
+    assert model["labels"] == info["models"]["densenet121"]["classes"] and info["name"] == "SaliencyTrust"
+
+    dicom = trained_bundle["dicom"]
+    params = {"methods": METHODS, "method": "gradcam", "preset": "quick", "checks": False}
+    image_out, reply = client.infer("densenet121", "case-0001", params, file=str(dicom))
+    assert reply["methods"] == METHODS and reply["file"]["method"] == "gradcam" and len(reply["probabilities"]) == 2
+    assert Path(image_out).name == reply["file"]["name"] and Path(image_out).parent == tmp_path / "client"
+    want = _local(trained_bundle, dicom, tmp_path / "local")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(image_out)), want["gradcam"])
+    assert sitk.ReadImage(image_out).GetSize() == sitk.ReadImage(str(dicom)).GetSize()
+    # The other maps stay downloadable by the links in the params, as for our own clients.
+    np.testing.assert_array_equal(_download(server, reply)["grad"], want["grad"])
+    # Without params the first method's map comes back; an image id alone is refused in one sentence (no datastore).
+    image_out, reply = client.infer("densenet121", "case-0001", {"methods": "grad", "checks": False}, file=str(dicom))
+    assert reply["file"]["method"] == "grad" and Path(image_out).is_file()
+    with pytest.raises(ml.MONAILabelClientException) as refused:
+        client.infer("densenet121", "case-0001", {"methods": ["grad"]})
+    assert "Status: 422" in refused.value.msg and "no datastore" in refused.value.msg
+    other = ml.MONAILabelClient(server["url"], tmpdir=str(tmp_path / "client"))
+    with pytest.raises(ml.MONAILabelClientException) as unauthorized:
+        other.info()
+    assert "Status: 401" in unauthorized.value.msg
+    # MONAI Label's ?output=json and ?output=image, and its 'label' upload as our mask.
+    url, auth = server["url"], server["auth"]
+    form = {"params": json.dumps({"methods": ["grad"], "checks": False})}
+    r = httpx.post(f"{url}/infer/densenet121?image=x&output=json", files={"file": ("a.dcm", dicom.read_bytes())},
+                   data=form, headers=auth, timeout=300)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json" and r.json()["file"]["method"]
+    r = httpx.post(f"{url}/infer/densenet121?output=image", files={"file": ("a.dcm", dicom.read_bytes())},
+                   data=form, headers=auth, timeout=300)
+    assert r.status_code == 200 and r.content[:2] == b"\x1f\x8b"
+    mask = tmp_path / "mask.nii.gz"
+    ref = sitk.ReadImage(str(dicom))
+    box = np.zeros(sitk.GetArrayFromImage(ref).shape, np.uint8)
+    box[..., 10:30, 20:40] = 1
+    out = sitk.GetImageFromArray(box)
+    out.CopyInformation(ref)
+    sitk.WriteImage(out, str(mask))
+    r = httpx.post(f"{url}/infer/densenet121?output=json", data=form, headers=auth, timeout=300,
+                   files={"file": ("a.dcm", dicom.read_bytes()), "label": ("m.nii.gz", mask.read_bytes())})
+    assert r.status_code == 200 and r.json()["checks"]["mask_pixels"] == 400, r.text
