@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CRITERIA = ("utility", "randomization", "repeatability", "reproducibility")
 
 #: Column headers in words (the Slicer table, the report): the direction that is good is "yes".
@@ -64,6 +64,9 @@ class Verdict:
     reference_ci95: list[float | None] | None = None
     threshold: float | None = None
     threshold_role: str = ""
+    decided_by: str = ""  # the comparison that decided a FAIL (or left the verdict undetermined)
+    evidence: str | None = None  # randomization: pass / fail / inconclusive from the bootstrap over images
+    evidence_rule: str = ""
 
     def __post_init__(self) -> None:
         # In memory as in the JSON: an undefined number is None, never NaN.

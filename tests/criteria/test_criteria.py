@@ -32,7 +32,8 @@ def test_randomization_curves_cover_every_state_and_match_skimage(densenet_and_i
     out = randomization_curves(net, "densenet121", x, ["grad", "gradcam"], preset="quick", pairs_per_image=4,
                                target="trained")
     assert out["states"] == [b for b, _ in randomization_blocks("densenet121")]
-    assert out["verdict_state"] == "conv0"  # no paper end state for DenseNet: the whole cascade
+    # The paper's depth: the stem (conv0) and the first block (denseblock1) are never part of the verdict.
+    assert out["verdict_state"] == "transition1" and out["states"][-2:] == ["denseblock1", "conv0"]
     for m in ("grad", "gradcam"):
         assert out["ssim"][m].shape == (9, 3) and out["spearman"][m].shape == (9, 3)
         assert out["baseline"][m].shape == (12,) and len(out["undefined"][m]) == 9
@@ -75,7 +76,10 @@ def test_a_randomized_model_explains_its_own_argmax_by_default(densenet_and_imag
 def test_inception_verdict_reads_the_papers_last_state():
     states = [b for b, _ in randomization_blocks("inception_v3")]
     assert states[-2:] == ["Mixed_5c", "Mixed_5b"] and verdict_state("inception_v3", states) == "Mixed_5c"
-    assert verdict_state("densenet121", ["logits", "conv0"]) == "conv0"
+    assert verdict_state("densenet121", ["logits", "conv0"]) == "conv0"  # its depth not reached: the last state
+    for arch, want in (("densenet121", "transition1"), ("resnet50", "layer2"), ("efficientnet_b0", "features.2")):
+        names = [b for b, _ in randomization_blocks(arch)]
+        assert verdict_state(arch, names) == want and names.index(want) == len(names) - 3, arch
 
 
 def test_map_agreement():
@@ -114,7 +118,7 @@ def test_utility_verdict_against_prior_and_localization_network():
     assert only["passed"] is True and "localization" not in only["comparisons"] and only["deviation"]
 
 
-def test_randomization_verdict_uses_the_paired_difference_ci():
+def test_randomization_verdict_is_the_papers_rule_with_evidence_beside_it():
     rng = np.random.default_rng(2)
     n = 40
     chance = rng.uniform(0.25, 0.35, n)
@@ -123,18 +127,101 @@ def test_randomization_verdict_uses_the_paired_difference_ci():
     v = randomization_verdict(degraded, chance, "Mixed_5c", pairs)
     diff = v["comparisons"]["chance"]
     assert v["passed"] is True and v["state"] == "Mixed_5c" and diff["difference_ci95"][1] < 0
+    assert v["evidence"] == "pass" and v["decided_by"] == ""
     assert diff["difference"] == pytest.approx((degraded - chance).mean())
+    assert v["value"] == pytest.approx(degraded.mean()) and v["reference"] == pytest.approx(pairs.mean())
     stuck = chance + rng.uniform(0.2, 0.4, n)  # e.g. guided backprop: barely changes
     s = randomization_verdict(stuck, chance, "Mixed_5c", pairs)
-    assert s["passed"] is False and s["comparisons"]["chance"]["difference_ci95"][0] > 0
-    # At chance within uncertainty: the curve reached its baseline, as the paper reads it.
-    at = chance + rng.normal(0, 0.02, n)
-    assert randomization_verdict(at, chance, "x", pairs)["passed"] is True
-    # Two bare means would call this a pass (0.301 < 0.30 + tiny) or fail on noise; the CI decides, and it
-    # needs both sides to pair up per image.
+    assert s["passed"] is False and s["evidence"] == "fail" and s["decided_by"] == "chance"
+    assert s["comparisons"]["chance"]["difference_ci95"][0] > 0
     with pytest.raises(ValueError):
-        randomization_verdict(at[:3], chance, "x", pairs)
+        randomization_verdict(stuck[:3], chance, "x", pairs)
     assert randomization_verdict(np.full(n, np.nan), chance, "x", pairs)["passed"] is None
+
+
+def test_above_chance_with_a_ci_straddling_zero_does_not_pass():
+    """The review's case: mean 0.385 vs chance 0.294, CI of the difference about [-0.004, 0.195]. The old rule
+    ("the CI reaches 0") passed it; the paper's rule (mean below the baseline) fails it, and the evidence is
+    inconclusive, not a pass."""
+    n = 12
+    chance = np.full(n, 0.294)
+    d = np.array([0.50, -0.10, 0.32, -0.11, 0.28, 0.02, 0.36, -0.09, 0.05, 0.21, -0.10, 0.19])
+    d = d - d.mean() + 0.091  # mean SSIM 0.385
+    v = randomization_verdict(chance + d, chance, "Mixed_5c", np.full(600, 0.294))
+    lo, hi = v["comparisons"]["chance"]["difference_ci95"]
+    assert lo < 0 < hi and hi > 0.05, (lo, hi)
+    assert v["value"] == pytest.approx(0.385) and v["passed"] is False and v["evidence"] == "inconclusive"
+
+
+def test_randomization_counts_images_not_replicate_image_pairs():
+    """Three replicates of 10 images are 10 images: replicates are averaged per image before the bootstrap."""
+    rng = np.random.default_rng(5)
+    r, n = 3, 10
+    chance = rng.uniform(0.2, 0.3, (r, n))
+    ssim = chance + rng.normal(0.0, 0.05, (r, n))
+    pairs = [rng.uniform(0.2, 0.3, 50) for _ in range(r)]
+    v = randomization_verdict(ssim, chance, "Mixed_5c", pairs, cascade_mean=[0.6, 0.5, 0.55])
+    assert v["n"] == n and v["comparisons"]["chance"]["n_pairs"] == n
+    per_image = ssim.mean(0) - chance.mean(0)
+    assert v["comparisons"]["chance"]["difference"] == pytest.approx(per_image.mean())
+    from saliency_trust.criteria.statistics import bootstrap_ci
+
+    assert v["comparisons"]["chance"]["difference_ci95"] == pytest.approx(list(bootstrap_ci(per_image)))
+    reps = v["comparisons"]["replicates"]
+    assert reps["n_replicates"] == 3 and reps["means"] == pytest.approx(list(ssim.mean(1)))
+    assert reps["sd"] == pytest.approx(ssim.mean(1).std(ddof=1))
+    assert v["value"] == pytest.approx(ssim.mean(1).mean())
+    assert v["reference"] == pytest.approx(np.mean([p.mean() for p in pairs]))
+    assert v["comparisons"]["cascade"]["mean_ssim_over_states"] == pytest.approx(0.55) and v["deviation"] == ""
+    one = randomization_verdict(ssim[:1], chance[:1], "x", pairs[:1])
+    assert "1 randomized replicate" in one["deviation"]
+
+
+def test_only_legs_whose_rejection_passes_are_holm_corrected():
+    """Review example: a localization leg with raw p 0.049 became Holm 0.31 and passed. Uncorrected, it fails."""
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(11)
+    n = 20
+    prior = rng.uniform(0.05, 0.1, n)
+    values = {f"m{k}": prior + rng.uniform(0.1, 0.2, n) for k in range(7)}
+    base = prior + rng.uniform(0.1, 0.2, n)
+    # The localization network beats "edge" on most images, by a margin just significant before correction.
+    d = np.array([0.04, 0.03, -0.02, 0.05, 0.01, -0.03, 0.02, 0.06, -0.01, 0.03,
+                  0.02, -0.04, 0.05, 0.01, -0.02, 0.03, 0.04, -0.015, 0.02, 0.01])
+    loc = base + d
+    p = wilcoxon(loc, base, alternative="greater").pvalue
+    assert 0.01 < p < 0.05, p
+    values["edge"] = base
+    v = utility_verdicts(values, prior, loc)
+    c = v["edge"]["comparisons"]["localization"]
+    from saliency_trust.criteria.statistics import holm
+
+    raw = [v[m]["comparisons"]["localization"]["p"] for m in values]
+    assert holm(raw)[list(values).index("edge")] > 0.05  # Holm would have let "edge" pass
+    assert c["p"] == pytest.approx(p) and c["p_holm"] is None and c["correction"] == "none"
+    assert v["edge"]["passed"] is False and v["edge"]["decided_by"] == "localization"
+    assert v["edge"]["comparisons"]["prior"]["correction"] == "holm"
+    # Paired: the reference on the same images, the paired difference and its CI.
+    both = np.isfinite(base) & np.isfinite(loc)
+    assert c["reference_mean"] == pytest.approx(loc[both].mean()) and c["method_mean"] == pytest.approx(base.mean())
+    assert c["difference"] == pytest.approx((base - loc).mean()) and len(c["difference_ci95"]) == 2
+
+
+def test_a_leg_without_data_is_undetermined_never_a_pass():
+    rng = np.random.default_rng(12)
+    n = 15
+    prior = rng.uniform(0.05, 0.1, n)
+    good = prior + rng.uniform(0.1, 0.2, n)
+    v = utility_verdicts({"good": good}, prior, np.full(n, np.nan))["good"]
+    assert v["comparisons"]["localization"]["n_pairs"] == 0 and v["comparisons"]["localization"]["significant"] is None
+    assert v["passed"] is None and v["decided_by"] == "localization"
+    chance = rng.uniform(0.1, 0.2, n)
+    a = agreement_verdicts({"m": chance + 0.3}, {"m": chance}, np.full(n, np.nan), "repeatability")["m"]
+    assert a["passed"] is None
+    # A leg that fails still decides, whatever the other leg lacks.
+    bad = agreement_verdicts({"m": chance}, {"m": chance + 0.2}, np.full(n, np.nan), "repeatability")["m"]
+    assert bad["passed"] is False and bad["decided_by"] == "chance"
 
 
 def test_agreement_verdicts_against_chance_and_localization_networks():
@@ -147,6 +234,7 @@ def test_agreement_verdicts_against_chance_and_localization_networks():
     v = agreement_verdicts(values, ch, loc, "repeatability", undefined={"high": 0, "mid": 0, "low": 0})
     assert v["high"]["passed"] is True
     assert v["mid"]["passed"] is False and v["mid"]["why"] == "localization networks agree better"
+    assert v["mid"]["decided_by"] == "localization" and v["low"]["decided_by"] == "chance"
     assert v["low"]["passed"] is False and v["low"]["why"] == "not above chance"
     # The 0.5 line is a reference only: "mid" is above 0.5 nowhere, "high" everywhere; neither decides.
     assert v["high"]["threshold"] == 0.5 and "reference" in v["high"]["threshold_role"]

@@ -49,7 +49,7 @@ def test_assessment_writes_results_and_resumes_identically(setup):
     }
     out = root / "out"
     first = run_assessment(data, out, **kwargs)
-    assert isinstance(first, Results) and first.schema_version == 2 and first.methods == ["grad", "gradcam", "xrai"]
+    assert isinstance(first, Results) and first.schema_version == 3 and first.methods == ["grad", "gradcam", "xrai"]
     cfg = first.provenance["config"]
     assert cfg["preset"] == "quick" and cfg["data_range"] == 1.0 and len(cfg["classifiers"][0]["sha256"]) == 64
     assert cfg["randomization_target"] == "trained" and cfg["explain_class"] == "predicted"
@@ -57,13 +57,19 @@ def test_assessment_writes_results_and_resumes_identically(setup):
     from saliency_trust.provenance import code_fingerprint
 
     assert cfg["code"] == code_fingerprint() and len(code_fingerprint()) == 64
-    assert len(first.randomization) == 2 and len(first.randomization[0]["states"]) == 9
-    assert first.randomization[0]["verdict_state"] == "conv0" and first.randomization[0]["beyond_paper"] == []
+    # The cascade stops where the paper's did: DenseNet121's stem (conv0) and first block are kept.
+    assert len(first.randomization) == 2 and first.randomization[0]["states"][-1] == "transition1"
+    assert len(first.randomization[0]["states"]) == 7 and first.randomization[0]["beyond_paper"] == []
+    assert first.randomization[0]["verdict_state"] == "transition1"
+    assert "stem and the first block" in first.randomization[0]["verdict_state_source"]
+    # Each replicate draws its own random weights.
+    assert first.randomization[0]["init_seed"] != first.randomization[1]["init_seed"]
     for m in first.methods:
         v = first.verdicts[m]
         assert set(v) == {"utility", "randomization", "repeatability", "reproducibility"}
         assert all(v[c].rule and v[c].plain for c in v)
-        assert v["randomization"].state == "conv0"
+        assert v["randomization"].state == "transition1" and v["randomization"].evidence in (
+            "pass", "fail", "inconclusive")
     # Data: the split file's test set, at the images' own grid (random weights carry no training record).
     assert first.data["split"].startswith("auto: the split file") and first.data["image_size"] is None
     rows = list(csv.DictReader((out / "per_image.csv").open()))
@@ -72,7 +78,7 @@ def test_assessment_writes_results_and_resumes_identically(setup):
     assert list(rows[0]) == CSV_COLUMNS
     for r in rows:
         p_pred = float(r["predicted_probability"])
-        assert 0.5 <= p_pred <= 1 and r["explained_class"] == r["predicted_class"] and r["randomized_state"] == "conv0"
+        assert 0.5 <= p_pred <= 1 and r["explained_class"] == r["predicted_class"] and r["randomized_state"] == "transition1"
     saved = strict_json(out / "results.json")
     assert load_results(out / "results.json") == first
     assert saved["verdicts"]["grad"]["utility"]["passed"] == first.verdict("grad", "utility").passed
@@ -122,7 +128,7 @@ def test_trust_config_runs_through_monai_bundle(setup, tmp_path):
          "--meta_file", str(cfg / "metadata.json"), "--bundle_root", str(REPO / "monai_bundle"),
          "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), "--models_dir", str(models),
          "--methods", "['grad']", "--preset", "quick", "--n_images", "2", "--pairs_per_image", "2",
-         "--device", "cpu", "--randomization_target", "own"],
+         "--device", "cpu", "--randomization_target", "own", "--full_cascade", "True"],
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = strict_json(tmp_path / "out" / "results.json")
@@ -261,14 +267,18 @@ def test_the_100_real_rsna_positives_are_all_assessed_with_strict_json(tmp_path)
     """Untrained networks on the 100 real QTIM RSNA positives, --split all: all 100 used, strict JSON out."""
     data = shared_set("rsna_pneumonia_qtim100")
     paths = []
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         torch.manual_seed(seed)
         paths.append(tmp_path / f"densenet121_seed{seed}.pt")
         torch.save(get_network("densenet121").state_dict(), paths[-1])
     res = run_assessment(data, tmp_path / "out", [{"arch": "densenet121", "path": q} for q in paths],
                          methods=["grad", "gradcam"], preset="quick", image_size=64, split="all", pairs_per_image=5,
-                         randomize=1, device="cpu", report=False, progress=False)
+                         device="cpu", report=False, progress=False)  # default: every replicate randomized
     assert res.n_images == 100 and len(set(res.data["ids"])) == 100 and res.data["skipped"] == []
+    # The paper's 3 randomized replicates by default, counted as 100 images (replicates averaged per image).
+    assert len(res.randomization) == 3 and res.provenance["config"]["randomized_replicates"] == 3
+    assert not any("randomized replicate" in line for line in res.deviations)
+    assert len({r["init_seed"] for r in res.randomization}) == 3
     saved = strict_json(tmp_path / "out" / "results.json")
     assert saved["data"]["n_images"] == 100
     for m in ("grad", "gradcam"):

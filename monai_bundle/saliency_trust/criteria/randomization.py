@@ -35,6 +35,8 @@ def randomization_curves(
     trained_maps: dict[str, torch.Tensor] | None = None,
     trained_targets: torch.Tensor | None = None,
     verdict_block: str | None = None,
+    init_seed: int | None = None,
+    full_cascade: bool = True,
     **overrides,
 ) -> dict:
     """SSIM and Spearman of every randomized state's maps to the trained maps, per image.
@@ -54,7 +56,11 @@ def randomization_curves(
     "baseline": {m: [N * pairs]}, "examples": {m: [S, len(examples), H, W]}, "trained_maps"}``,
     ``baseline`` being SSIM between trained maps of different images (the paper's dotted line),
     grouped by image. ``explain_fn(state, targets)`` replaces the default ``explain`` over all
-    images (the assessment shards images across processes with it).
+    images (the assessment shards images across processes with it). ``init_seed`` seeds the
+    re-initialization (default ``seed``; the assessment gives each replicate its own,
+    :func:`~saliency_trust.networks.randomize.replicate_seed`). ``"cascade_mean"`` is the mean over
+    states of the mean SSIM over images: the whole curve in one number. ``full_cascade`` False stops
+    at ``verdict_block`` (the paper's cascade ended there); True goes on to the last block.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -76,7 +82,7 @@ def randomization_curves(
                  "examples": {m: [] for m in methods}, "undefined": {m: [] for m in methods},
                  "spearman_undefined": {m: [] for m in methods}, "class_changed": []}
     block_list = randomization_blocks(blocks) if isinstance(blocks, str) else list(blocks)
-    states = randomization_states(model, block_list, mode=mode, seed=seed)
+    states = randomization_states(model, block_list, mode=mode, seed=seed if init_seed is None else init_seed)
     if progress:
         from tqdm.auto import tqdm
 
@@ -97,6 +103,8 @@ def randomization_curves(
             out["spearman_undefined"][m].append(int((~torch.isfinite(r)).sum()))
             out["examples"][m].append(a[keep.to(a.device)].cpu())
         del state, maps
+        if not full_cascade and name == verdict_block:
+            break
     for key in ("ssim", "spearman", "examples"):
         out[key] = {m: torch.stack(v) for m, v in out[key].items()}
     if verdict_block is not None and verdict_block in out["states"]:
@@ -105,6 +113,8 @@ def randomization_curves(
         out["verdict_state"] = verdict_state(blocks, out["states"])
     else:
         out["verdict_state"] = out["states"][-1]
+    out["cascade_mean"] = {m: float(torch.nanmean(torch.nanmean(out["ssim"][m].double(), 1)))
+                           if torch.isfinite(out["ssim"][m]).any() else float("nan") for m in methods}
     out["baseline"] = {m: random_pair_ssim(trained[m], pairs_per_image, data_range, seed) for m in methods}
     out["trained_maps"] = trained
     return out

@@ -8,7 +8,7 @@ from saliency_trust.networks.modelfolder import (
     ModelFolder,
     find_models,
 )
-from saliency_trust.networks.randomize import randomization_states, randomize_block
+from saliency_trust.networks.randomize import UnchangedError, randomization_states, randomize_block, replicate_seed
 from saliency_trust.networks.registry import (
     CAM_LAYERS,
     CLASSIFIERS,
@@ -27,6 +27,7 @@ __all__ = [
     "MANIFEST",
     "SCHEMA",
     "ManifestError",
+    "UnchangedError",
     "ModelFolder",
     "file_sha256",
     "find_models",
@@ -35,6 +36,7 @@ __all__ = [
     "randomization_blocks",
     "randomization_states",
     "randomize_block",
+    "replicate_seed",
     "to_network_input",
     "verdict_state",
 ]

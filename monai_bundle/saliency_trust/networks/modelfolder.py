@@ -26,8 +26,7 @@ import importlib
 import json
 import os
 import re
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,15 @@ PAPER_INPUT = {"channels": 3, "normalization": {"range": [-1.0, 1.0]}}
 #: ImageNet statistics; one channel: the mean of the three (a common grayscale convention).
 IMAGENET = {3: ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), 1: ([0.449], [0.226])}
 KINDS = ("classifier", "localizer")
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file (model hashes for provenance)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def replicate_file(k: int) -> str:
@@ -71,8 +79,11 @@ def _densenet_blocks(prefix: str, head: str) -> list[dict]:
 #: Per network family (the class, or a base class, by ``module.QualName``): the Grad-CAM layer, whether
 #: the model applies a ReLU right after it (Grad-CAM then reads the post-ReLU map), the randomization
 #: blocks head first, each a list of modules reset together, and the block the randomization verdict
-#: reads (default: the last, the whole cascade). Grad-CAM layers are each family's last post-activation
-#: feature map, as the paper's Keras layers (InceptionV3 mixed10, DenseNet's final relu).
+#: reads. The paper's cascade stopped at InceptionV3's mixed1 and never randomized mixed0 or the stem,
+#: so every family's verdict reads the same depth: the state that keeps the stem and the first block
+#: (``verdict_keep``: 2 blocks kept at the end of the list; InceptionV3 names ``Mixed_5c`` itself, its
+#: list having no stem). Grad-CAM layers are each family's last post-activation feature map, as the
+#: paper's Keras layers (InceptionV3 mixed10, DenseNet's final relu).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # torchvision InceptionV3: the paper's Logits, mixed10 ... mixed0 (torchvision Mixed_5b = Keras
     # mixed0). The paper stopped at mixed1 = Mixed_5c, where the verdict reads; Mixed_5b is added so
@@ -84,24 +95,24 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             "Mixed_5d", "Mixed_5c", "Mixed_5b")]},
     # torchvision DenseNet (121/161/169/201): ``features`` ends at norm5 and forward applies F.relu.
     "torchvision.models.densenet.DenseNet": {
-        "cam_layer": "features", "cam_post_relu": True,
+        "cam_layer": "features", "cam_post_relu": True, "verdict_keep": 2,
         "randomization_blocks": _densenet_blocks("features.", "classifier")},
     # MONAI DenseNet (DenseNet121 ...): ``class_layers.relu`` is the ReLU module after norm5.
     "monai.networks.nets.densenet.DenseNet": {
-        "cam_layer": "class_layers.relu", "cam_post_relu": False,
+        "cam_layer": "class_layers.relu", "cam_post_relu": False, "verdict_keep": 2,
         "randomization_blocks": _densenet_blocks("features.", "class_layers.out")},
     # torchvision ResNet: every stage ends with a ReLU; one block per stage.
     "torchvision.models.resnet.ResNet": {
-        "cam_layer": "layer4", "cam_post_relu": False,
+        "cam_layer": "layer4", "cam_post_relu": False, "verdict_keep": 2,
         "randomization_blocks": [{"name": "logits", "modules": ["fc"]}, *_blocks("layer4", "layer3", "layer2",
                                                                                   "layer1", ("conv1", "bn1"))]},
     # torchvision EfficientNet (B0-B7, V2): ``features`` ends with conv + BN + SiLU; one block per stage.
     "torchvision.models.efficientnet.EfficientNet": {
-        "cam_layer": "features", "cam_post_relu": False,
+        "cam_layer": "features", "cam_post_relu": False, "verdict_keep": 2,
         "randomization_blocks": [{"name": "logits", "modules": ["classifier.1"]}, "features"]},
     # MONAI EfficientNetBN: the head's swish (``_swish``, also called on the stem: its last call is the head's).
     "monai.networks.nets.efficientnet.EfficientNet": {
-        "cam_layer": "_swish", "cam_post_relu": False,
+        "cam_layer": "_swish", "cam_post_relu": False, "verdict_keep": 2,
         "randomization_blocks": [{"name": "logits", "modules": ["_fc"]},
                                  {"name": "head", "modules": ["_conv_head", "_bn1"]}, "_blocks",
                                  {"name": "stem", "modules": ["_conv_stem", "_bn0"]}]},
@@ -198,6 +209,7 @@ class ModelFolder:
     manifest: dict[str, Any]
     implied: bool = False
     arch: str | None = None  # the architecture of an implied manifest
+    _probe: dict | None = field(default=None, repr=False, compare=False)  # what check()'s forward pass saw
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -389,11 +401,7 @@ class ModelFolder:
 
     def sha256(self, replicate: int | None = None) -> str:
         """SHA-256 of a replicate's weights file."""
-        h = hashlib.sha256()
-        with self.weights(replicate).open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return file_sha256(self.weights(replicate))
 
     def describe(self) -> dict:
         """What the provenance of a result records about this model."""
@@ -472,6 +480,9 @@ class ModelFolder:
         out.update({k: v for k, v in family.items() if k in out})
         if "randomization_blocks" in family:
             out["randomization_blocks"] = expand_blocks(net, family["randomization_blocks"])
+            keep = family.get("verdict_keep")
+            if keep and out["verdict_block"] is None and len(out["randomization_blocks"]) > keep:
+                out["verdict_block"] = out["randomization_blocks"][-keep - 1]["name"]
         given = {k: self.manifest[k] for k in out if k in self.manifest}
         if "cam_layer" in given and "cam_post_relu" not in given:
             given["cam_post_relu"] = False
@@ -502,7 +513,7 @@ class ModelFolder:
                 if missing:
                     raise ManifestError(f"{where}: field 'randomization_blocks': block {b['name']!r} names "
                                         f"{missing[0]!r}, which the network does not have")
-        if net in _PROBED:
+        if self._probe is not None:  # one architecture per folder: its replicates and copies need no new probe
             return
         size = self.image_size or 96
         dev = next((p.device for p in net.parameters()), torch.device("cpu"))
@@ -524,15 +535,15 @@ class ModelFolder:
             field_name = "classes" if self.kind == "classifier" else "kind"
             raise ManifestError(f"{where}: the network returns {list(y.shape)} for a batch of 2, expected "
                                 f"{list(want)} (field '{field_name}')")
-        from saliency_trust.saliency.guided import has_relu
+        from saliency_trust.saliency.guided import has_relu, other_activations
 
-        _PROBED[net] = {"relu": has_relu(y)}
+        self._probe = {"relu": has_relu(y), "other": other_activations(y)}
 
     def unavailable(self, net: Any) -> dict[str, str]:
         """Methods this network cannot give, each with the reason in one sentence."""
         self.check(net)
         out = {}
-        if not _PROBED[net]["relu"]:
+        if not self._probe["relu"]:
             why = (f"guided backprop is defined for ReLU networks and {self.name} uses no ReLU "
                    "(its activations are of another kind)")
             out.update(gbp=why, ggcam=why)
@@ -540,6 +551,15 @@ class ModelFolder:
             why = "Grad-CAM reads a layer through a forward hook, which a TorchScript model does not run"
             out.update(gradcam=why, ggcam=why)
         return out
+
+    def method_notes(self, net: Any) -> dict[str, str]:
+        """Methods computed with a caveat the output must state (guided backprop on a partly-ReLU network)."""
+        self.check(net)
+        if self._probe["relu"] and self._probe["other"]:
+            why = (f"guided backprop guides only the ReLUs of {self.name}; its other activations "
+                   f"({', '.join(self._probe['other'])}) pass the gradient unguided")
+            return {"gbp": why, "ggcam": why}
+        return {}
 
     def to_input(self, images01: Any) -> Any:
         """Images in [0, 1] (``[B, H, W]`` or ``[B, 1, H, W]``) -> the network's input ``[B, C, H, W]``."""
@@ -585,13 +605,20 @@ class ModelFolder:
         return [(b["name"], tuple(b["modules"])) for b in self.spec(net)["randomization_blocks"]]
 
     def verdict_block(self, net: Any) -> str:
-        """The block whose fully randomized state the verdict reads (default: the last)."""
+        """The block whose randomized state the verdict reads: the manifest's, the family's (the paper's
+        depth: stem and first block kept), else the last given block (the whole given cascade)."""
         spec = self.spec(net)
         return spec["verdict_block"] or spec["randomization_blocks"][-1]["name"]
 
-
-#: Networks already probed by :meth:`ModelFolder.check`, with what the probe saw.
-_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    def verdict_block_source(self, net: Any) -> str:
+        """Where :meth:`verdict_block` comes from, in words (for the output)."""
+        if "verdict_block" in self.manifest:
+            return "model.json's verdict_block"
+        if "randomization_blocks" in self.manifest:
+            return "the last of model.json's randomization_blocks (no verdict_block given: the whole given cascade)"
+        if family_defaults(net).get("verdict_keep"):
+            return "the paper's depth for this family: the stem and the first block are never randomized"
+        return "the paper's final state (InceptionV3 mixed1 = Mixed_5c; mixed0 and the stem kept)"
 
 
 def family_defaults(net: Any) -> dict[str, Any]:

@@ -5,8 +5,11 @@ has parameters or running statistics is reset as if freshly constructed -- ``res
 for convolutions and linear layers (PyTorch's Kaiming-uniform weights and uniform biases), and for
 BatchNorm ``reset_running_stats()`` plus ``reset_parameters()`` (running mean 0, variance 1,
 weight 1, bias 0). Random draws come from a generator seeded by ``(seed, block index)``, so a
-state is reproducible and independent of the order in which states are made. The trained
-model is never modified: each state is a copy.
+state is reproducible and independent of the order in which states are made; the assessment seeds
+each replicate by its weights' fingerprint (:func:`replicate_seed`), so replicates draw different
+random weights. A block whose weights do not change (a TorchScript module has no
+``reset_parameters``) is refused (:class:`UnchangedError`). The trained model is never modified:
+each state is a copy.
 
 * cascading: state k has blocks 0..k (head first) re-initialized -- the paper's Figure 3 curves;
 * independent: state k has only block k re-initialized.
@@ -39,11 +42,32 @@ def randomize_block(model: nn.Module, members: tuple[str, ...], seed: int) -> No
     if missing:
         raise ValueError(f"model has no module(s) {missing} to randomize")
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"]
+    before = [t.detach().clone() for n in members for t in _tensors(modules[n])]
     with torch.random.fork_rng(devices=devices[:1]):
         torch.manual_seed(seed)
         with torch.no_grad():
             for name in members:
                 _reset_module(modules[name])
+    after = [t.detach() for n in members for t in _tensors(modules[n])]
+    if not before or all(torch.equal(a, b) for a, b in zip(before, after, strict=True)):
+        raise UnchangedError(f"re-initializing {list(members)} left every weight unchanged ({type(model).__name__}: "
+                             "a TorchScript module has no reset_parameters); randomization cannot be run on this model")
+
+
+class UnchangedError(ValueError):
+    """Randomization left the weights as they were (e.g. a TorchScript model): its maps would prove nothing."""
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+
+
+def replicate_seed(seed: int, fingerprint: str) -> int:
+    """The re-initialization seed of one replicate: from the run's seed and its weights' fingerprint, so
+    replicates draw different random weights (the paper's mean +- SD band across replicates)."""
+    import hashlib
+
+    return int(hashlib.sha256(f"{int(seed)}:{fingerprint}".encode()).hexdigest()[:12], 16)
 
 
 def randomization_states(

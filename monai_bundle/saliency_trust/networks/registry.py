@@ -18,13 +18,14 @@ folder's ``network`` field); the bundle's own study trains the paper's two.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models
+
+from saliency_trust.networks.modelfolder import file_sha256  # noqa: F401  (re-exported)
 
 #: The classifiers the bundle's own study trains (the paper's two).
 CLASSIFIERS = ("inception_v3", "densenet121")
@@ -112,12 +113,28 @@ def load_weights(net: nn.Module, path: str | Path, skip_mismatched: bool = False
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if skip_mismatched:
+        # Only the classification head may differ (ImageNet's 1000 classes); every other tensor must load,
+        # else a "pretrained" network would silently be mostly random (e.g. renamed keys).
         own = net.state_dict()
-        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        net.load_state_dict(state, strict=False)
+        mismatched = {k for k, v in state.items() if k in own and own[k].shape != v.shape}
+        missing = [k for k in own if k not in state]
+        if missing or not mismatched <= _head_keys(net):
+            bad = missing or sorted(mismatched - _head_keys(net))
+            raise ValueError(f"{path}: {len(bad)} tensor(s) of {type(net).__name__} do not load from these weights "
+                             f"(e.g. {bad[:3]}); only the classification head may differ")
+        net.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
     else:
         net.load_state_dict(state)
     return net
+
+
+def _head_keys(net: nn.Module) -> set[str]:
+    """State-dict keys of the classification head (the first randomization block of the network's family)."""
+    from saliency_trust.networks.modelfolder import family_defaults
+
+    blocks = family_defaults(net).get("randomization_blocks") or []
+    head = blocks[0]["modules"] if blocks and isinstance(blocks[0], dict) else []
+    return {k for k in net.state_dict() if any(k == m or k.startswith(m + ".") for m in head)}
 
 
 @functools.lru_cache(maxsize=8)
@@ -135,17 +152,14 @@ def randomization_blocks(arch: str) -> list[tuple[str, tuple[str, ...]]]:
 
 def verdict_state(arch: str, states: list[str]) -> str:
     """The randomization state the verdict reads for registry network ``arch``: where the paper's
-    cascade ended (InceptionV3: ``Mixed_5c``), else the last state (the whole cascade)."""
+    cascade ended (InceptionV3: ``Mixed_5c``), for the other families the same depth (stem and
+    first block kept), else the last state (the whole cascade)."""
     if not states:
         raise ValueError("no randomization states")
-    want = _family(arch).get("verdict_block")
+    family = _family(arch)
+    want = family.get("verdict_block")
+    keep = family.get("verdict_keep")
+    if want is None and keep and arch in _BUILDERS:
+        names = [b for b, _ in randomization_blocks(arch)]
+        want = names[-keep - 1] if len(names) > keep else None
     return want if want in states else states[-1]
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file (model hashes for provenance)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

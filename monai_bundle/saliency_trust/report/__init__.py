@@ -91,22 +91,40 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+#: What ``n`` counts per criterion, in words (the verdict's n is always a count of images).
+N_COUNTS = {"utility": "images", "randomization": "images (replicates averaged per image)",
+            "repeatability": "images", "reproducibility": "images"}
+#: The comparisons by name, in words (which one decided a FAIL).
+LEG_NAMES = {"prior": "vs average-mask prior", "localization": "vs localization network", "chance": "vs chance"}
+
+
 def cell_title(v: Verdict) -> str:
     """The hover text of a verdict: the rule in plain words, the numbers, the paper's rule."""
     parts = [v.plain or v.rule]
     if v.passed is None and v.why:
         parts.append(f"Not judged: {v.why}.")
     elif v.passed is False and v.why:
-        parts.append(f"Fails: {v.why}.")
+        parts.append(f"Fails {LEG_NAMES.get(v.decided_by, v.decided_by)}: {v.why}.")
     parts.append(f"Rule: {v.rule}.")
     for c in v.comparisons.values():
-        if "p_holm" in c:
-            parts.append(f"vs {c['against']}: reference mean {_fmt(c.get('reference_mean'))}, "
-                         f"n={c.get('n_pairs')}, Holm p={c['p_holm']:.2g}.")
+        if "p" in c and "alternative" in c:
+            lo, hi = c.get("difference_ci95") or (None, None)
+            p = c.get("p_holm") if c.get("correction") == "holm" else c.get("p")
+            label = "Holm p" if c.get("correction") == "holm" else "p (uncorrected)"
+            parts.append(f"vs {c['against']} on the same {c.get('n_pairs')} images: method {_fmt(c.get('method_mean'))}"
+                         f", reference {_fmt(c.get('reference_mean'))}, paired difference {_fmt(c.get('difference'))} "
+                         f"[{_fmt(lo)}, {_fmt(hi)}], {label}={'n/a' if p is None else format(p, '.2g')}.")
         elif "difference" in c:
             lo, hi = c.get("difference_ci95") or (None, None)
             parts.append(f"vs {c['against']}: mean difference {_fmt(c.get('difference'))} "
-                         f"[{_fmt(lo)}, {_fmt(hi)}], n={c.get('n_pairs')}.")
+                         f"[{_fmt(lo)}, {_fmt(hi)}] over {c.get('n_pairs')} images.")
+        elif "n_replicates" in c:
+            parts.append(f"Replicate means {', '.join(_fmt(x) for x in c.get('means', []))} "
+                         f"(SD {_fmt(c.get('sd'))}).")
+        elif "mean_ssim_over_states" in c:
+            parts.append(f"Whole cascade: mean SSIM over all states {_fmt(c.get('mean_ssim_over_states'))}.")
+    if v.evidence:
+        parts.append(f"Evidence: {v.evidence} ({v.evidence_rule}).")
     if v.n_undefined:
         parts.append(f"{v.n_undefined} left out ({v.undefined_why}).")
     if v.paper_rule:
@@ -116,15 +134,23 @@ def cell_title(v: Verdict) -> str:
     return " ".join(parts)
 
 
-def _cell(v: Verdict) -> str:
+def _cell(v: Verdict, criterion: str = "utility") -> str:
     cls, word = {True: ("pass", "PASS"), False: ("fail", "FAIL"), None: ("na", "n/a")}[v.passed]
+    if v.passed is False and v.decided_by:
+        word += f" ({html.escape(LEG_NAMES.get(v.decided_by, v.decided_by))})"
     detail = _fmt(v.value)
     if v.ci95:
         lo, hi = v.ci95
         detail += f" [{_fmt(lo)}, {_fmt(hi)}]"
     if v.reference is not None:
         detail += f" vs {_fmt(v.reference)}"
-    detail += f", n={v.n}" + (f" (+{v.n_undefined} undefined)" if v.n_undefined else "")
+    detail += f", n={v.n} {N_COUNTS.get(criterion, 'images')}" + (
+        f" (+{v.n_undefined} undefined)" if v.n_undefined else "")
+    if v.evidence:
+        detail += f"<br>evidence: {html.escape(v.evidence)}"
+    cascade = v.comparisons.get("cascade") if v.comparisons else None
+    if cascade and cascade.get("mean_ssim_over_states") is not None:
+        detail += f"<br>whole cascade: {_fmt(cascade['mean_ssim_over_states'])}"
     why = f"<br><i>{html.escape(v.why)}</i>" if v.why else ""
     return f'<td class="{cls}" title="{html.escape(cell_title(v))}"><b>{word}</b><br>{detail}{why}</td>'
 
@@ -134,7 +160,8 @@ def verdict_table(results: Results) -> str:
     rows = []
     for m in results.methods:
         label = figures.METHOD_LABELS.get(m, m)
-        rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(_cell(results.verdict(m, c)) for c in CRITERIA)}</tr>")
+        cells = "".join(_cell(results.verdict(m, c), c) for c in CRITERIA)
+        rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
     head = "".join(f"<th>{html.escape(CRITERION_TITLES[c])}<br><span class='small'>{c}</span></th>" for c in CRITERIA)
     return f'<table class="verdicts"><tr><th>method</th>{head}</tr>{"".join(rows)}</table>'
 
@@ -185,6 +212,8 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
         rand_note = (f"<p class='small'>The verdict reads state <b>{html.escape(rand['verdict_state'])}</b>"
                      + (f"; states beyond the paper's cascade ({html.escape(', '.join(rand['beyond_paper']))}) stay "
                         "on the curve, marked" if rand["beyond_paper"] else "")
+                     + (f" ({html.escape(rand['verdict_state_source'])})" if rand.get("verdict_state_source") else "")
+                     + f"; {len(results.randomization)} randomized replicate(s), each with its own random weights"
                      + ". Randomized models explain "
                      + ("their own prediction" if rand["target"] == "own" else "the trained model's class") + ".</p>")
 
@@ -196,6 +225,9 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
 
     b = results.baselines
     loc = b.get("agreement_localization")
+    loc_models = sorted({c.get("network", "the localization network") for c in cfg.get("localizers", [])})
+    loc_text = (f"the localization network ({html.escape(', '.join(loc_models))}, the paper's high baseline)"
+                if loc_models else "no localization network (none was given: the prior only)")
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>SaliencyTrust report</title><style>{_CSS}</style></head><body>
 <h1>Can these saliency maps be trusted?</h1>
@@ -205,10 +237,14 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
 device {html.escape(prov['device_name'])}; {prov['seconds']} s. Criteria of Arun et al., Radiology: AI 2021.</p>
 {synthetic}{banner}
 <h2>Verdicts</h2>{summary}{verdict_table(results)}
-<p class="small">Cells: mean [95 % bootstrap CI] vs the criterion's reference (utility: the average-mask prior's
-AUPRC; randomization: SSIM between maps of different images; agreement: the localization networks' replicate SSIM,
-or chance without them), and n, the images the verdict used. Hover a cell for its rule in words and the tests.
-"n/a" is never counted as a pass.</p>
+<p class="small">Cells: mean [95 % bootstrap CI over images] vs the criterion's reference (utility: the
+average-mask prior's AUPRC; randomization: SSIM between maps of different images; agreement: the localization
+networks' replicate SSIM, or chance without them), and n, the number of images the verdict used (randomization:
+images, each the mean of its randomized replicates). A FAIL names the comparison that decided it. Utility is compared
+with the average-mask prior (must be significantly above, Holm-corrected across methods) and with {loc_text} (must
+not be significantly above the map, uncorrected: correcting a test whose rejection fails a method would make passing
+easier). Randomization follows the paper's rule (mean of replicate means below the random-pair baseline) with an
+evidence status beside it. Hover a cell for its rule in words and the tests. "n/a" is never counted as a pass.</p>
 {degenerate_html}{skipped_html}
 <h3>Where this run differs from the paper</h3><ul class="small">{deviations}</ul>
 <h2>1. Localization utility</h2>

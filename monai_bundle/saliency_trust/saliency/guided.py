@@ -54,6 +54,32 @@ def relu_nodes(output: torch.Tensor):
         stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
 
 
+#: Autograd node names (without ``BackwardN``) of activations guided backprop does not guide.
+_OTHER_ACTIVATIONS = {"Hardswish": "Hardswish", "Silu": "SiLU", "Gelu": "GELU", "Sigmoid": "Sigmoid",
+                      "Hardsigmoid": "Hardsigmoid", "Elu": "ELU", "LeakyRelu": "LeakyReLU", "Tanh": "Tanh",
+                      "Mish": "Mish", "Softplus": "Softplus", "Hardtanh": "Hardtanh (e.g. ReLU6)",
+                      "PreluKernel": "PReLU", "Glu": "GLU"}
+
+
+def other_activations(output: torch.Tensor) -> list[str]:
+    """The activations other than ReLU in ``output``'s autograd graph (guided backprop leaves them unguided)."""
+    root = output.grad_fn
+    if root is None:
+        return []
+    seen, found, stack = set(), set(), [root]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        base = node.name().rstrip("0123456789")
+        base = base[: -len("Backward")] if base.endswith("Backward") else base
+        if base in _OTHER_ACTIVATIONS:
+            found.add(_OTHER_ACTIVATIONS[base])
+        stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
+    return sorted(found)
+
+
 def has_relu(output: torch.Tensor) -> bool:
     """Whether the forward pass that made ``output`` applied a ReLU (guided backprop needs one)."""
     return next(relu_nodes(output), None) is not None

@@ -54,7 +54,7 @@ from saliency_trust.criteria import (
 from saliency_trust.data import load_dataset
 from saliency_trust.data.imageio import atomic_write_bytes, remove_stale_temporaries
 from saliency_trust.data.split import split_of
-from saliency_trust.networks import ManifestError, ModelFolder
+from saliency_trust.networks import ManifestError, ModelFolder, replicate_seed
 from saliency_trust.networks.modelfolder import LEGACY_FILE
 from saliency_trust.provenance import code_fingerprint, versions
 from saliency_trust.results import CRITERIA, Results, Verdict
@@ -140,6 +140,8 @@ class Plan:
     models: list[dict]  # {"arch", "path", "sha256", "replicate", "folder"}: one model state per entry
     folders: list[ModelFolder]  # per entry of models
     randomized: list[int]  # indices into models
+    not_run: dict[str, str]  # baseline / criterion -> why it was not run (e.g. a TorchScript model)
+    facts: dict  # what deviations() reads: Grad-CAM grids, pretraining, normalizations, ground truth kind
     replicate_pair: tuple[int, int] | None
     second_arch: int | None
     localizers: list[dict]
@@ -155,6 +157,7 @@ class Plan:
     threshold: float
     explain_class: str
     randomization_target: str
+    full_cascade: bool
     block: int
     device: torch.device
     config: dict
@@ -162,17 +165,46 @@ class Plan:
     example: int
 
 
-def _select(ds, split: str, dataset_dir: Path) -> tuple[list, str]:
-    """The lesion-positive records to assess and a sentence saying how they were chosen."""
+def _trained_on(entries: Sequence[tuple[ModelFolder, int]], dataset_dir: Path) -> list[str]:
+    """The models (``name #replicate``) whose training record names ``dataset_dir`` as their data."""
+    here = dataset_dir.resolve()
+    out = []
+    for f, k in entries:
+        d = f.record(k).get("dataset_dir")
+        if d and Path(d).resolve() == here:
+            out.append(f"{f.name} #{k}")
+    return out
+
+
+def _select(ds, split: str, dataset_dir: Path, trained_on: Sequence[str] = (),
+            include_training_images: bool = False) -> tuple[list, str]:
+    """The lesion-positive records to assess and a sentence saying which rule chose them.
+
+    Images a model was trained on are never assessed by default: with no split file, ``auto`` on a
+    dataset that a model's training record names means the hash split's test part (the part its
+    training held out); ``all`` (or a list of ids reaching into training images) on such a dataset
+    needs ``include_training_images``.
+    """
     positives = [r for r in ds if r.label == 1]
     has_split_file = any(r.split for r in ds)
+    trained = ", ".join(trained_on)
     if split == "auto":
-        split = "test" if has_split_file else "all"
-        how = "auto: " + ("the split file's test set" if has_split_file else "every image (no split file)")
+        if has_split_file:
+            split, how = "test", "auto: the split file's test set"
+        elif trained_on:
+            split, how = "test", (f"auto: the hash split's test part, the images training held out ({trained} "
+                                  "trained on this folder, which has no split file)")
+        else:
+            split, how = "all", "auto: every image (no split file, and no model's training record names this dataset)"
     elif split == "test":
         how = "the split file's test set" if has_split_file else "the training's hash split (no split file), test part"
     elif split == "all":
-        how = "every image"
+        if trained_on and not include_training_images:
+            raise ValueError(f"{dataset_dir}: split 'all' would assess images the models were trained on ({trained} "
+                             "trained on this folder); use split 'auto' or 'test', or set include_training_images "
+                             "to assess them anyway")
+        how = "every image" + (" including the models' training images (include_training_images)" if trained_on
+                               else "")
     else:
         path = Path(split)
         if not path.is_file():
@@ -186,7 +218,13 @@ def _select(ds, split: str, dataset_dir: Path) -> tuple[list, str]:
             raise ValueError(f"{path}: {len(missing)} listed id(s) are not lesion-positive images of {dataset_dir}, "
                              f"e.g. {missing[:3]}")
         keep = set(wanted)
-        return sorted((r for r in positives if r.id in keep), key=lambda r: r.id), f"the ids listed in {path}"
+        chosen = sorted((r for r in positives if r.id in keep), key=lambda r: r.id)
+        seen = [r.id for r in chosen if split_of(r.id, r.split) != "test"]
+        if trained_on and seen and not include_training_images:
+            raise ValueError(f"{path}: {len(seen)} listed id(s) are training or validation images of the models "
+                             f"({trained} trained on {dataset_dir}), e.g. {seen[:3]}; list test images only, or set "
+                             "include_training_images")
+        return chosen, f"the ids listed in {path}" + (" (including training images)" if seen and trained_on else "")
     if split == "test":
         positives = [r for r in positives if split_of(r.id, r.split) == "test"]
     return sorted(positives, key=lambda r: r.id), how
@@ -214,7 +252,8 @@ def model_entries(models: Sequence[Any], kind: str = "classifier") -> list[tuple
     """``(model folder, replicate)`` per model state to explain, in order.
 
     An entry is a model folder (a path or a :class:`ModelFolder`: the first entry gives its first
-    two replicates, for repeatability, the others their first; localizers their first two),
+    three replicates -- the first two for repeatability, all three for cascading randomization, the
+    paper's 3 -- the others their first; localizers their first two),
     ``{"model": folder, "replicates": [k, ...]}``, or one weights file: a path or the older
     ``{"arch": name, "path": "<arch>_seed<k>.pt"}``.
     """
@@ -235,7 +274,7 @@ def model_entries(models: Sequence[Any], kind: str = "classifier") -> list[tuple
             raise ManifestError(f"{folder.folder}: a {folder.kind} where a {kind} was expected")
         reps = list(folder.replicates)
         if wanted is None:
-            wanted = reps[:2] if i == 0 or kind == "localizer" else reps[:1]
+            wanted = reps[:3] if i == 0 and kind == "classifier" else reps[:2] if kind == "localizer" else reps[:1]
         for k in wanted:
             folder.weights(k)  # an unknown replicate is refused here
             out.append((folder, int(k)))
@@ -247,16 +286,65 @@ def same_model(a: ModelFolder, b: ModelFolder) -> bool:
     return (a.folder.resolve(), a.arch, a.network_label) == (b.folder.resolve(), b.arch, b.network_label)
 
 
+def same_network(a: ModelFolder, b: ModelFolder) -> bool:
+    """Whether two folders hold the same architecture (same network spec): not a second architecture."""
+    return json.dumps(a.network, sort_keys=True) == json.dumps(b.network, sort_keys=True)
+
+
+def _cam_grid(folder: ModelFolder, net: torch.nn.Module, size: int | None) -> list[int] | None:
+    """The Grad-CAM layer's spatial grid at ``size`` px (one forward pass on a blank image)."""
+    layer = folder.explain_settings(net).get("cam_layer") if folder.format != "torchscript" else None
+    if not layer or not size:
+        return None
+    seen: list = []
+    handle = net.get_submodule(layer).register_forward_hook(lambda _m, _i, o: seen.append(tuple(o.shape[-2:])))
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, folder.channels, size, size))
+    finally:
+        handle.remove()
+    return list(seen[-1]) if seen else None
+
+
+def _ground_truth_kind(ds) -> str:
+    """``boxes`` (a detection dataset, like RSNA) or ``masks`` (a segmentation dataset, like SIIM)."""
+    if ds.layout == "rsna":
+        return "boxes"
+    if ds.layout == "siim":
+        return "masks"
+    labels = Path(ds.root) / "labels.csv"
+    try:
+        header = labels.read_text(encoding="utf-8", errors="replace").splitlines()[0].lower().split(",")
+    except (OSError, IndexError):
+        return "masks"
+    return "boxes" if "x" in [h.strip() for h in header] else "masks"
+
+
+def _normalization(folder: ModelFolder) -> str:
+    """The model's input normalization in words: ``[-1, 1]``, ``ImageNet mean/std``, ``mean/std ...``."""
+    norm = folder.input.get("normalization", {"range": [-1.0, 1.0]})
+    if "range" in norm:
+        lo, hi = norm["range"]
+        text = f"[{lo:g}, {hi:g}]"
+    elif norm.get("preset") == "imagenet":
+        text = "ImageNet mean/std"
+    else:
+        text = f"mean {norm.get('mean')} / std {norm.get('std')}"
+    return text + (f" after window {norm['window']}" if "window" in norm else "")
+
+
 def plan_assessment(
     dataset_dir: str | Path,
     output_dir: str | Path,
     classifiers: Sequence[Any],
     localizers: Sequence[Any] | str | Path = (),
+    *,
     methods: Sequence[str] | None = None,
     preset: str = "paper",
     n_images: int = 100,
     image_size: int | None = None,
     split: str = "auto",
+    include_training_images: bool = False,
     seed: int = 0,
     data_range: float | None = None,
     pairs_per_image: int = 50,
@@ -266,6 +354,7 @@ def plan_assessment(
     recipe_overrides: dict | None = None,
     explain_class: str = "predicted",
     randomization_target: str | None = None,
+    full_cascade: bool = False,
     block: int = 16,
 ) -> Plan:
     """Read and choose the data, describe the models and settings; nothing runs a model yet."""
@@ -284,13 +373,35 @@ def plan_assessment(
     loc_entries = model_entries(list(localizers), "localizer")
     folders: list[ModelFolder] = []
     for f, _ in entries:
-        if not any(same_model(f, g) for g in folders):
-            folders.append(f)
+        if any(same_model(f, g) for g in folders):
+            continue
+        twin = next((g for g in folders if same_network(f, g)), None)
+        if twin is not None:
+            raise ValueError(f"{f.folder}: the same network ({f.network_label}) as {twin.folder}; reproducibility "
+                             "needs a different architecture: put these weights in the first folder as another "
+                             "replicate, or give a classifier of another architecture")
+        folders.append(f)
+    size, size_source = _image_size(folders, image_size)
+    for f, _ in loc_entries:
+        if size and f.image_size and f.image_size != size:
+            raise ValueError(f"{f.folder}: the localization network was trained at {f.image_size} px and the "
+                             f"classifiers at {size} px; give a localizer trained at {size} px")
     unavailable: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    grids: dict[str, list[int] | None] = {}
+    explain: dict[str, dict] = {}  # each model's explain settings, for the provenance
+    sources: dict[str, str] = {}  # where each model's randomization verdict block comes from
     for f in folders:
         probe = f.build() if f.format != "torchscript" else f.load()
+        explain[f.network_label] = {k: (list(v) if isinstance(v, tuple) else v)
+                                    for k, v in f.explain_settings(probe).items()}
+        if f.format != "torchscript":
+            sources[f.network_label] = f.verdict_block_source(probe)
         for m, why in f.unavailable(probe).items():
             unavailable.setdefault(m, why)
+        for m, why in f.method_notes(probe).items():
+            notes.setdefault(m, why)
+        grids[f.network_label] = _cam_grid(f, probe, size)
     if methods is not None:
         asked = list(methods)
         refused = [m for m in asked if m in unavailable]
@@ -301,17 +412,20 @@ def plan_assessment(
     else:
         methods = [m for m in METHODS if m not in unavailable]
     dropped = {m: why for m, why in unavailable.items() if m not in methods}
+    notes = {m: why for m, why in notes.items() if m in methods}
     for m, why in dropped.items():
         log.warning("method %s left out: %s", m, why)
+    for m, why in notes.items():
+        log.warning("method %s: %s", m, why)
     rank, world = _world()
     if device is None and torch.cuda.is_available():
         device = f"cuda:{rank % torch.cuda.device_count()}" if world > 1 else "cuda"
     dev = torch.device(device or "cpu")
     data_range = data_range if data_range is not None else (2.0 if preset == "paper" else 1.0)
     dataset_dir = Path(dataset_dir)
-    size, size_source = _image_size(folders, image_size)
     ds = load_dataset(dataset_dir, image_size=size)
-    chosen, how = _select(ds, split, dataset_dir)
+    trained_on = _trained_on(list(entries) + list(loc_entries), dataset_dir)
+    chosen, how = _select(ds, split, dataset_dir, trained_on, include_training_images)
     skipped = [{"id": r.id, "why": "lesion-positive but has no ground-truth mask or box"}
                for r in chosen if r.mask is None or not r.mask.any()]
     for s in skipped:
@@ -337,37 +451,67 @@ def plan_assessment(
 
     models = [{"arch": f.network_label, "path": str(f.weights(k)), "sha256": f.sha256(k), "replicate": k,
                "folder": str(f.folder)} for f, k in entries]
-    locs = [{"path": str(f.weights(k)), "sha256": f.sha256(k), "replicate": k, "folder": str(f.folder)}
-            for f, k in loc_entries]
+    locs = [{"path": str(f.weights(k)), "sha256": f.sha256(k), "replicate": k, "folder": str(f.folder),
+             "network": f.network_label} for f, k in loc_entries]
     primary = entries[0][0]
     same = [i for i, (f, _) in enumerate(entries) if same_model(f, primary)]
-    randomized = same[: randomize if randomize is not None else None]
+    not_run: dict[str, str] = {}
+    if primary.format == "torchscript":
+        why = (f"{primary.name} is a TorchScript model: it has no untrained form to build and its layers cannot be "
+               "re-initialized (no reset_parameters)")
+        not_run = {"untrained": why, "randomization": why}
+        randomized: list[int] = []
+    else:
+        randomized = same[: randomize if randomize is not None else None]
+        if randomize == 0:
+            not_run["randomization"] = "cascading randomization was not run (randomize=0)"
     others = [i for i, (f, _) in enumerate(entries) if not same_model(f, primary)]
+    records = {f"{f.name} #{k}": f.record(k) for f, k in entries}
+    facts = {
+        "cam_grids": grids, "ground_truth": _ground_truth_kind(ds),
+        "pretrained": {name: (r.get("pretrained") if "pretrained" in r else "not recorded")
+                       for name, r in records.items()},
+        "normalization": {f.network_label: _normalization(f) for f in folders},
+        "ig_baseline": {f.network_label: f.black() for f in folders if f.format != "torchscript"},
+        "primary": primary.network_label,
+        "second": entries[others[0]][0].network_label if others else None,
+        "localizers": sorted({f.network_label for f, _ in loc_entries}),
+        "trained_on": trained_on, "training_images_included": bool(trained_on and include_training_images
+                                                                    and split not in ("auto", "test")),
+        "method_notes": notes, "verdict_block_source": sources,
+    }
     data = {"dataset_dir": str(dataset_dir.resolve()), "layout": ds.layout, "split_rule": split, "split": how,
+            "trained_on_this_dataset": trained_on, "include_training_images": bool(include_training_images),
             "n_positive_found": len(chosen), "n_images": len(positives), "n_requested": n_images,
             "ids": [r.id for r in positives], "skipped": skipped,
             "load_errors": [{"source": e.source, "problem": e.problem} for e in ds.errors],
             "image_size": size, "image_size_source": size_source, "grid": list(positives[0].image.shape),
+            "ground_truth": facts["ground_truth"],
             "synthetic": (dataset_dir / "synthcxr.json").is_file(), "prior": prior_source,
-            "methods_left_out": dropped}
-    config = {"dataset_dir": data["dataset_dir"], "image_size": size, "split": split, "n_images": len(positives),
+            "methods_left_out": dropped, "method_notes": notes}
+    config = {"dataset_dir": data["dataset_dir"], "image_size": size, "split": split,
+              "include_training_images": bool(include_training_images), "n_images": len(positives),
               "ids": data["ids"], "methods": methods, "preset": preset, "seed": seed, "data_range": data_range,
               "pairs_per_image": pairs_per_image, "agreement_threshold": agreement_threshold,
               "recipe_overrides": overrides, "randomized_replicates": len(randomized), "block": block,
               "explain_class": explain_class, "randomization_target": randomization_target,
+              "full_cascade": bool(full_cascade),
               "classifiers": [{k: str(v) for k, v in m.items()} for m in models], "localizers": locs,
-              "models": {str(f.folder): f.describe() for f in folders}, "code": code_fingerprint()}
+              "models": {str(f.folder): f.describe() for f in folders}, "explain_settings": explain,
+              "code": code_fingerprint()}
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     return Plan(
         out_dir=Path(output_dir), ids=data["ids"], images01=np.stack([r.image for r in positives]),
         images=torch.tensor(np.stack([r.image for r in positives])).to(dev),
         masks=masks.to(dev), prior=prior.to(dev), data=data, models=models, folders=[f for f, _ in entries],
-        randomized=randomized, replicate_pair=(same[0], same[1]) if len(same) >= 2 else None,
+        randomized=randomized, not_run=not_run, facts=facts,
+        replicate_pair=(same[0], same[1]) if len(same) >= 2 else None,
         second_arch=others[0] if others else None, localizers=locs, localizer_folders=[f for f, _ in loc_entries],
         finding_class=primary.finding_class, dropped=dropped,
         methods=methods, preset=preset, overrides=overrides, seed=seed, data_range=data_range,
         pairs_per_image=pairs_per_image, threshold=agreement_threshold, explain_class=explain_class,
-        randomization_target=randomization_target, block=block, device=dev, config=config, key=key,
+        randomization_target=randomization_target, full_cascade=full_cascade, block=block, device=dev,
+        config=config, key=key,
         example=int(np.argmax([r.mask.sum() for r in positives])))  # the largest lesion: the clearest figure
 
 
@@ -382,7 +526,7 @@ class Maps:
     trained: list[dict[str, torch.Tensor]]  # per classifier: method -> [N, H, W]
     probs: list[torch.Tensor]  # per classifier: [N, classes]
     targets: list[torch.Tensor]  # per classifier: explained class [N]
-    untrained: dict[str, torch.Tensor]
+    untrained: dict[str, torch.Tensor] | None  # None: not run (plan.not_run says why)
     localizers: list[torch.Tensor]  # per localizer: [N, H, W] in [0, 1]
     randomization: list[dict] = field(default_factory=list)  # per randomized replicate
 
@@ -419,22 +563,23 @@ def compute_maps(plan: Plan, progress: bool = True) -> Maps:
 
         return explain_sharded
 
-    def classes(probs: torch.Tensor) -> torch.Tensor:
-        if plan.explain_class == "finding":
-            return torch.full((probs.shape[0],), plan.finding_class, dtype=torch.long)
+    def classes(probs: torch.Tensor, folder: ModelFolder) -> torch.Tensor:
+        if plan.explain_class == "finding":  # each model's own finding class (its model.json says which)
+            return torch.full((probs.shape[0],), folder.finding_class, dtype=torch.long)
         return probs.argmax(1)
 
     def run_model(folder: ModelFolder, net: torch.nn.Module) -> dict:
         x = folder.to_input(images)
         probs = torch.softmax(predict(net, x).double(), 1).cpu()
-        targets = classes(probs)
+        targets = classes(probs, folder)
         return {"maps": explainer(folder, x)(net, targets.to(images.device)), "probs": probs, "targets": targets}
 
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(plan.models) + 1 + len(plan.randomized), desc="assessment", unit="model")
+        bar = tqdm(total=len(plan.models) + (0 if "untrained" in plan.not_run else 1) + len(plan.randomized),
+                   desc="assessment", unit="model")
 
     def counted(value: Any) -> Any:
         if bar is not None:
@@ -450,7 +595,8 @@ def compute_maps(plan: Plan, progress: bool = True) -> Maps:
     runs = [counted(steps.run(f"maps_{i}", lambda i=i, f=f: run_model(f, f.load(plan.models[i]["replicate"],
                                                                                 plan.device))))
             for i, f in enumerate(plan.folders)]
-    untrained = counted(steps.run("maps_untrained", lambda: run_model(primary, untrained_net())))
+    untrained = (None if "untrained" in plan.not_run else
+                 counted(steps.run("maps_untrained", lambda: run_model(primary, untrained_net()))))
     locs = [steps.run(f"localizer_{i}", lambda f=f, p=p: _unet_output(f, p["replicate"], images).cpu())
             for i, (f, p) in enumerate(zip(plan.localizer_folders, plan.localizers, strict=True))]
 
@@ -462,6 +608,8 @@ def compute_maps(plan: Plan, progress: bool = True) -> Maps:
             net, folder.randomization_blocks(net), x, plan.methods, preset=plan.preset, seed=plan.seed,
             data_range=plan.data_range, verdict_block=folder.verdict_block(net),
             pairs_per_image=plan.pairs_per_image, segment_cache=cache, explain_fn=explainer(folder, x),
+            init_seed=replicate_seed(plan.seed, plan.models[i]["sha256"]),  # each replicate its own random weights
+            full_cascade=plan.full_cascade,  # default: stop where the paper's cascade stopped
             examples=[plan.example], progress=bar is not None,
             # Explaining the finding class: every state explains it, whatever it predicts.
             target="trained" if plan.explain_class == "finding" else plan.randomization_target,
@@ -470,14 +618,15 @@ def compute_maps(plan: Plan, progress: bool = True) -> Maps:
                 "ssim": {k: v.cpu() for k, v in c["ssim"].items()},
                 "spearman": {k: v.cpu() for k, v in c["spearman"].items()},
                 "undefined": c["undefined"], "spearman_undefined": c["spearman_undefined"],
-                "baseline": {k: v.cpu() for k, v in c["baseline"].items()},
+                "baseline": {k: v.cpu() for k, v in c["baseline"].items()}, "cascade_mean": c["cascade_mean"],
                 "examples": {k: v[:, 0].cpu() for k, v in c["examples"].items()}}
 
     rand = [counted(steps.run(f"randomization_{i}", lambda i=i: curves(i))) for i in plan.randomized]
     if bar is not None:
         bar.close()
     return Maps(trained=[r["maps"] for r in runs], probs=[r["probs"] for r in runs],
-                targets=[r["targets"] for r in runs], untrained=untrained["maps"], localizers=locs, randomization=rand)
+                targets=[r["targets"] for r in runs], untrained=untrained["maps"] if untrained else None,
+                localizers=locs, randomization=rand)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -512,39 +661,102 @@ def _agreement(maps_a: dict, maps_b: dict, plan: Plan) -> tuple[dict, dict, dict
     return ssim_v, chance, undefined
 
 
+def _nanmean0(values: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 ignoring NaN; NaN (no warning) where a column has no finite value."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    total = np.where(ok, v, 0.0).sum(0)
+    count = ok.sum(0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def _summary(values: np.ndarray, **counts: int) -> dict:
     return {**summarize(values), **counts}
 
 
+#: The paper's setting that :func:`deviations` compares a run with.
+PAPER = {"image_size": 320, "randomized_replicates": 3, "primary": "inception_v3",
+         "primary_normalization": "[-1, 1]", "second_normalization": "ImageNet mean/std", "data_range": 2.0}
+
+
 def deviations(plan: Plan) -> list[str]:
-    """Every way this run differs from the paper's protocol, in sentences (also in the report)."""
+    """Every way this run differs from the paper's experiment, in sentences, derived from the plan (also in
+    the report). Each line appears exactly when its condition holds; ``tests/workflows`` checks both ways."""
     recipe = get_recipe(plan.preset, **plan.overrides)
+    f = plan.facts
     out = []
     if plan.preset != "paper" or plan.overrides:
         out.append(f"Saliency recipe '{plan.preset}'" + (f" with overrides {plan.overrides}" if plan.overrides else "")
                    + ": fewer integration steps / noise samples than the paper's; a demonstration, not its numbers.")
+    size = plan.data["image_size"]
+    if size != PAPER["image_size"]:
+        grids = "; ".join(f"{name} {g[0]} x {g[1]}" for name, g in f["cam_grids"].items() if g)
+        out.append(f"Images at {size if size else 'their own grid'} px; the paper used 320 px"
+                   + (f". Grad-CAM grid at this size: {grids} (InceptionV3 at 320 px: 8 x 8)" if grids else "") + ".")
     if recipe.cam_resize != "tf1_legacy":
         out.append("Grad-CAM upsampled with half-pixel centres; the paper's TF1 code used the legacy resize "
                    "(about half a feature cell up and left).")
-    if plan.data_range != 2.0:
+    if plan.data_range != PAPER["data_range"]:
         out.append(f"SSIM data_range {plan.data_range}; the paper's scikit-image silently used 2.0 for float maps.")
+    if len(plan.localizers) >= 2:
+        out.append(f"Localization-network agreement SSIM on their [0, 1] probability maps with data_range "
+                   f"{plan.data_range}; the paper's U-Net maps were 8-bit PNGs (scikit-image's dtype range, 255) and "
+                   "its RetinaNet maps min-max normalized floats (2.0).")
     out.append("SmoothGrad / SmoothGrad-IG noise is drawn per (image, model weights, seed): reproducible; "
                "the paper drew fresh noise per call. Either way no two models share noise.")
     out.append("XRAI maps: absolute value before the paper's 99th-percentile clip (the paper's own grayscale "
                "helper crashes on XRAI's 2-D output, so its exact post-processing is unknown).")
-    out.append("Randomization re-initializes each block as freshly constructed PyTorch layers; the paper did "
-               "not state its scheme.")
+    if "randomization" not in plan.not_run:
+        out.append("Randomization re-initializes each block as freshly constructed PyTorch layers, each replicate "
+                   "with its own seed; the paper did not state its scheme.")
+        if len(plan.randomized) != PAPER["randomized_replicates"]:
+            out.append(f"{len(plan.randomized)} randomized replicate(s); the paper averaged the cascading "
+                       "randomization curves of 3 InceptionV3 replicates (mean +- SD).")
     if plan.randomization_target == "trained":
         out.append("Randomized models explain the trained model's class; the paper's pipeline explained each "
                    "model's own prediction.")
     if plan.explain_class == "finding":
-        out.append("Maps explain the finding (lesion) class; the paper explained the predicted class.")
-    if plan.models[0]["arch"] != "inception_v3":
-        out.append(f"Primary architecture {plan.models[0]['arch']} (the paper's: InceptionV3).")
+        out.append("Maps explain each model's finding (lesion) class; the paper explained the predicted class.")
+    if f["primary"] != PAPER["primary"]:
+        out.append(f"Primary architecture {f['primary']} (the paper's: InceptionV3).")
+    norms = f["normalization"]
+    if norms.get(f["primary"]) != PAPER["primary_normalization"]:
+        out.append(f"Primary architecture's input is {norms.get(f['primary'])}; the paper's InceptionV3 took [-1, 1].")
+    if f["second"] is not None and norms.get(f["second"]) != PAPER["second_normalization"]:
+        out.append(f"Second architecture {f['second']} takes {norms.get(f['second'])} input; the paper's DenseNet121 "
+                   "took ImageNet mean/std normalization.")
+    for name, black in f["ig_baseline"].items():
+        if norms.get(name) != PAPER["primary_normalization"]:
+            out.append(f"Integrated Gradients baseline for {name}: black in its own input scale "
+                       f"({black if not isinstance(black, list | tuple) else [round(v, 4) for v in black]}); the "
+                       "paper's was the constant -1 of its [-1, 1] input.")
+    scratch = sorted(name for name, v in f["pretrained"].items() if v in (None, False, ""))
+    unknown = sorted(name for name, v in f["pretrained"].items() if v == "not recorded")
+    if scratch:
+        out.append(f"Trained from random initialization, without ImageNet pretraining: {', '.join(scratch)}; the "
+                   "paper's classifiers were ImageNet-pretrained.")
+    if unknown:
+        out.append(f"Pretraining not recorded (no training record with 'pretrained'): {', '.join(unknown)}; the "
+                   "paper's classifiers were ImageNet-pretrained.")
+    if plan.localizers and f["ground_truth"] == "boxes" and any("unet" in n.lower() for n in f["localizers"]):
+        out.append("Localization baseline is a U-Net (segmentation) on a detection dataset with boxes; the paper used "
+                   "RetinaNet on RSNA (U-Net on SIIM).")
     for m, why in plan.dropped.items():
         out.append(f"{m} not computed: {why}.")
-    out.append("Verdicts use statistical tests the paper did not name (Holm-corrected paired Wilcoxon; bootstrap "
-               "CIs); repeatability / reproducibility also require agreement above chance.")
+    for m, why in f["method_notes"].items():
+        out.append(f"{m}: {why}.")
+    for what, why in plan.not_run.items():
+        if what == "untrained":
+            out.append(f"Untrained-network utility baseline not run: {why}.")
+        elif what == "randomization" and "randomize=0" not in why:
+            out.append(f"Cascading randomization not run: {why}.")
+    if f["training_images_included"]:
+        out.append(f"Images the models were trained on are assessed (include_training_images; "
+                   f"{', '.join(f['trained_on'])} trained on this dataset); the paper assessed held-out test images "
+                   "only.")
+    out.append("Verdicts use statistical tests the paper did not name (paired one-sided Wilcoxon, Holm-corrected "
+               "only where rejection passes a method; bootstrap CIs over images); repeatability / reproducibility "
+               "also require agreement above chance.")
     if plan.data["prior"].startswith("leave-one-out"):
         out.append("Average-mask prior built leave-one-out from the assessed images (the dataset has no "
                    "training masks); the paper used the training and validation masks.")
@@ -558,7 +770,12 @@ def score(plan: Plan, maps: Maps, seconds: float = 0.0) -> tuple[Results, Scores
     methods, masks = plan.methods, plan.masks.cpu()
     primary = maps.trained[0]
     util = {m: utility_scores(primary[m], masks) for m in methods}
-    util_untrained = {m: utility_scores(maps.untrained[m], masks) for m in methods}
+    n = len(plan.ids)
+    if maps.untrained is not None:
+        util_untrained = {m: utility_scores(maps.untrained[m], masks) for m in methods}
+    else:  # not run (a TorchScript model has no untrained form): undefined, with the reason in the baselines
+        util_untrained = {m: {"auprc": torch.full((n,), torch.nan, dtype=torch.float64), "constant_map": 0}
+                          for m in methods}
     prior_maps = plan.prior.cpu().expand_as(masks).contiguous() if plan.prior.ndim == 2 else plan.prior.cpu()
     util_prior = utility_scores(prior_maps, masks)
     util_loc = utility_scores(maps.localizers[0], masks) if maps.localizers else None
@@ -580,25 +797,26 @@ def score(plan: Plan, maps: Maps, seconds: float = 0.0) -> tuple[Results, Scores
         if repeat else {}
     pv = agreement_verdicts(reprod, reprod_chance, loc_agree, "reproducibility", plan.threshold, reprod_undef) \
         if reprod else {}
-    n = len(plan.ids)
     state_ssim, state_spearman, state_chance = {}, {}, {}
     for m in methods:
         verdicts[m]["utility"] = Verdict.from_dict(uv[m])
         if maps.randomization:
             rows = [r["states"].index(r["verdict_state"]) for r in maps.randomization]
-            final = np.concatenate([r["ssim"][m][k].numpy() for r, k in zip(maps.randomization, rows, strict=True)])
-            chance = np.concatenate([per_image_chance(r["baseline"][m], n).numpy() for r in maps.randomization])
-            pairs = np.concatenate([r["baseline"][m].numpy() for r in maps.randomization])
-            und = sum(r["undefined"][m][k] for r, k in zip(maps.randomization, rows, strict=True))
-            v = randomization_verdict(final, chance, maps.randomization[0]["verdict_state"], pairs, und)
+            # [replicates, images]: the verdict averages replicates per image (images are the unit, n = images).
+            final = np.stack([r["ssim"][m][k].numpy() for r, k in zip(maps.randomization, rows, strict=True)])
+            chance = np.stack([per_image_chance(r["baseline"][m], n).numpy() for r in maps.randomization])
+            pairs = [r["baseline"][m].numpy() for r in maps.randomization]
+            cascade = np.array([r["cascade_mean"][m] for r in maps.randomization], dtype=np.float64)
+            v = randomization_verdict(final, chance, maps.randomization[0]["verdict_state"], pairs,
+                                      cascade_mean=cascade)
             verdicts[m]["randomization"] = Verdict.from_dict(v)
-            first, k0 = maps.randomization[0], rows[0]
-            state_ssim[m] = first["ssim"][m][k0].numpy()
-            state_spearman[m] = first["spearman"][m][k0].numpy()
-            state_chance[m] = per_image_chance(first["baseline"][m], n).numpy()
+            state_ssim[m] = _nanmean0(final)  # per image, averaged over replicates (the CSV and figures)
+            state_spearman[m] = _nanmean0(np.stack([r["spearman"][m][k].numpy()
+                                                    for r, k in zip(maps.randomization, rows, strict=True)]))
+            state_chance[m] = _nanmean0(chance)
         else:
-            verdicts[m]["randomization"] = Verdict.from_dict(not_run("cascading randomization was not run "
-                                                                     "(randomize=0)"))
+            why = plan.not_run.get("randomization", "cascading randomization was not run")
+            verdicts[m]["randomization"] = Verdict.from_dict(not_run(why))
         verdicts[m]["repeatability"] = Verdict.from_dict(rv[m] if m in rv else not_run("needs two replicates of "
                                                                                        "one architecture"))
         verdicts[m]["reproducibility"] = Verdict.from_dict(pv[m] if m in pv else not_run("needs a second "
@@ -611,7 +829,11 @@ def score(plan: Plan, maps: Maps, seconds: float = 0.0) -> tuple[Results, Scores
     for r, i in zip(maps.randomization, plan.randomized, strict=True):
         k = r["states"].index(r["verdict_state"])
         rand_out.append({
-            "model": plan.models[i]["path"], "states": r["states"], "verdict_state": r["verdict_state"],
+            "model": plan.models[i]["path"], "replicate": plan.models[i]["replicate"],
+            "init_seed": replicate_seed(plan.seed, plan.models[i]["sha256"]),
+            "states": r["states"], "verdict_state": r["verdict_state"],
+            "verdict_state_source": plan.facts["verdict_block_source"].get(plan.models[i]["arch"]),
+            "cascade_mean": {m: r["cascade_mean"][m] for m in methods},
             "beyond_paper": r["states"][k + 1 :], "class_changed": r["class_changed"],
             "target": "trained" if plan.explain_class == "finding" else plan.randomization_target,
             "ssim": {m: [summarize(row.numpy()) for row in r["ssim"][m]] for m in methods},
@@ -626,8 +848,11 @@ def score(plan: Plan, maps: Maps, seconds: float = 0.0) -> tuple[Results, Scores
                   "recipe": {k: (list(v) if isinstance(v, tuple) else v)
                              for k, v in get_recipe(plan.preset, **plan.overrides).__dict__.items()},
                   "seconds": round(seconds, 1)}
+    used = {c: [verdicts[m][c].n for m in methods] for c in CRITERIA}
+    data = {**plan.data, "images_used": {c: {"min": min(v), "max": max(v), "unit": "images"}
+                                         for c, v in used.items()}}
     results = Results(
-        methods=methods, data=plan.data,
+        methods=methods, data=data,
         utility={m: _summary(util[m]["auprc"].numpy(), empty_mask=util[m]["empty_mask"],
                              blank_map=util[m]["constant_map"]) for m in methods},
         randomization=rand_out,
@@ -636,6 +861,7 @@ def score(plan: Plan, maps: Maps, seconds: float = 0.0) -> tuple[Results, Scores
         reproducibility={m: _summary(v, undefined=reprod_undef[m], chance_mean=summarize(reprod_chance[m])["mean"])
                          for m, v in reprod.items()},
         baselines={"utility_prior": summarize(util_prior["auprc"].numpy()),
+                   "not_run": dict(plan.not_run),
                    "utility_localization": summarize(util_loc["auprc"].numpy()) if util_loc else None,
                    "utility_untrained": {m: _summary(util_untrained[m]["auprc"].numpy(),
                                                      blank_map=util_untrained[m]["constant_map"]) for m in methods},
@@ -722,48 +948,34 @@ def write_outputs(plan: Plan, maps: Maps, scores: Scores, results: Results, repo
 def run_assessment(
     dataset_dir: str | Path,
     output_dir: str | Path,
-    classifiers: Sequence[dict],
-    localizers: Sequence[str | Path] = (),
-    methods: Sequence[str] | None = None,
-    preset: str = "paper",
-    n_images: int = 100,
-    image_size: int | None = None,
-    split: str = "auto",
-    seed: int = 0,
-    data_range: float | None = None,
-    pairs_per_image: int = 50,
-    agreement_threshold: float = 0.5,
-    device: str | None = None,
-    randomize: int | None = None,
-    recipe_overrides: dict | None = None,
-    explain_class: str = "predicted",
-    randomization_target: str | None = None,
-    block: int = 16,
+    classifiers: Sequence[Any],
+    localizers: Sequence[Any] = (),
+    *,
     report: bool = True,
     progress: bool = True,
+    **options: Any,
 ) -> Results:
     """Score every method on the four criteria; returns the :class:`Results` written to ``results.json``.
 
-    ``classifiers`` are ``{"arch", "path"}`` dicts: the first two of the first architecture are the
-    replicates (repeatability), the first of another architecture gives reproducibility, and the
-    first architecture's classifiers (the first ``randomize`` of them; all when None) go through
-    cascading randomization. ``localizers`` are U-Net weight files: the first gives the high utility
-    baseline, the first two the agreement baseline.
+    ``classifiers`` are model folders (or weight files, see :func:`model_entries`): the first
+    folder's first two replicates give repeatability, its first three (the paper's 3) go through
+    cascading randomization (``randomize`` limits them), the first classifier of another
+    architecture gives reproducibility (a second folder of the same network is refused).
+    ``localizers``: the first gives the high utility baseline, the first two the agreement baseline.
 
-    Images are read at the size the classifiers were trained at (their ``.metrics.json``), which
-    ``image_size`` may only confirm. ``split``: ``auto`` (the split file's test set, or every image
-    when there is no split file), ``test``, ``all`` or a file of image ids; lesion-positive images
-    without ground truth are skipped and listed. ``explain_class``: ``predicted`` (the paper) or
-    ``finding``. ``randomization_target``: ``own`` (each randomized model explains its own
-    prediction, the paper's pipeline; the default with the ``paper`` preset) or ``trained``.
-    ``data_range`` for SSIM defaults to 2.0 with the ``paper`` preset (what scikit-image <= 0.19
-    silently used on the paper's float maps) and to 1.0 otherwise. Under ``torchrun`` the map
+    ``options`` are :func:`plan_assessment`'s keywords. Images are read at the size the classifiers
+    were trained at. ``split``: ``auto`` (the split file's test set; without one, the hash split's
+    test part when a model's training record names this dataset, else every image), ``test``,
+    ``all`` (refused on a dataset the models were trained on unless ``include_training_images``) or
+    a file of image ids; lesion-positive images without ground truth are skipped and listed.
+    ``explain_class``: ``predicted`` (the paper) or ``finding`` (each model's own finding class).
+    ``randomization_target``: ``own`` (the paper's pipeline; the default with the ``paper`` preset) or
+    ``trained``. ``data_range`` for SSIM defaults to 2.0 with the ``paper`` preset (what scikit-image
+    <= 0.19 silently used on the paper's float maps) and to 1.0 otherwise. Under ``torchrun`` the map
     computations are sharded across processes by blocks of ``block`` images and only rank 0 writes.
     """
     t0 = time.time()
-    plan = plan_assessment(dataset_dir, output_dir, classifiers, localizers, methods, preset, n_images, image_size,
-                           split, seed, data_range, pairs_per_image, agreement_threshold, device, randomize,
-                           recipe_overrides, explain_class, randomization_target, block)
+    plan = plan_assessment(dataset_dir, output_dir, classifiers, localizers, **options)
     if _world()[0] == 0:
         for folder in (plan.out_dir, plan.out_dir / ".steps", plan.out_dir / "figures"):
             remove_stale_temporaries(folder)  # left by a run that was killed mid-write

@@ -33,6 +33,14 @@ TASKS = (("opacity", 0), ("pneumothorax", 1))
 #: localize (measured: Grad-CAM AUPRC 0.09 vs 0.10 untrained), while DenseNet121's do (0.21 vs 0.10,
 #: XRAI 0.78 vs 0.29), so the demo swaps the roles. ``configs/trust.json`` keeps the paper's order.
 CLASSIFIERS = (("densenet121", 0), ("densenet121", 1), ("inception_v3", 0))
+#: Lesion-positive test images assessed per task. The rules need at least 8: the exact one-sided
+#: Wilcoxon p-value of n pairs is at least 2**-n, and Holm across the 8 methods asks the first of them
+#: for p < 0.05 / 8 = 0.00625, so with fewer than 8 images no method could pass utility, repeatability
+#: or reproducibility at all, and with 8 only when every image goes its way. With 16 a method still
+#: clears that level when the images going the other way are up to 5 of the smallest differences
+#: (p = 0.0021), so a verdict reflects the maps rather than the sample size. (Measured with scipy's
+#: exact test; the paper used 100 images.)
+IMAGES = 16
 #: The quick preset made lighter still for two CPU cores (recorded in each results.json).
 DEMO_RECIPE = {"sg_samples": 4, "sig_samples": 2, "sig_steps": 4, "ig_steps": 6, "xrai_steps": 6}
 
@@ -66,20 +74,30 @@ def assess(data: Path, models: Path, out: Path, a: argparse.Namespace, classifie
         progress=False)
 
 
+#: Short names of the comparison that decided a FAIL (the verdict's ``decided_by``) for the text table.
+DECIDED = {"prior": "prior", "localization": "loc", "chance": "chance"}
+
+
 def verdict_lines(results: Results) -> list[str]:
-    """The verdict table as text, one row per method: verdict, mean/reference and n per criterion."""
-    width = 24
+    """The verdict table as text, one row per method: verdict (with the comparison that decided a FAIL),
+    mean/reference of that comparison and n (images) per criterion."""
+    width = 28
     lines = [f"  {'method':<9}" + "".join(f"{c:>{width}}" for c in CRITERIA)]
     for m in results.methods:
         cells = []
         for c in CRITERIA:
             v = results.verdict(m, c)
+            word = v.word() + (f"({DECIDED.get(v.decided_by, v.decided_by)})" if v.decided_by else "")
             num = ""
             if v.value is not None:
-                num = f"{v.value:.2f}" + (f"/{v.reference:.2f}" if v.reference is not None else "") + f" n={v.n}"
-            cells.append(f"{v.word() + ' ' + num:>{width}}")
+                comp = v.comparisons.get(v.decided_by) if v.decided_by else None
+                ref = comp.get("reference_mean") if comp else v.reference
+                num = f"{v.value:.2f}" + (f"/{ref:.2f}" if ref is not None else "") + f" n={v.n}"
+            cells.append(f"{word + ' ' + num:>{width}}")
         lines.append(f"  {m:<9}" + "".join(cells))
     lines.append("  (" + "; ".join(f"{c}: {CRITERION_TITLES[c].lower()}" for c in CRITERIA) + ")")
+    lines.append("  (FAIL(x): the comparison that decided it -- prior: average-mask prior, loc: localization network, "
+                 "chance: maps of different images; value/reference of that comparison; n: images)")
     return lines
 
 
@@ -92,19 +110,24 @@ def _gt(a: float | None, b: float | None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns a non-zero exit code when a classifier misses the AUC bar."""
+    """Run the demo; returns 0 unless something failed (``--strict``: also when a classifier misses the AUC bar)."""
     p = argparse.ArgumentParser(prog="python -m saliency_trust.workflows.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out")
     p.add_argument("--n", type=int, default=240, help="images per task")
     p.add_argument("--size", type=int, default=112, help="image size (quick profile)")
-    p.add_argument("--epochs", type=int, default=6, help="InceptionV3 epochs")
-    p.add_argument("--densenet-epochs", type=int, default=4, help="DenseNet121 converges faster")
+    p.add_argument("--epochs", type=int, default=10, help="InceptionV3: most epochs (training stops at --stop-auc)")
+    p.add_argument("--densenet-epochs", type=int, default=6, help="DenseNet121: most epochs (it converges faster)")
+    p.add_argument("--stop-auc", type=float, default=0.95,
+                   help="a classifier's training ends once its validation AUC reaches this (after --min-epochs)")
+    p.add_argument("--min-epochs", type=int, default=2)
     p.add_argument("--baseline-epochs", type=int, default=16, help="U-Net epochs (about 2 s each here)")
     p.add_argument("--shortcut-epochs", type=int, default=2, help="the shortcut is learnt at once")
-    p.add_argument("--images", type=int, default=8, help="lesion-positive test images assessed per task")
+    p.add_argument("--images", type=int, default=IMAGES,
+                   help="lesion-positive test images assessed per task (the rules need at least 8, see IMAGES)")
     p.add_argument("--randomize-all", action="store_true", help="cascading randomization on both tasks")
     p.add_argument("--pairs", type=int, default=20, help="random pairs per image for the randomization baseline")
-    p.add_argument("--min-auc", type=float, default=0.90)
+    p.add_argument("--min-auc", type=float, default=0.90, help="a classifier below this is reported, not an error")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a classifier ends below --min-auc")
     p.add_argument("--skip-assessment", action="store_true", help="train only")
     p.add_argument("--tasks", nargs="+", choices=[t for t, _ in TASKS], default=[t for t, _ in TASKS],
                    help="the tasks to train and assess (the Slicer module's first run trains one)")
@@ -124,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         common = {"dataset_dir": str(data), "output_dir": str(models), "image_size": a.size}
         for arch, s in CLASSIFIERS:
             epochs = a.densenet_epochs if arch == "densenet121" else a.epochs
-            m = train("train.json", arch=arch, seed=s, max_epochs=epochs, learning_rate=0.001, **common)
+            m = train("train.json", arch=arch, seed=s, max_epochs=epochs, learning_rate=0.001, stop_at=a.stop_auc,
+                      min_epochs=min(a.min_epochs, epochs), **common)
             rows.append((task, arch, s, "val_auc", m["val_auc"]))
         for s in (0, 1):
             m = train("train_baseline.json", seed=s, max_epochs=a.baseline_epochs, **common)
@@ -197,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     low = [r for r in rows if r[3] == "val_auc" and r[4] < a.min_auc and r[0] != "opacity+shortcut"]
     if low:
-        print(f"WARNING: {len(low)} classifier(s) below validation AUC {a.min_auc}: {low}")
-        return 1
+        # Not a fault: short CPU training lands a little lower on some machines. The verdicts are still
+        # about the maps of the models that were trained; the printout says which ones are weaker.
+        print(f"NOTE: {len(low)} classifier(s) ended below validation AUC {a.min_auc} after the epoch cap: {low}")
+        return 1 if a.strict else 0
     return 0
 
 

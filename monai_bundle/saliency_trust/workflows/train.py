@@ -116,10 +116,15 @@ class BestModelSaver:
     ``.metrics.json`` suffix, both atomically, on rank 0 only. When ``info`` names the ``arch``,
     the model folder's ``model.json`` lists this replicate from the first save on
     (:func:`~saliency_trust.networks.modelfolder.write_training_manifest`).
+
+    ``stop_at``: training ends once the validation metric reaches this value (after ``min_epochs``),
+    so ``max_epochs`` is a cap: a run trains to the bar, not to a fixed epoch count that reaches it
+    on one machine and misses it on another.
     """
 
     def __init__(self, evaluator: Engine, model: torch.nn.Module, model_file: str | Path,
-                 metric: str, info: dict[str, Any] | None = None) -> None:
+                 metric: str, info: dict[str, Any] | None = None, stop_at: float | None = None,
+                 min_epochs: int = 1) -> None:
         self.evaluator = evaluator
         self.model = model
         self.model_file = Path(model_file)
@@ -129,6 +134,9 @@ class BestModelSaver:
         self.best_epoch = 0
         self.history: list[float] = []
         self._listed = False
+        self.stop_at = stop_at
+        self.min_epochs = int(min_epochs)
+        self.stopped_at_bar = False
 
     def attach(self, trainer: Engine) -> None:
         """Hook into the trainer (after validation) and the evaluator."""
@@ -158,6 +166,11 @@ class BestModelSaver:
                                             self.info.get("kind", "classifier"))
                     self._listed = True
         log.info("epoch %d: %s = %.4f (best %.4f at epoch %d)", epoch, self.metric, value, self.best, self.best_epoch)
+        if self.stop_at is not None and self.best >= self.stop_at and epoch >= self.min_epochs:
+            self.stopped_at_bar = True
+            log.info("%s %.4f reached the bar %.4f at epoch %d: training ends", self.metric, self.best, self.stop_at,
+                     epoch)
+            self.trainer.terminate()
         if self._rank0():
             self._write_metrics()
 
@@ -165,5 +178,6 @@ class BestModelSaver:
         if not self._rank0():
             return
         payload = {self.metric: self.best, "best_epoch": self.best_epoch, "history": self.history,
+                   "epochs_run": len(self.history), "stop_at": self.stop_at, "stopped_at_bar": self.stopped_at_bar,
                    "model_file": self.model_file.name, "versions": versions(), **self.info}
         atomic_write_bytes(self.metrics_file, json.dumps(payload, indent=2).encode())
