@@ -10,13 +10,13 @@ overlay per method and a trust table under the input's study in the subject hier
 import contextlib
 import importlib
 import importlib.util
-import os
 import tempfile
 from pathlib import Path
 from typing import Annotated, Union  # noqa: UP035  (parameterNodeWrapper reads these annotations; 5.8 lacks X | Y)
 
 import qt
 import slicer
+import vtk
 from SaliencyTrustLib import client as libclient
 from SaliencyTrustLib import controller, deps
 from SaliencyTrustLib import logic as lib
@@ -39,8 +39,9 @@ MODULE_DIR = Path(__file__).resolve().parent
 
 
 DEFAULT_BUNDLE = lib.find_bundle(MODULE_DIR)
-#: Where a first run trains the demo's models (a user-writable folder, not the install tree).
-DEFAULT_MODELS = Path(slicer.app.slicerUserSettingsFilePath).parent / "SaliencyTrust"
+#: Where a first run trains the demo's models unless the user chooses another folder: a user-writable
+#: folder of their own (not the install tree, nor the settings folder, which roams on Windows).
+DEFAULT_TRAIN_DIR = Path.home() / "SaliencyTrust"
 #: Imported by the bundle process; SimpleITK, pydicom, numpy and scipy ship with Slicer.
 NEEDED_MODULES = ("torch", "torchvision", "monai", "fire", "ignite", "skimage", "tqdm", "matplotlib")
 
@@ -60,7 +61,10 @@ class SaliencyTrust(ScriptedLoadableModule):
             "al. (Radiology: AI 2021) on an assessment data set: it points at the lesion, it changes when the "
             "network's weights are randomized, it agrees with a retrained copy and with a second model. Live "
             "checks for this image: agreement with a second replicate and with a randomized model, and AUPRC "
-            "against a segmentation or ROI when one is given.")
+            "against a segmentation or ROI when one is given, scored as the assessment scored them (a blank map "
+            "says so). Utility is compared with an average-mask prior and with a localization network (a U-Net "
+            "trained on the lesion masks): a method fails when that network is significantly better. Every n in "
+            "the table counts images.")
         self.parent.acknowledgementText = _("Built on MONAI and 3D Slicer.")
         slicer.app.connect("startupCompleted()", registerSampleData)
 
@@ -103,7 +107,8 @@ class SaliencyTrustParameterNode:
     # name, so an abstract vtkMRMLNode here would fail in setup().
     scoreAgainst: Union[vtkMRMLSegmentationNode, vtkMRMLMarkupsROINode, None]  # noqa: UP007
     bundleDir: Path = DEFAULT_BUNDLE  # ctkPathLineEdit binds to pathlib.Path fields
-    modelDir: Path = DEFAULT_MODELS / "models" / "opacity"
+    modelDir: Path = DEFAULT_TRAIN_DIR / "models" / "opacity"
+    trainDir: Path = DEFAULT_TRAIN_DIR  # where Train demo models writes (data/, models/<task>/, trust/)
     arch: str = ""  # the chosen model's name in the model folder (not bound: the choices depend on the folder)
     replicate: int = 0
     methods: str = ",".join(lib.METHODS)  # filled from the method check boxes
@@ -125,6 +130,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self._modelDirTimer = None
         self._listedModelDir = None  # the model folder the choices were listed from
+        self._haveModels = False
         self._methodBoxes = {}
         self.results = None
 
@@ -164,7 +170,11 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.methodSelector.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.bannerLabel.setVisible(False)
-        self.ui.cancelButton.setEnabled(False)
+        self.ui.trainingWarningLabel.setVisible(False)
+        # The token is a secret: typed here, kept in memory only (never in the scene or the settings).
+        self.ui.serverTokenEdit.setEchoMode(qt.QLineEdit.Password)
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.setValue(0)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -196,8 +206,21 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
+        # A run in flight belongs to the closing scene: its input goes, and node IDs restart after a
+        # clear, so its maps must never reach the next scene (they would lie over another image).
+        if self.logic.run is not None:
+            self.logic.dropRun()
+            self._busy(self.logic.busy)
+            self.ui.statusLabel.setText(_("The scene was closed: the run was stopped and nothing was added."))
         self.setParameterNode(None)
         self.results = None
+        self.ui.methodSelector.clear()
+        self.ui.tableView.setMRMLTableNode(None)
+        for label in (self.ui.predictionLabel, self.ui.assessmentLabel, self.ui.bannerLabel,
+                      self.ui.trainingWarningLabel):
+            label.setText("")
+        self.ui.bannerLabel.setVisible(False)
+        self.ui.trainingWarningLabel.setVisible(False)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -213,8 +236,10 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, node) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self._parameterNode = node
         if self._parameterNode:
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             if self._parameterNodeGuiTag is None:
                 # Slicer 5.8's connectGui returns no tag (5.10 does), so disconnectGui could never
@@ -226,6 +251,16 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 box.checked = m in chosen
                 box.blockSignals(False)
             self.updateModelChoices()
+        self.updateButtons()
+
+    def updateButtons(self, caller=None, event=None) -> None:
+        """Apply needs an input and a model (local, or the server's), and nothing else running."""
+        busy = self.logic is not None and self.logic.busy
+        p = self._parameterNode
+        ready = bool(p) and p.inputVolume is not None and (self._haveModels or p.useServer)
+        self.ui.applyButton.enabled = ready and not busy
+        self.ui.trainButton.enabled = not busy
+        self.ui.cancelButton.enabled = busy and not self.logic.installing
 
     # ---- model folder ---------------------------------------------------------------------
 
@@ -247,6 +282,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bundle = self._parameterNode.bundleDir
         choices = controller.model_choices(path, bundle)
         message = controller.no_models_message(path, bundle)
+        self._haveModels = bool(choices)
         self.ui.modelStatusLabel.setText(message)
         self.ui.modelStatusLabel.setVisible(bool(message))
         self.ui.trainWidget.setVisible(bool(message))
@@ -259,13 +295,14 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wanted = self._parameterNode.arch if self._parameterNode.arch in choices else next(iter(choices))
             self.ui.archSelector.setCurrentIndex(list(choices).index(wanted))
             self.onArchChanged(self.ui.archSelector.currentIndex)
-        self.ui.applyButton.setEnabled(bool(choices) or self._parameterNode.useServer)
+        self.updateButtons()
 
     def onArchChanged(self, index: int) -> None:
         if not self._parameterNode or index < 0:
             return
         arch = self.ui.archSelector.itemText(index)
-        self._parameterNode.arch = arch
+        if self._parameterNode.arch != arch:
+            self._parameterNode.arch = arch
         choice = controller.model_choices(self._parameterNode.modelDir, self._parameterNode.bundleDir).get(arch)
         seeds = choice.replicates if choice else []
         self.ui.replicateSelector.blockSignals(True)
@@ -276,7 +313,8 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if seeds:
             rep = self._parameterNode.replicate if self._parameterNode.replicate in seeds else seeds[0]
             self.ui.replicateSelector.setCurrentIndex(seeds.index(rep))
-            self._parameterNode.replicate = rep
+            if self._parameterNode.replicate != rep:
+                self._parameterNode.replicate = rep
 
     def onReplicateChanged(self, index: int) -> None:
         if self._parameterNode and index >= 0:
@@ -287,45 +325,65 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.methods = ",".join(m for m, box in self._methodBoxes.items() if box.checked)
 
     def onTrain(self) -> None:
-        """Train the demo's models for the chosen task in the background (progress, cancel)."""
+        """Train the demo's models for the chosen task in the background, into the chosen folder."""
+        if self.logic.busy:  # a click that waited while something else ran
+            return
         task = self.ui.taskSelector.currentData
         with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
-            if not self.logic.ensureDependencies():
+            if not self.ensureDependencies():
                 return
-            self.logic.startTraining(self._parameterNode, task, DEFAULT_MODELS)
-            self._busy(True, _("Training the demo's models for {task} (about 10 minutes)...").format(
-                task=lib.DEMO_TASKS[task]))
+            self.logic.startTraining(self._parameterNode, task, Path(self._parameterNode.trainDir))
+            self._busy(True, _("Training the demo's models for {task} into {folder} (about 10 minutes)...").format(
+                task=lib.DEMO_TASKS[task], folder=self._parameterNode.trainDir), determinate=True)
 
     # ---- run ------------------------------------------------------------------------------
 
-    def _busy(self, busy: bool, text: str = "") -> None:
-        self.ui.applyButton.setEnabled(not busy)
-        self.ui.trainButton.setEnabled(not busy)
-        self.ui.cancelButton.setEnabled(busy)
-        self.ui.progressBar.setMaximum(0 if busy else 100)  # busy indicator
-        if text:
-            self.ui.statusLabel.setText(text)
+    def ensureDependencies(self) -> bool:
+        """The logic's check and install, once at a time: pip lets the event loop run while it works."""
+        if self.logic.installing:
+            return False
+        self.logic.installing = True
+        self.updateButtons()
+        try:
+            return self.logic.ensureDependencies()
+        finally:
+            self.logic.installing = False
+            self.updateButtons()
+
+    def _busy(self, busy: bool, text: str = "", determinate: bool = False) -> None:
         if busy:
+            self.ui.progressBar.setRange(0, 100 if determinate else 0)  # 0..0: Qt's busy indicator
+            self.ui.progressBar.setValue(0)
             self._timer.start()
         else:
+            self.ui.progressBar.setRange(0, 100)
             self._timer.stop()
+        if text:
+            self.ui.statusLabel.setText(text)
+        self.updateButtons()
 
     def onApply(self) -> None:
+        if self.logic.busy:  # a click that waited while something else ran
+            return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("SaliencyTrust could not start."), waitCursor=True):
-            if not p.useServer and not self.logic.ensureDependencies():
+            if not p.useServer and not self.ensureDependencies():
                 return
             self.ui.statusLabel.setText(_("Exporting the image..."))
-            self.logic.start(p)
+            self.logic.start(p, token=self.ui.serverTokenEdit.text or None)
             self._busy(True, _("Computing the maps..."))
 
     def onPoll(self) -> None:
         lines, finished = self.logic.poll()
-        if lines:
+        if self.logic.training is not None:
+            fraction, text = self.logic.training.progress()
+            self.ui.progressBar.setValue(int(round(100 * fraction)))
+            if text:
+                self.ui.statusLabel.setText(text)
+        elif lines:
             self.ui.statusLabel.setText(lines[-1][-160:])
         if not finished:
             return
-        self._busy(False)
         try:
             outcome = self.logic.finish(self._parameterNode)
         except lib.CancelledError as exc:  # the user's own cancel: said quietly, not an error
@@ -335,10 +393,16 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.setText(str(exc))
             slicer.util.errorDisplay(str(exc))
             return
-        if isinstance(outcome, Path):  # training ended: the new model folder
-            self._parameterNode.modelDir = outcome
+        finally:
+            self._busy(self.logic.busy)
+        if outcome is None:  # the run was dropped (scene closed)
+            return
+        if isinstance(outcome, lib.TrainingOutcome):  # training ended: models were written
+            self.ui.progressBar.setValue(100)
+            self._parameterNode.modelDir = outcome.model_dir
             self.updateModelChoices()
-            self.ui.statusLabel.setText(_("Models trained in {path}.").format(path=outcome))
+            text = _("Models trained in {path}.").format(path=outcome.model_dir)
+            self.ui.statusLabel.setText(text + (" " + outcome.note if outcome.note else ""))
             return
         self.results = outcome
         self.showResults()
@@ -354,6 +418,8 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.bannerLabel.setText(banner)
         self.ui.bannerLabel.setVisible(bool(banner))
         self.ui.assessmentLabel.setText(r.assessment_line())
+        self.ui.trainingWarningLabel.setText(r.training_note)
+        self.ui.trainingWarningLabel.setVisible(bool(r.training_note))
         self.ui.methodSelector.blockSignals(True)
         self.ui.methodSelector.clear()
         for m in r.map_nodes:
@@ -385,7 +451,12 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.run = None
         self.training = None
+        self.installing = False  # the dependency install is running (it lets the event loop run)
         self.lastServerModel = None
+
+    @property
+    def busy(self) -> bool:
+        return self.run is not None or self.training is not None or self.installing
 
     def getParameterNode(self):
         return SaliencyTrustParameterNode(super().getParameterNode())
@@ -434,8 +505,8 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
             return False
         return True
 
-    def settings(self, p) -> controller.Settings:
-        """A snapshot of the parameter node (read on the Qt thread)."""
+    def settings(self, p, token: "str | None" = None) -> controller.Settings:
+        """A snapshot of the parameter node (read on the Qt thread); ``token`` is the server's, from the panel."""
         methods = [m.strip() for m in p.methods.split(",") if m.strip()]
         if not methods:
             raise lib.SaliencyTrustError(_("Choose at least one saliency method."))
@@ -446,16 +517,16 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
         request = lib.Request(bundle_dir=str(p.bundleDir), model_dir=choice.folder if choice else str(p.modelDir),
                               arch=choice.arch if choice else "", replicate=p.replicate, methods=methods,
                               preset=p.preset)
-        token = os.environ.get("SALIENCY_TRUST_TOKEN") or slicer.util.settingsValue("SaliencyTrust/Token", "")
         server_model = slicer.util.settingsValue("SaliencyTrust/ServerModel", "") or None
         return controller.Settings(volume=p.inputVolume, score_node=p.scoreAgainst, request=request,
                                    use_server=p.useServer, server_url=p.serverUrl, token=token or None,
-                                   server_model=server_model)
+                                   server_model=server_model,
+                                   training_note=choice.training_note if choice and not p.useServer else "")
 
-    def start(self, p) -> None:
+    def start(self, p, token: "str | None" = None) -> None:
         """Check and export the input, then launch the bundle (local) or the upload (server); returns at once."""
         self.cancel()
-        self.run = controller.Run(self.settings(p)).start()
+        self.run = controller.Run(self.settings(p, token)).start()
 
     def startTraining(self, p, task: str, root: Path) -> None:
         """The demo's models for ``task`` under ``root``, in the background."""
@@ -470,11 +541,12 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
         return self.run.poll()
 
     def finish(self, p):
-        """The ended work's outcome: Results of a run, or the model folder of a training."""
+        """The ended work's outcome: Results of a run, a TrainingOutcome, or None (nothing was running)."""
         if self.training is not None:
             training, self.training = self.training, None
-            training.result()
-            return training.model_dir
+            return training.outcome()
+        if self.run is None:
+            return None
         run, self.run = self.run, None
         results = run.finish(slicer.mrmlScene)
         self.lastServerModel = run.model_name
@@ -485,6 +557,13 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
             self.run.cancel()
         if self.training is not None:
             self.training.cancel()
+
+    def dropRun(self) -> None:
+        """Stop the run and forget it: its results never reach the scene."""
+        run, self.run = self.run, None
+        if run is not None:
+            run.cancel()
+            run.discard()
 
 
 class SaliencyTrustTest(ScriptedLoadableModuleTest):

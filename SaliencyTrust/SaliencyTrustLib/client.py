@@ -73,11 +73,12 @@ def choose_model(info: dict, arch: str | None = None, name: str | None = None) -
 
 def infer(url: str, model: str, image: str | Path, output_dir: str | Path, request: Request,
           mask: str | Path | None = None, token: str | None = None, timeout: float = 600.0,
-          cancel: threading.Event | None = None) -> Path:
+          cancel: threading.Event | None = None, request_id: str | None = None) -> Path:
     """POST the image to ``{url}/infer/{model}``, download the maps; returns the local output folder.
 
     ``model`` is the service's model name (``choose_model``), not an architecture. ``cancel``, when
-    set, stops the work between steps with :class:`CancelledError` (a request in flight finishes first).
+    set, stops the work between steps with :class:`CancelledError`; the job on the server is stopped
+    by :func:`cancel` with the same ``request_id`` (then the POST returns at once, refused).
     """
     def check() -> None:
         if cancel is not None and cancel.is_set():
@@ -89,12 +90,20 @@ def infer(url: str, model: str, image: str | Path, output_dir: str | Path, reque
     (out / "maps").mkdir(parents=True, exist_ok=True)
     fields = {"methods": ",".join(request.methods), "preset": request.preset, "replicate": str(request.replicate),
               "checks": "true" if request.checks else "false"}
+    if getattr(request, "accept_any_input", False):
+        fields["accept_any_input"] = "true"
+    if request_id:
+        fields["request_id"] = request_id
     files = {"image": Path(image), **({"mask": Path(mask)} if mask else {})}
     body, ctype = _multipart(fields, files)
     headers = {"Content-Type": ctype, **_headers(token)}
-    with _open(urllib.request.Request(f"{base}/infer/{model}", data=body, headers=headers, method="POST"),
-               timeout) as r:
-        prediction = json.loads(r.read().decode())
+    try:
+        with _open(urllib.request.Request(f"{base}/infer/{model}", data=body, headers=headers, method="POST"),
+                   timeout) as r:
+            prediction = json.loads(r.read().decode())
+    except BundleError:
+        check()  # refused because it was cancelled: say so, not an error
+        raise
     local = {}
     for method, link in prediction["maps"].items():
         check()
@@ -107,3 +116,15 @@ def infer(url: str, model: str, image: str | Path, output_dir: str | Path, reque
     prediction["server"] = {"url": base, "id": prediction.get("id"), "model": model}
     (out / "prediction.json").write_text(json.dumps(prediction, indent=2))
     return out
+
+
+def cancel(url: str, request_id: str, token: str | None = None, timeout: float = 10.0) -> bool:
+    """Ask the service to drop job ``request_id`` (``POST /cancel/{id}``): a queued job never runs, a
+    running one's result is thrown away. True when the server knew the job; never raises."""
+    req = urllib.request.Request(f"{url.rstrip('/')}/cancel/{request_id}", data=b"", headers=_headers(token),
+                                 method="POST")
+    try:
+        with _open(req, timeout) as r:
+            return bool(json.loads(r.read().decode()).get("cancelled"))
+    except (BundleError, ValueError):
+        return False

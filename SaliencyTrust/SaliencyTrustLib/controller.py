@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class Settings:
     server_url: str = ""
     token: str | None = None
     server_model: str | None = None  # the service's model name; None: chosen from /info by architecture
+    training_note: str = ""  # a warning about the local model's training data (ModelChoice.training_note)
 
 
 class Run:
@@ -45,6 +47,7 @@ class Run:
         self._box: dict = {}
         self._cancel = threading.Event()
         self.model_name: str | None = None  # the service model used (server mode)
+        self.request_id = uuid.uuid4().hex  # names the server's job, so that a cancel can reach it
 
     @property
     def cancelled(self) -> bool:
@@ -60,13 +63,16 @@ class Run:
 
             request, url, token, name, cancel, box = s.request, s.server_url, s.token, s.server_model, \
                 self._cancel, self._box
+            rid = self.request_id
 
             def call() -> None:  # plain values only: no Qt, no MRML in this thread
                 try:
-                    model = client.choose_model(client.server_info(url, token), request.arch, name)
+                    info = client.server_info(url, token)
+                    model = client.choose_model(info, request.arch, name)
                     box["model"] = model
+                    box["synthetic"] = bool((info["models"][model].get("training") or {}).get("synthetic"))
                     box["out"] = client.infer(url, model, image, out, request, mask=mask, token=token,
-                                              cancel=cancel)
+                                              cancel=cancel, request_id=rid)
                 except Exception as exc:  # handed to finish() on the caller's thread
                     box["error"] = exc
 
@@ -87,10 +93,24 @@ class Run:
         return self.process.new_lines(), not self.process.running
 
     def cancel(self) -> None:
-        """Stop the run: the child's whole process tree, or the server download at its next step."""
+        """Stop the run: the child's whole process tree, or the server's job (its cancel endpoint, from a
+        thread: the GUI does not wait on the network) and the download at its next step."""
+        if self._cancel.is_set():
+            return
         self._cancel.set()
         if self.process is not None:
             self.process.cancel()
+        if self._thread is not None and self._thread.is_alive():
+            from SaliencyTrustLib import client
+
+            s, rid = self.settings, self.request_id
+            threading.Thread(target=client.cancel, args=(s.server_url, rid, s.token), daemon=True,
+                             name="SaliencyTrust-cancel").start()
+
+    def discard(self) -> None:
+        """Forget a cancelled run without loading anything (its work folder goes)."""
+        self._cancel.set()
+        self._cleanup()
 
     def finish(self, scene, input_node=None) -> lib.Results:
         """The ended run's results into ``scene`` (MRML: call on the Qt thread).
@@ -109,10 +129,14 @@ class Run:
                     raise err if isinstance(err, lib.SaliencyTrustError) else lib.BundleError(str(err))
                 self.model_name = self._box.get("model")
                 out = self._box["out"]
+                note = lib.SYNTHETIC_TRAINING_NOTE if self._box.get("synthetic") else ""
             else:
                 assert self.process is not None, "start() first"
                 out = self.process.result()
-            return lib.load_results(scene, volume, out)
+                note = self.settings.training_note
+            results = lib.load_results(scene, volume, out)
+            results.training_note = note
+            return results
         finally:
             self._cleanup()
 
@@ -153,6 +177,7 @@ class ModelChoice:
     folder: str
     arch: str
     replicates: list[int]
+    training_note: str = ""  # said over the prediction: e.g. the model learnt from synthetic images
 
 
 def model_choices(model_dir: str | Path, bundle_dir: str | Path | None = None) -> dict[str, ModelChoice]:
@@ -165,7 +190,11 @@ def model_choices(model_dir: str | Path, bundle_dir: str | Path | None = None) -
     for name, found in lib.find_models(model_dir, bundle_dir).items():
         if isinstance(found, Exception) or found.kind != "classifier":
             continue
-        out[name] = ModelChoice(str(found.folder), found.network_label, list(found.replicates))
+        try:
+            note = lib.training_note(found.record())
+        except Exception:  # an unreadable record: no note rather than no model
+            note = ""
+        out[name] = ModelChoice(str(found.folder), found.network_label, list(found.replicates), note)
     return out
 
 

@@ -105,7 +105,7 @@ class BundleError(SaliencyTrustError):
 class CancelledError(BundleError):
     """The user cancelled the run: not an error to show, nothing was added to the scene."""
 
-    def __init__(self, message: str = "CancelledError; nothing was added to the scene.") -> None:
+    def __init__(self, message: str = "Cancelled: nothing was added to the scene.") -> None:
         super().__init__(message)
 
 
@@ -156,25 +156,33 @@ def write_volume(node, path: str | Path) -> Path:
     return path
 
 
-def mask_from_roi(volume, roi) -> np.ndarray:
-    """Boolean ``[K, J, I]`` mask of the voxels of ``volume`` whose centres lie inside a markups ROI."""
+def mask_from_roi(volume, roi, rows_per_block: int = 256) -> np.ndarray:
+    """Boolean ``[K, J, I]`` mask of the voxels of ``volume`` whose centres lie inside a markups ROI.
+
+    Built a block of rows at a time from the affine map voxel -> ROI frame, so a 3000 x 2500
+    radiograph needs a few tens of MB (not the gigabytes of a full coordinate grid) on the GUI thread.
+    """
     import vtk
 
-    slicer = _slicer()
-    arr = slicer.util.arrayFromVolume(volume)
-    k, j, i = np.meshgrid(*(np.arange(n) for n in arr.shape), indexing="ij")
-    ijk = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
     m = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(m)
     ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-    ras = ijk_to_ras @ ijk
     # Into the ROI's own frame (origin at its centre, axes along its sides; it may be rotated).
     o = roi.GetObjectToWorldMatrix()
     world_to_object = np.linalg.inv(np.array([[o.GetElement(r, c) for c in range(4)] for r in range(4)]))
-    local = world_to_object @ ras
-    half = np.array(roi.GetSize()) / 2.0
-    inside = np.all(np.abs(local[:3]) <= half[:, None] + 1e-6, axis=0)
-    return inside.reshape(arr.shape)
+    a = (world_to_object @ ijk_to_ras)[:3]  # local = a[:, :3] @ (i, j, k) + a[:, 3]
+    half = np.array(roi.GetSize()) / 2.0 + 1e-6
+    ni, nj, nk = volume.GetImageData().GetDimensions()
+    mask = np.zeros((nk, nj, ni), dtype=bool)
+    i = np.arange(ni, dtype=np.float64)[None, :]
+    for k in range(nk):
+        for j0 in range(0, nj, rows_per_block):
+            j = np.arange(j0, min(nj, j0 + rows_per_block), dtype=np.float64)[:, None]
+            inside = np.ones((j.shape[0], ni), dtype=bool)
+            for c in range(3):
+                inside &= np.abs(a[c, 0] * i + (a[c, 1] * j + (a[c, 2] * k + a[c, 3]))) <= half[c]
+            mask[k, j0:j0 + j.shape[0]] = inside
+    return mask
 
 
 def mask_from_segmentation(volume, segmentation) -> np.ndarray:
@@ -240,13 +248,110 @@ def write_mask(volume, mask: np.ndarray, path: str | Path) -> Path:
     return write_volume(label, path)
 
 
+#: NRRD header key the bundle reads the intensity range of an exported volume from (``"lo hi"``), so it
+#: never guesses the bit depth from the brightest pixel (``saliency_trust.data.imageio.INTENSITY_KEY``).
+INTENSITY_KEY = "saliency_trust_intensity_range"
+#: Volume attribute where a user states a non-DICOM volume's intensity range (``"0 4095"``).
+INTENSITY_ATTRIBUTE = "SaliencyTrust.intensityRange"
+
+
+def source_dicom(volume) -> Path | None:
+    """The DICOM file a single-slice ``volume`` was loaded from, while its voxels are still that file's.
+
+    Found through the DICOM database (the ``DICOM.instanceUIDs`` attribute Slicer's DICOM plugin sets,
+    and ``slicer.dicomDatabase.fileForInstance``), else the volume's own storage file when that is a
+    DICOM file (``loadVolume`` of a ``.dcm``). Used only when the file's pixels (as stored, or through
+    its rescale slope and intercept) equal the volume's voxels: a volume changed since, a file that is
+    gone or that pydicom cannot decode here gives None, and the volume is exported as it is.
+    """
+    candidates = []
+    uids = (volume.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(_slicer(), "dicomDatabase", None)
+    if len(uids) == 1 and database is not None:
+        found = database.fileForInstance(uids[0])
+        if found:
+            candidates.append(Path(found))
+    storage = volume.GetStorageNode()
+    if storage is not None and storage.GetFileName():
+        candidates.append(Path(storage.GetFileName()))
+    voxels = None
+    for path in candidates:
+        try:
+            with path.open("rb") as f:
+                f.seek(128)
+                if f.read(4) != b"DICM":
+                    continue
+            import pydicom
+
+            ds = pydicom.dcmread(str(path))
+            pixels = ds.pixel_array
+        except Exception:  # unreadable or undecodable here: export the volume instead
+            continue
+        if voxels is None:
+            voxels = _slicer().util.arrayFromVolume(volume)[0]
+        if pixels.shape != voxels.shape:
+            continue
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        if np.array_equal(pixels, voxels) or np.array_equal(pixels * slope + intercept, voxels.astype(np.float64)):
+            return path
+    return None
+
+
+def intensity_range(volume) -> tuple[float, float]:
+    """The intensity range a non-DICOM volume's values are in, stated to the bundle with the export.
+
+    The user's, when the volume has the attribute ``SaliencyTrust.intensityRange`` (``"lo hi"``); else
+    by its scalar type: the type's range for integers (from 0 when no value is negative: 0-255 for
+    8-bit, 0-65535 for 16-bit, as the bundle reads 8- and 16-bit pictures), [0, 1] for floating point
+    values within it, and the values' own range for other floating point volumes.
+    """
+    given = volume.GetAttribute(INTENSITY_ATTRIBUTE)
+    if given:
+        try:
+            lo, hi = (float(v) for v in given.replace(",", " ").split())
+        except ValueError:
+            lo = hi = 0.0
+        if not hi > lo:
+            raise InputVolumeError(f"'{volume.GetName()}' has {INTENSITY_ATTRIBUTE} '{given}'; give two numbers "
+                                   "'low high' with low < high.")
+        return lo, hi
+    image = volume.GetImageData()
+    lo_data, hi_data = image.GetScalarRange()
+    if image.GetScalarTypeAsString() in ("float", "double"):
+        return (0.0, 1.0) if lo_data >= 0.0 and hi_data <= 1.0 else (float(lo_data), float(hi_data))
+    top = float(image.GetScalarTypeMax())
+    return (0.0, top) if lo_data >= 0 else (float(image.GetScalarTypeMin()), top)
+
+
+def _state_intensity_range(path: Path, lo: float, hi: float) -> None:
+    """Add the ``INTENSITY_KEY:=lo hi`` key/value line to the header of the NRRD file ``path``."""
+    data = path.read_bytes()
+    end = data.find(b"\n\n")
+    if not data.startswith(b"NRRD") or end < 0:
+        raise SaliencyTrustError(f"{path.name} is not the NRRD file it should be.")
+    path.write_bytes(data[:end] + f"\n{INTENSITY_KEY}:={lo!r} {hi!r}".encode() + data[end:])
+
+
 def prepare(volume, score_node, folder: str | Path) -> tuple[Path, Path | None]:
-    """Check the input and write it (and the scoring mask, if any) into ``folder``; returns their paths."""
+    """Check the input and write it (and the scoring mask, if any) into ``folder``; returns their paths.
+
+    A volume loaded from DICOM goes as its DICOM file (:func:`source_dicom`), which the bundle reads as
+    it read its training data (through the stored range); any other volume as NRRD whose header states
+    its intensity range (:func:`intensity_range`), so the bundle never guesses it from the content.
+    """
     check_input_volume(volume)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mask = score_mask(volume, score_node)
-    image_path = write_volume(volume, folder / "input.nrrd")
+    source = source_dicom(volume)
+    if source is not None:
+        image_path = folder / "input.dcm"
+        shutil.copyfile(source, image_path)
+    else:
+        lo, hi = intensity_range(volume)
+        image_path = write_volume(volume, folder / "input.nrrd")
+        _state_intensity_range(image_path, lo, hi)
     mask_path = write_mask(volume, mask, folder / "mask.nrrd") if mask is not None else None
     return image_path, mask_path
 
@@ -326,6 +431,7 @@ class Request:
     device: str | None = None
     checks: bool = True
     python: str = field(default_factory=default_python)
+    accept_any_input: bool = False  # run a DICOM the model was not made for (CT, lateral, multi-frame) anyway
 
     def command(self, image: str | Path, output_dir: str | Path, mask: str | Path | None = None) -> list[str]:
         """The ``monai.bundle run`` command line for ``configs/inference.json``."""
@@ -342,6 +448,8 @@ class Request:
             cmd += ["--mask", str(mask)]
         if self.device:
             cmd += ["--device", self.device]
+        if self.accept_any_input:
+            cmd += ["--accept_any_input", "True"]
         return cmd
 
 
@@ -451,12 +559,105 @@ class BundleProcess(ChildProcess):
 DEMO_TASKS = {"opacity": "lung opacity (RSNA-like, boxes)", "pneumothorax": "pneumothorax (SIIM-like, masks)"}
 
 
+#: What the demo trains per task (``saliency_trust.workflows.demo``: two DenseNet121 and one InceptionV3
+#: classifiers, two U-Net localizers), and the share of the time its trust assessment takes after them.
+DEMO_TRAININGS = 5
+ASSESSMENT_SHARE = 0.35
+
+
+@dataclass
+class TrainingOutcome:
+    """A finished training: the new model folder, and what to tell the user beside success."""
+
+    model_dir: Path
+    note: str = ""
+
+
+class TrainProgress:
+    """Determinate progress of the demo from its own output: each ``monai.bundle`` run's input summary
+    (architecture, seed, epoch cap) and the training helper's ``epoch k:`` lines."""
+
+    def __init__(self, trainings: int = DEMO_TRAININGS, assessment: bool = True) -> None:
+        self.trainings, self.assessment = trainings, assessment
+        self.started = 0  # trainings begun
+        self.finished = 0  # trainings that wrote their best weights
+        self.arch, self.seed, self.cap, self.epoch = "U-Net", 0, 1, 0
+
+    def feed(self, lines: Sequence[str]) -> None:
+        import re
+
+        for line in lines:
+            line = line.split("\r")[-1]
+            if "input summary of monai.bundle.scripts.run" in line:
+                self.started += 1
+                self.arch, self.seed, self.cap, self.epoch = "U-Net", 0, 1, 0
+            elif (m := re.search(r"> arch: '([\w.-]+)'", line)) is not None:
+                self.arch = m.group(1)
+            elif (m := re.search(r"> seed: (\d+)", line)) is not None:
+                self.seed = int(m.group(1))
+            elif (m := re.search(r"> max_epochs: (\d+)", line)) is not None:
+                self.cap = max(1, int(m.group(1)))
+            elif (m := re.search(r"\bepoch (\d+): val_", line)) is not None:
+                self.epoch = int(m.group(1))
+            elif re.search(r"best val_\w+ .* -> ", line):
+                self.finished = self.started
+
+    def fraction(self) -> float:
+        """0 to 1 (1 only when the process has ended)."""
+        train_share = 1.0 - (ASSESSMENT_SHARE if self.assessment else 0.0)
+        running = 0.0 if self.finished >= self.started else min(1.0, self.epoch / self.cap)
+        done = min(self.trainings, self.finished + running) / self.trainings
+        return min(0.99, done * train_share)
+
+    def text(self) -> str:
+        """What is being done now, in words."""
+        if self.started == 0:
+            return "Making the SynthCXR images..."
+        if self.finished >= self.trainings and self.assessment:
+            return "Assessing the maps' trust on the validation images..."
+        n = min(self.started, self.trainings)
+        return (f"Training {self.arch} copy {self.seed} ({n} of {self.trainings}), "
+                f"epoch {self.epoch} of at most {self.cap}...")
+
+
 class TrainProcess(ChildProcess):
     """The demo's models for one task, trained in the background: SynthCXR data, the bundle's
     ``train.json`` for each classifier and baseline, then the trust assessment (``trust.json``),
     so the panel has models and verdicts. About 10 minutes on a laptop CPU."""
 
     what = "Training"
+
+    def progress(self) -> tuple[float, str]:
+        """(fraction done, what is being done) from the lines read so far."""
+        if not hasattr(self, "_progress"):
+            self._progress = TrainProgress(assessment="--skip-assessment" not in self.command)
+            self._fed = 0
+        self._progress.feed(self.lines[self._fed:])
+        self._fed = len(self.lines)
+        return self._progress.fraction(), self._progress.text()
+
+    def outcome(self) -> TrainingOutcome:
+        """Success when classifiers were written, with a note when the run also reported a problem
+        (a validation AUC below the demo's bar, or a failure after the models were saved)."""
+        try:
+            self.result()
+            note = ""
+        except CancelledError:
+            raise
+        except BundleError as exc:
+            if not self._classifiers():
+                raise
+            note = str(exc)
+        warnings = [ln.strip() for ln in self.lines if ln.strip().startswith("WARNING:")]
+        if warnings:
+            note = (note + " " if note else "") + warnings[-1]
+        if note:
+            note = "Note: " + note
+        return TrainingOutcome(self.model_dir, note)
+
+    def _classifiers(self) -> list:
+        return [f for f in find_models(self.model_dir, self.bundle_dir).values()
+                if not isinstance(f, Exception) and f.kind == "classifier"] if self.model_dir.is_dir() else []
 
     def __init__(self, bundle_dir: str | Path, out_dir: str | Path, task: str = "opacity",
                  python: str | None = None, extra_args: Sequence[str] = ()) -> None:
@@ -473,7 +674,7 @@ class TrainProcess(ChildProcess):
         return self.output_dir / "models" / self.task
 
     def check_output(self) -> None:
-        if not find_models(self.model_dir, self.bundle_dir):
+        if not self._classifiers():
             raise BundleError(f"Training finished but left no model in {self.model_dir}.")
 
 
@@ -578,6 +779,7 @@ class Results:
     failing: dict  # method -> [criteria it fails]
     output_dir: Path
     folder_item: int = 0  # the subject hierarchy folder holding this run's nodes (0: none)
+    training_note: str = ""  # a warning about the model's training data ('' when none)
 
     def summary(self) -> str:
         """The prediction in one line for the panel, with the task's finding named."""
@@ -624,6 +826,18 @@ def assessment_line(prediction: dict) -> str:
             f"({kind}) with the {v.get('preset', '?')} preset.")
 
 
+SYNTHETIC_TRAINING_NOTE = ("This model was trained on synthetic SynthCXR images, not on patients' radiographs: "
+                           "its prediction and maps say nothing clinical about this image.")
+
+
+def training_note(record: dict) -> str:
+    """A warning when a model's training record says it learnt from synthetic (SynthCXR) images."""
+    data = record.get("dataset_dir")
+    if data and (Path(data) / "synthcxr.json").is_file():
+        return SYNTHETIC_TRAINING_NOTE
+    return ""
+
+
 def trust_word(verdict: dict | None) -> tuple[str, list[str]]:
     """The trust column's text and the criteria failed; n/a never counts as a pass."""
     if not verdict:
@@ -635,6 +849,10 @@ def trust_word(verdict: dict | None) -> tuple[str, list[str]]:
         return "Passes all four", []
     missing = [CRITERION_TITLES[c].lower() for c in CRITERIA if verdict.get(c) is not True]
     return "Not fully judged (n/a: " + ", ".join(missing) + ")", []
+
+
+#: The comparison that decided a FAIL (a verdict's ``decided_by``), in words.
+LEGS = {"prior": "the average-mask prior", "localization": "the localization network", "chance": "chance"}
 
 
 def _details(details: dict | None) -> str:
@@ -651,9 +869,13 @@ def _details(details: dict | None) -> str:
         text = f"{c}: {_fmt(value) or 'n/a'}"
         if ref is not None:
             text += f" vs {_fmt(ref)}"
-        text += f" (n = {n}"
+        text += f" (n = {n} images"
         if d.get("n_undefined"):
             text += f", {d['n_undefined']} undefined"
+        if d.get("passed") is False and d.get("decided_by"):
+            text += f"; failed vs {LEGS.get(d['decided_by'], d['decided_by'])}"
+        if d.get("evidence"):
+            text += f"; evidence {d['evidence']}"
         parts.append(text + ")")
     return "; ".join(parts)
 
@@ -712,6 +934,11 @@ def fill_table(table, prediction: dict) -> dict:
     rep = (checks.get("repeatability") or {}).get("ssim") or {}
     ran = (checks.get("randomization") or {}).get("ssim") or {}
     auc = checks.get("auprc") or {}
+    blank = checks.get("blank") or {}  # methods whose map was blank: the check has no value, said in words
+
+    def live(values: dict, check: str, m: str) -> str:
+        return "blank map" if m in (blank.get(check) or []) else _fmt(values.get(m))
+
     word = {True: "pass", False: "FAIL", None: "n/a"}
     failing: dict = {}
     data = table.GetTable()
@@ -726,7 +953,8 @@ def fill_table(table, prediction: dict) -> dict:
         if fails:
             failing[m] = fails
         row = [METHOD_NAMES.get(m, m), trust, *(word[v.get(c)] if v else "unknown" for c in CRITERIA),
-               _fmt(rep.get(m)), _fmt(ran.get(m)), _fmt(auc.get(m)), _details(details.get(m))]
+               live(rep, "repeatability", m), live(ran, "randomization", m), live(auc, "auprc", m),
+               _details(details.get(m))]
         r = data.InsertNextBlankRow()
         for c, text in enumerate(row):
             data.SetValue(r, c, text)

@@ -676,6 +676,12 @@ class QUiLoader:
             return float(v.text)
         if v.tag == "stringlist":
             return [s.text for s in v.findall("string")]
+        if v.tag in ("enum", "set") and "::" in (v.text or ""):  # QLineEdit::Password -> its value
+            cls, name = v.text.split("::", 1)
+            try:
+                return getattr(find_class(cls), name)
+            except (KeyError, AttributeError):
+                return v.text
         return v.text
 
     def _properties(self, el, w) -> None:

@@ -10,6 +10,7 @@ fixture models. Skipped when Slicer's sources are not beside the checkout (``../
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 import time
@@ -22,7 +23,8 @@ from tests.conftest import REPO
 from tests.slicer import fakeapp, fakeqt
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is not installed")
-MODULE_DIR = REPO / "SaliencyTrust"
+# Another copy of the module (an older commit, to see a test fail before its fix) can be named here.
+MODULE_DIR = Path(os.environ.get("SALIENCY_TRUST_MODULE_DIR", REPO / "SaliencyTrust"))
 
 
 @pytest.fixture(scope="session")
@@ -219,6 +221,7 @@ def test_choosing_model_folder_a_then_b_keeps_b(app, model_folders):
     """Defect 3a: a slot wrote the architecture before the node had taken the new folder, and the node
     wrote the old path back into the field."""
     ui, node = app.ui, app.node
+    app.volume()
     ui.modelPath.setCurrentPath(str(model_folders["A"]))
     app.pump(lambda: True)
     assert (node.modelDir, ui.modelPath.currentPath) == (model_folders["A"], str(model_folders["A"]))
@@ -247,6 +250,7 @@ def test_typing_a_model_folder_scans_it_once_not_per_keystroke(app, model_folder
 def test_use_server_enables_apply_without_local_models(app, model_folders):
     """Defect 3d: ticking "Use server" did not enable Apply when the model folder had no models."""
     ui = app.ui
+    app.volume()
     ui.modelPath.setCurrentPath(str(model_folders["empty"]))
     app.pump(lambda: True)
     assert not ui.applyButton.enabled and ui.trainWidget.visible
@@ -273,7 +277,15 @@ def test_apply_polls_the_bundle_and_shows_the_results(app, model_folders):
     assert app.busy() and ui.cancelButton.enabled
     assert not ui.applyButton.enabled and not ui.trainButton.enabled
     process = app.widget.logic.run.process
-    ui.applyButton.click()  # Defect 3d: a second Apply while busy must not start another run
+    # Defect 3d: Apply came back while busy (the model folder listing or the node re-enabled it).
+    ui.serverCheckBox.click()
+    ui.serverCheckBox.click()
+    ui.modelPath.setCurrentPath(str(model_folders["B"]))
+    app.pump(lambda: True)
+    ui.modelPath.setCurrentPath(str(model_folders["A"]))
+    app.pump(lambda: True)
+    assert not ui.applyButton.enabled
+    ui.applyButton.click()
     assert app.widget.logic.run.process is process
     app.pump(lambda: not app.busy())
     assert not app.shown_errors, app.shown_errors
@@ -311,6 +323,10 @@ def test_closing_the_scene_during_a_run_drops_it(app, model_folders):
     for c in app.scene.GetNodesByClass("vtkMRMLSliceCompositeNode"):
         assert not c.GetForegroundVolumeID()
     assert not app.shown_errors, app.shown_errors
+    assert "scene was closed" in app.ui.statusLabel.text
+    # The closed scene's parameter node went back to its defaults; the next patient can be run.
+    app.ui.modelPath.setCurrentPath(str(model_folders["A"]))
+    app.pump(lambda: True)
     assert app.node.inputVolume is new and app.ui.applyButton.enabled
     app.check_clean()
 
