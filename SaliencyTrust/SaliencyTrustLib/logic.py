@@ -986,16 +986,21 @@ def node_by_name(scene, name: str):
     return None
 
 
+#: The node reference from each map and table to the volume it was computed on. A reference (not an ID
+#: kept as text) follows the volume when a saved scene is imported and its IDs are renumbered.
+INPUT_REFERENCE = "SaliencyTrust.input"
+
+
 def run_nodes(scene, input_node) -> list:
     """Every node an earlier run put in the scene for ``input_node`` (maps and tables)."""
     nodes = (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
-    return [n for n in nodes if n.GetAttribute("SaliencyTrust.input") == input_node.GetID()]
+    return [n for n in nodes if n.GetNodeReference(INPUT_REFERENCE) is input_node]
 
 
 def map_input(scene, map_node):
-    """The volume ``map_node`` was computed on (stored on the map node when it was loaded), or None."""
-    ident = map_node.GetAttribute("SaliencyTrust.input") if map_node is not None else None
-    return scene.GetNodeByID(ident) if ident else None
+    """The volume ``map_node`` was computed on (referenced by the map node since it was loaded), or None."""
+    node = map_node.GetNodeReference(INPUT_REFERENCE) if map_node is not None else None
+    return node if node is not None and scene.IsNodePresent(node) else None
 
 
 def _subject_hierarchy(scene):
@@ -1094,12 +1099,12 @@ def load_results(scene, input_node, output_dir: str | Path, prefix: str | None =
             node.CreateDefaultDisplayNodes()
             style_overlay(node, color)
             node.SetAttribute("SaliencyTrust.method", m)
-            node.SetAttribute("SaliencyTrust.input", input_node.GetID())
+            node.SetNodeReferenceID(INPUT_REFERENCE, input_node.GetID())
             nodes[m] = node
         table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{prefix} - trust")
         added.append(table)
         failing = fill_table(table, prediction)
-        table.SetAttribute("SaliencyTrust.input", input_node.GetID())
+        table.SetNodeReferenceID(INPUT_REFERENCE, input_node.GetID())
         table.SetAttribute("SaliencyTrust.prediction", json.dumps(
             {k: prediction.get(k) for k in ("probabilities", "predicted_class", "preset", "task")}))
         folder = _file_under_input(scene, input_node, [*nodes.values(), table], run_name)
