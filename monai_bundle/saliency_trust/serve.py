@@ -9,7 +9,8 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
   named by its path there (``opacity/densenet121``);
 * ``POST /infer/{model}``: multipart upload ``image`` (DICOM, NIfTI, NRRD or PNG; the type is
   read from the content, never from the name), optional ``mask``, and form fields ``methods``,
-  ``preset``, ``replicate``, ``checks``. Runs the bundle's inference workflow and returns its
+  ``preset``, ``replicate``, ``checks``, ``accept_any_input`` (run a DICOM the model was not made
+  for: CT, a lateral view, a multi-frame image). Runs the bundle's inference workflow and returns its
   ``prediction.json`` with ``maps`` turned into links under ``/results/{id}/maps/...`` (NIfTI on
   the input's grid);
 * ``GET /results/{id}/{file}``: a result file, until the result expires (``--ttl`` seconds).
@@ -163,7 +164,7 @@ class State:
 
 
 #: What a MONAI Label ``params`` object may set here (anything else, such as ``client_id``, is ignored).
-MONAI_LABEL_PARAMS = ("methods", "preset", "replicate", "checks", "method")
+MONAI_LABEL_PARAMS = ("methods", "preset", "replicate", "checks", "method", "accept_any_input")
 #: MONAI Label's ``?output=``: the multipart reply (``all``, its default), the JSON alone or the map alone.
 MONAI_LABEL_OUTPUTS = ("all", "json", "image")
 
@@ -343,6 +344,7 @@ def create_app(state: State) -> FastAPI:
     async def infer(model: str, image: UploadFile | None = File(None), mask: UploadFile | None = File(None),
                     methods: str | None = Form(None), preset: str | None = Form(None),
                     replicate: int | None = Form(None), checks: bool | None = Form(None),
+                    accept_any_input: bool | None = Form(None),
                     file: UploadFile | None = File(None), label: UploadFile | None = File(None),
                     params: str | None = Form(None), image_id: str | None = Query(None, alias="image"),
                     output: str | None = Query(None)) -> Any:
@@ -353,7 +355,8 @@ def create_app(state: State) -> FastAPI:
         """
         shape = request_shape(image, file, mask, label, params, image_id, output)
         options = shape.options | {k: v for k, v in {"methods": methods, "preset": preset, "replicate": replicate,
-                                                     "checks": checks}.items() if v is not None}
+                                                     "checks": checks, "accept_any_input": accept_any_input}.items()
+                                 if v is not None}
         image, mask = shape.image, shape.mask
         if model not in state.models:
             raise HTTPException(404, f"no model named {model!r}; GET /info lists them")
@@ -363,6 +366,7 @@ def create_app(state: State) -> FastAPI:
             methods = ",".join(str(x) for x in methods)
         preset, replicate = str(options.get("preset", "quick")), _int(options.get("replicate", -1), "replicate")
         checks = _bool(options.get("checks", True))
+        accept_any = _bool(options.get("accept_any_input", False))
         wanted = [x.strip() for x in str(methods).replace("[", "").replace("]", "").replace('"', "").split(",")
                   if x.strip()]
         bad = [x for x in wanted if x not in METHODS]
@@ -389,7 +393,7 @@ def create_app(state: State) -> FastAPI:
                 state.pending += 1
             try:
                 running = state.executor.submit(_run, state, m, rep, img_path, mask_path, folder / "out", wanted,
-                                                preset, checks)
+                                                preset, checks, accept_any)
                 result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), timeout=state.timeout)
             except TimeoutError:
                 # The worker may still be busy with it: its folder goes when the job ends (worker thread callback).
@@ -448,7 +452,8 @@ def create_app(state: State) -> FastAPI:
     return app
 
 
-def _run(state: State, m: Model, rep: int, image: Path, mask: Path | None, out: Path, methods, preset, checks) -> dict:
+def _run(state: State, m: Model, rep: int, image: Path, mask: Path | None, out: Path, methods, preset, checks,
+         accept_any: bool = False) -> dict:
     """The bundle's inference workflow in the worker thread; user errors come back as a dict."""
     from saliency_trust.data.errors import DataError
     from saliency_trust.workflows.infer import run_inference
@@ -457,7 +462,7 @@ def _run(state: State, m: Model, rep: int, image: Path, mask: Path | None, out: 
         return run_inference(image, out, m.folder.folder, arch=m.folder.arch, replicate=rep, methods=methods,
                              preset=preset,
                              mask=mask, map_format="nifti", device=state.device, checks=checks,
-                             cache_networks=True)
+                             cache_networks=True, accept_any_input=accept_any)
     except DataError as exc:  # name the upload, never the server's path
         what = "mask" if mask is not None and Path(exc.source).name == mask.name else "image"
         return {"error": {"type": "DataError", "message": f"uploaded {what}: {exc.problem}"}}

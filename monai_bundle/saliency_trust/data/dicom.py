@@ -113,13 +113,15 @@ def save_dicom(ds: FileDataset, path: str | Path) -> None:
         pydicom.dcmwrite(path, ds, write_like_original=False)
 
 
-def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
+def read_dicom(path: str | Path, frame: int | None = None) -> tuple[np.ndarray, dict]:
     """Read a single-frame grayscale DICOM into float32 in [0, 1] (MONOCHROME2 sense).
 
     The modality LUT (rescale slope/intercept) is applied, MONOCHROME1 is inverted, and the
     stored range (``BitsStored``, signed or not) maps to [0, 1] through the same rescale, so no
     per-image normalization depends on the content. Returns the image and a small geometry dict
-    (``spacing`` in mm as (row, col), ``photometric``, ``bits_stored``).
+    (``spacing`` in mm as (row, col), ``photometric``, ``bits_stored``, and what says whether it is a
+    frontal radiograph: ``modality``, ``view_position``, ``frames``). ``frame`` reads that frame of a
+    multi-frame image (which is refused otherwise).
 
     Raises :class:`DataError` naming the file for: unreadable or truncated files, DICOM without
     pixel data, compressed transfer syntaxes without an installed decoder, colour or multi-frame
@@ -154,6 +156,9 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DataError(str(path), f"photometric interpretation {photometric} is not a grayscale radiograph")
+    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frame is not None and n_frames > 1 and arr.ndim == 3 and 0 <= frame < arr.shape[0]:
+        arr = arr[frame]
     if arr.ndim != 2:
         raise DataError(str(path), f"expected one 2-D frame, got pixel array of shape {arr.shape}")
     bits = int(getattr(ds, "BitsStored", 16))
@@ -172,5 +177,8 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
         "photometric": photometric,
         "bits_stored": bits,
         "sop_instance_uid": str(getattr(ds, "SOPInstanceUID", "")),
+        "modality": str(getattr(ds, "Modality", "") or "").strip().upper(),
+        "view_position": str(getattr(ds, "ViewPosition", "") or "").strip().upper(),
+        "frames": n_frames,
     }
     return img.astype(np.float32), geometry

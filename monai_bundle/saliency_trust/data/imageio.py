@@ -28,6 +28,19 @@ MAP_FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
 MIN_SIDE = 16
 #: The file suffix for each sniffed type (what an upload is saved as).
 SUFFIX = {"dicom": ".dcm", "png": ".png", "nrrd": ".nrrd", "nifti": ".nii", "nifti_gz": ".nii.gz"}
+#: NRRD key (``key:=value`` in the header) giving the intensity range of the pixels, ``"lo hi"``: the
+#: Slicer module writes it on a volume it exports, so the bundle never guesses the bit depth.
+INTENSITY_KEY = "saliency_trust_intensity_range"
+#: Colour in a picture: a pixel whose channels differ by more than this share of the full scale
+#: (32 of 255) is coloured; JPEG chroma noise stays far below it.
+COLOURED_PIXEL = 32 / 255
+#: A picture whose coloured pixels are at most this share is a grey radiograph with a burned-in
+#: annotation (an arrow, a label) and is read as luminance; more is colour content, refused.
+ANNOTATION_SHARE = 0.02
+#: Modalities a radiograph model explains (CR, DX, RG; OT and none for secondary captures).
+RADIOGRAPH_MODALITIES = ("CR", "DX", "RG", "OT", "")
+#: View positions of a lateral (or decubitus lateral) view.
+LATERAL_VIEWS = ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +186,38 @@ def _normalize_volume(arr: np.ndarray, path: Path, intensity_range: Sequence[flo
     return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
-    """Read a DICOM or an 8/16-bit PNG/JPEG/TIFF as float32 in [0, 1]; returns image and spacing."""
+def grey_from_colour(arr: np.ndarray, path: Path, notes: list[str] | None = None) -> np.ndarray:
+    """The grey picture inside an RGB(A) or LA array ``[H, W, C]``: the channel itself when the channels are
+    equal, the luminance (ITU-R BT.601) when the colour is only compression noise or a small burned-in
+    annotation (what is found is added to ``notes``), else a DataError: colour content is no radiograph."""
+    if arr.shape[2] in (1, 2):  # L or LA: the alpha channel is not the image
+        return arr[..., 0]
+    rgb = arr[..., :3]
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+        return rgb[..., 0]
+    full = 255.0 if arr.dtype == np.uint8 else float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "iu" else 1.0
+    chroma = (rgb.max(axis=2).astype(np.float64) - rgb.min(axis=2)) / full
+    coloured = float((chroma > COLOURED_PIXEL).mean())
+    if coloured > ANNOTATION_SHARE:
+        raise DataError(str(path), f"colour image ({100 * coloured:.1f}% of its pixels are in colour); a radiograph "
+                                   "must be grayscale")
+    grey = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if notes is not None:
+        what = (f"a coloured annotation on {100 * coloured:.2f}% of the pixels" if coloured else
+                f"colour noise of at most {chroma.max() * 255:.0f} of 255 grey levels")
+        notes.append(f"{'RGBA' if arr.shape[2] == 4 else 'RGB'} picture of a grey radiograph with {what}: read as "
+                     "luminance")
+    if arr.dtype.kind in "iu":
+        return np.clip(np.rint(grey), 0, np.iinfo(arr.dtype).max).astype(arr.dtype)
+    return grey.astype(arr.dtype)
+
+
+def read_image(path: str | Path, notes: list[str] | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Read a DICOM or an 8/16-bit PNG/JPEG/TIFF as float32 in [0, 1]; returns image and spacing.
+
+    A grey radiograph stored as RGB(A) is read as its luminance (:func:`grey_from_colour`; what was
+    found goes to ``notes``); a picture whose content is in colour is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "image file is missing")
@@ -184,11 +227,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
         return img, geo["spacing"]
     arr = read_pixels(path, "image")
     if arr.ndim == 3:
-        if arr.shape[2] == 4:
-            arr = arr[..., :3]
-        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise DataError(str(path), "colour image; a radiograph must be grayscale")
-        arr = arr[..., 0]
+        arr = grey_from_colour(arr, path, notes)
     if arr.ndim != 2 or arr.size == 0:
         raise DataError(str(path), f"expected a 2-D grayscale image, got shape {arr.shape}")
     check_size(arr.shape[0], arr.shape[1], path)
@@ -201,12 +240,49 @@ def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
     return img, (1.0, 1.0)
 
 
-def read_input(path: str | Path, intensity_range: Sequence[float] | None = None):
+def check_radiograph(geometry: dict, path: Path, accept_any: bool = False, notes: list[str] | None = None) -> None:
+    """Refuse, in one sentence, a DICOM a chest radiograph model was not made for: another modality (CT, MR,
+    ...), a lateral view, a multi-frame image. ``accept_any`` runs it anyway (the first frame), noted."""
+    problems = []
+    if geometry.get("modality", "") not in RADIOGRAPH_MODALITIES:
+        problems.append(f"modality {geometry['modality']}")
+    if geometry.get("view_position", "") in LATERAL_VIEWS:
+        problems.append(f"a lateral view (ViewPosition {geometry['view_position']})")
+    if geometry.get("frames", 1) > 1:
+        problems.append(f"a multi-frame image ({geometry['frames']} frames)")
+    if not problems:
+        return
+    if not accept_any:
+        raise DataError(str(path), f"{' and '.join(problems)}: the model explains one frontal chest radiograph; "
+                                   "set accept_any_input to run it anyway")
+    if notes is not None:
+        first = " (its first frame explained)" if geometry.get("frames", 1) > 1 else ""
+        notes.append(f"run on request (accept_any_input) although the input is {' and '.join(problems)}{first}")
+
+
+def header_intensity_range(ref, path: Path) -> tuple[float, float] | None:
+    """The intensity range a volume's header states (:data:`INTENSITY_KEY`, written by the Slicer module), or None."""
+    if not ref.HasMetaDataKey(INTENSITY_KEY):
+        return None
+    try:
+        lo, hi = (float(v) for v in ref.GetMetaData(INTENSITY_KEY).replace(",", " ").split())
+    except ValueError:
+        raise DataError(str(path), f"the header's {INTENSITY_KEY} is not two numbers 'lo hi'") from None
+    if not (np.isfinite([lo, hi]).all() and hi > lo):
+        raise DataError(str(path), f"the header's {INTENSITY_KEY} [{lo}, {hi}] is empty")
+    return lo, hi
+
+
+def read_input(path: str | Path, intensity_range: Sequence[float] | None = None, *, accept_any: bool = False,
+               notes: list[str] | None = None):
     """``(image in [0, 1] [H, W] float32, reference SimpleITK image with the input's geometry)``.
 
     DICOM (a file or a folder holding one), NIfTI, NRRD, MHA or PNG/JPEG/TIFF. DICOM goes through
-    the training reader (stored range, MONOCHROME1 inverted); unsigned volumes through the smallest
-    of 8/10/12/14/16 bits that holds their maximum, unless ``intensity_range`` is given.
+    the training reader (stored range, MONOCHROME1 inverted) and must be a single-frame frontal
+    radiograph (:func:`check_radiograph`, unless ``accept_any``); volumes through ``intensity_range``,
+    else the range their header states (the Slicer module's export), else unsigned ones through the
+    smallest of 8/10/12/14/16 bits that holds their maximum; a grey picture stored as RGB(A) is read
+    as luminance. What the reader decided beyond the plain case is added to ``notes``.
     """
     import SimpleITK as sitk
 
@@ -224,15 +300,23 @@ def read_input(path: str | Path, intensity_range: Sequence[float] | None = None)
         if ref.GetNumberOfComponentsPerPixel() != 1:
             raise DataError(str(path), f"{ref.GetNumberOfComponentsPerPixel()}-component image; expected grayscale")
         arr = _plane(sitk.GetArrayFromImage(ref), path)
+        if intensity_range is None:
+            intensity_range = header_intensity_range(ref, path)
+            if intensity_range is not None and notes is not None:
+                notes.append(f"intensity range [{intensity_range[0]:g}, {intensity_range[1]:g}] from the file's "
+                             "header")
         return _normalize_volume(arr, path, intensity_range), ref
     if kind in PICTURE_SUFFIXES:
-        img, _ = read_image(path)
+        img, _ = read_image(path, notes)
         ref = sitk.GetImageFromArray(np.zeros(img.shape, np.float32))
         return img, ref
     if kind in DICOM_SUFFIXES or is_dicom(path):
-        img, _ = read_dicom(path)
+        img, geometry = read_dicom(path, frame=0)
+        check_radiograph(geometry, path, accept_any, notes)
         check_size(img.shape[0], img.shape[1], path)
         ref = _sitk_read(path)
+        if ref.GetDimension() == 3 and ref.GetSize()[2] > 1:  # a multi-frame image run on request: frame 0
+            ref = ref[:, :, 0]
         if _plane(sitk.GetArrayFromImage(ref), path).shape != img.shape:
             raise DataError(str(path), "DICOM pixel data and geometry disagree in size")
         if intensity_range is not None:
@@ -333,6 +417,7 @@ def write_map(path: Path, values: np.ndarray, ref) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["DICOM_SUFFIXES", "MAP_FORMATS", "MAX_PIXELS", "MIN_SIDE", "PICTURE_SUFFIXES", "SUFFIX", "VOLUME_SUFFIXES",
-           "atomic_write_bytes", "check_size", "is_dicom", "read_image", "read_input", "read_mask", "read_pixels",
+__all__ = ["DICOM_SUFFIXES", "INTENSITY_KEY", "MAP_FORMATS", "MAX_PIXELS", "MIN_SIDE", "PICTURE_SUFFIXES", "SUFFIX",
+           "VOLUME_SUFFIXES", "atomic_write_bytes", "check_radiograph", "check_size", "grey_from_colour",
+           "header_intensity_range", "is_dicom", "read_image", "read_input", "read_mask", "read_pixels",
            "remove_stale_temporaries", "sniff", "suffix", "write_map"]

@@ -97,6 +97,7 @@ def run_inference(
     intensity_range: Sequence[float] | None = None,
     checks: bool = True,
     cache_networks: bool = False,
+    accept_any_input: bool = False,
 ) -> dict:
     """Explain one image with one trained replicate; returns what ``prediction.json`` holds.
 
@@ -104,14 +105,17 @@ def run_inference(
     files, where ``arch`` picks the architecture; ``replicate`` None is the first. Methods the
     model cannot give (guided backprop without ReLUs) are refused when asked for and left out,
     with the reason in ``prediction.json``, when ``methods`` is None. ``cache_networks`` keeps loaded
-    networks for the next call (the service's one instance per worker).
+    networks for the next call (the service's one instance per worker). A DICOM the model was not made
+    for (CT, a lateral view, a multi-frame image) is refused unless ``accept_any_input``; what the reader
+    decided about the input (luminance of a grey RGB picture, a header's intensity range) is in
+    ``prediction.json``'s ``input.notes``.
     """
     t0 = time.time()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         return _run(image, out, Path(model_dir), arch, replicate, methods, preset, mask, map_format,
-                    image_size, device, seed, intensity_range, checks, cache_networks, t0)
+                    image_size, device, seed, intensity_range, checks, cache_networks, t0, accept_any_input)
     except (DataError, ValueError, FileNotFoundError) as exc:
         source, problem = (exc.source, exc.problem) if isinstance(exc, DataError) else ("", str(exc))
         atomic_write_bytes(out / "error.json", json.dumps({"source": source, "problem": problem,
@@ -120,7 +124,7 @@ def run_inference(
 
 
 def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, mask, map_format, image_size, device,
-         seed, intensity_range, checks, cache, t0) -> dict:
+         seed, intensity_range, checks, cache, t0, accept_any=False) -> dict:
     if map_format not in MAP_FORMATS:
         raise ValueError(f"map_format must be one of {sorted(MAP_FORMATS)}, got {map_format!r}")
     folder = ModelFolder.open(model_dir, arch)
@@ -128,7 +132,8 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
         raise ValueError(f"{model_dir}: a {folder.kind}, not a classifier to explain")
     replicate = next(iter(folder.replicates)) if replicate is None else int(replicate)
     weights = folder.weights(replicate)
-    img, ref = read_input(image, intensity_range)
+    notes: list[str] = []
+    img, ref = read_input(image, intensity_range, accept_any=bool(accept_any), notes=notes)
     gt = read_mask(mask, img.shape) if mask else None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = _image_size(folder, image_size)
@@ -193,7 +198,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     result = {
         "schema_version": SCHEMA_VERSION,
         "input": {"shape": list(img.shape), "spacing": list(ref.GetSpacing()),
-                  "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection())},
+                  "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection()), "notes": notes},
         "model": {"arch": folder.network_label, "name": folder.name, "replicate": replicate, "file": weights.name,
                   "sha256": weights_sha, "image_size": size, "classes": folder.classes,
                   "finding_class": folder.finding_class, "implied_manifest": folder.implied},
