@@ -150,7 +150,7 @@ class Results:
                 lines.append(f"  {c}: {vs[0].why}")
                 continue
             lo, hi = min(v.n for v in vs), max(v.n for v in vs)
-            text = f"  {c}: {lo} values per method" if lo == hi else f"  {c}: {lo}-{hi} values per method"
+            text = f"  {c}: {lo} images per method" if lo == hi else f"  {c}: {lo}-{hi} images per method"
             undefined = sum(v.n_undefined for v in vs)
             if undefined:
                 text += f" ({undefined} undefined over all methods: blank maps or empty masks, left out)"

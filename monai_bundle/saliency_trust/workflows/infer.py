@@ -9,10 +9,14 @@ Outputs under ``output_dir`` (each written atomically):
 * ``maps/<method>.<nrrd|nii.gz>``: one float map per method in [0, 1] on exactly the input's
   grid (size, spacing, origin, direction copied from the input image).
 
-Live checks: *repeatability here* (SSIM between this replicate's map and another replicate's,
-same architecture, at the network's resolution), *randomization here* (SSIM between the trained
-map and the fully randomized model's map, cascading, for the class the trained model explains),
-and, when ``mask`` is given, *AUPRC* of each map against it on the input grid.
+Live checks, scored by the study's own functions (a blank map is "blank", never a number):
+*repeatability here* (SSIM between this replicate's map and another replicate's, same
+architecture, at the network's resolution), *randomization here* (SSIM between the trained map
+and the map of the model randomized down to its verdict block, cascading, explaining its own
+prediction as the paper's pipeline did, or the trained class when the assessment beside the model
+did so), and, when ``mask`` is given, *AUPRC* of each map against it on the input grid. The SSIM
+data range is the assessment's (``results.json`` beside the model), else the preset's, and is
+written into ``prediction.json``.
 
 Intensities: DICOM through the stored range (as training reads it), PNG through its bit depth,
 volumes (NIfTI/NRRD/MHA) of an unsigned integer type through the smallest of 8/10/12/14/16 bits
@@ -27,6 +31,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +40,6 @@ from saliency_trust.data.errors import DataError
 from saliency_trust.data.groundtruth import resize_image
 from saliency_trust.data.imageio import MAP_FORMATS, atomic_write_bytes, read_input, read_mask, write_map
 from saliency_trust.data.readers import finding_name
-from saliency_trust.metrics import auprc, ssim
 from saliency_trust.networks import ModelFolder, randomization_states
 from saliency_trust.results import load_results
 from saliency_trust.saliency import METHODS, explain, predict
@@ -79,6 +83,103 @@ def _image_size(folder: ModelFolder, image_size: int | None) -> int:
     if image_size and trained and int(image_size) != trained:
         raise ValueError(f"image_size {image_size} differs from the {trained} px {folder.name} was trained at")
     return int(image_size or trained or 320)  # 320: the paper's input size
+
+
+def _assessment_beside(folder: ModelFolder, methods: list[str], weights_sha: str) -> tuple[Any, dict | None]:
+    """The ``results.json`` beside the model (None when absent) and the verdict copy prediction.json carries."""
+    results_file = folder.folder / "results.json"
+    if not results_file.is_file():
+        return None, None
+    try:
+        assessed = load_results(results_file)
+    except ValueError as exc:  # an outdated or broken file: say so beside the maps, do not fail the image
+        return None, {"file": results_file.name, "error": str(exc), "methods": {}}
+    shas = {c.get("sha256") for c in assessed.provenance.get("config", {}).get("classifiers", [])}
+    # The verdicts are about the weights the assessment explained; say whether these are among them.
+    return assessed, {"file": results_file.name, "these_weights_assessed": weights_sha in shas,
+                      **assessed.verdict_copy(methods)}
+
+
+def _scored(values: dict[str, torch.Tensor]) -> tuple[dict[str, float | None], list[str]]:
+    """Per-method scores of one image (NaN = a blank map: no value) and the methods whose map was blank."""
+    out, blank_maps = {}, []
+    for m, v in values.items():
+        x = float(v.reshape(-1)[0])
+        out[m] = x if np.isfinite(x) else None
+        if not np.isfinite(x):
+            blank_maps.append(m)
+    return out, blank_maps
+
+
+def _live_checks(folder: ModelFolder, net: torch.nn.Module, replicate: int, x: torch.Tensor, maps: dict,
+                 grid_maps: dict, target: torch.Tensor, gt: np.ndarray | None, methods: list[str], preset: str,
+                 seed: int, settings: dict, assessed: Any, dev: torch.device, cache: bool, full: bool) -> dict:
+    """This image's checks, scored as the study scores them.
+
+    The same functions as the assessment: SSIM through :func:`~saliency_trust.criteria.defined_ssim` and
+    AUPRC through :func:`~saliency_trust.criteria.utility_scores`, so a blank map is "blank", never
+    "agrees 1.000" or an AUPRC of about 0.5; the SSIM data range of the ``results.json`` beside the model
+    (else the preset's: 2.0 for ``paper``, 1.0 otherwise); randomization at the model's verdict block,
+    each randomized state explaining its own prediction when the assessment did (``own``, the paper's
+    pipeline) or the trained class (``trained``). ``full`` False: the AUPRC against ``gt`` only.
+    """
+    from saliency_trust.criteria import utility_scores
+
+    cfg = assessed.provenance.get("config", {}) if assessed is not None else {}
+    if cfg.get("data_range") is not None:
+        data_range, source = float(cfg["data_range"]), "the results.json beside the model"
+    else:
+        data_range, source = (2.0 if preset == "paper" else 1.0), f"the {preset} preset's default"
+    rule = cfg.get("randomization_target") or ("own" if preset == "paper" else "trained")
+    live: dict = {"data_range": data_range, "data_range_source": source, "blank": {}}
+    if full:
+        live["repeatability"] = _repeatability_here(folder, replicate, x, maps, target, methods, preset, seed,
+                                                    settings, data_range, dev, cache, live["blank"])
+        live["randomization"] = _randomization_here(folder, net, x, maps, target, methods, preset, seed, settings,
+                                                    data_range, rule, live["blank"])
+    if gt is not None:
+        g = torch.from_numpy(gt)[None]
+        scores = {m: utility_scores(torch.from_numpy(grid_maps[m])[None].double(), g)["auprc"] for m in methods}
+        live["auprc"], live["blank"]["auprc"] = _scored(scores)
+        live["mask_pixels"] = int(gt.sum())
+    return live
+
+
+def _repeatability_here(folder: ModelFolder, replicate: int, x: torch.Tensor, maps: dict, target: torch.Tensor,
+                        methods: list[str], preset: str, seed: int, settings: dict, data_range: float,
+                        dev: torch.device, cache: bool, blank: dict) -> dict:
+    """SSIM between this replicate's maps and another replicate's on this image."""
+    from saliency_trust.criteria import defined_ssim
+
+    others = [k for k in folder.replicates if k != replicate]
+    if not others:
+        return {"against": None, "ssim": None, "why": "the model folder has no other replicate"}
+    other, _ = _network(folder, others[0], dev, cache)
+    om = explain(other, x, methods, targets=target, preset=preset, seed=seed, **settings)
+    values, blank["repeatability"] = _scored({m: defined_ssim(maps[m], om[m], data_range) for m in methods})
+    return {"against": folder.weights(others[0]).name, "replicate": others[0], "ssim": values}
+
+
+def _randomization_here(folder: ModelFolder, net: torch.nn.Module, x: torch.Tensor, maps: dict, target: torch.Tensor,
+                        methods: list[str], preset: str, seed: int, settings: dict, data_range: float, rule: str,
+                        blank: dict) -> dict:
+    """SSIM between the trained maps and the maps of the model randomized down to its verdict block."""
+    from saliency_trust.criteria import defined_ssim
+    from saliency_trust.networks import UnchangedError
+
+    if folder.format == "torchscript":
+        return {"state": None, "ssim": None,
+                "why": "a TorchScript model's layers cannot be re-initialized (no reset_parameters)"}
+    verdict = folder.verdict_block(net)
+    try:
+        state = next(s for name, s in randomization_states(net, folder.randomization_blocks(net), mode="cascading",
+                                                           seed=seed) if name == verdict)
+    except UnchangedError as exc:
+        return {"state": verdict, "ssim": None, "why": str(exc)}
+    t = predict(state, x).argmax(1) if rule == "own" else target
+    rm = explain(state, x, methods, targets=t, preset=preset, seed=seed, **settings)
+    values, blank["randomization"] = _scored({m: defined_ssim(maps[m], rm[m], data_range) for m in methods})
+    return {"state": verdict, "mode": "cascading", "target": rule, "explained_class": int(t[0]), "ssim": values}
 
 
 def run_inference(
@@ -162,39 +263,9 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
         files[m] = f"maps/{m}{MAP_FORMATS[map_format]}"
         write_map(out / files[m], grid_maps[m], ref)
 
-    live: dict = {}
-    if checks:
-        others = [k for k in folder.replicates if k != replicate]
-        if others:
-            other, _ = _network(folder, others[0], dev, cache)
-            om = explain(other, x, methods, targets=target, preset=preset, seed=seed, **settings)
-            live["repeatability"] = {"against": folder.weights(others[0]).name, "replicate": others[0],
-                                     "ssim": {m: float(ssim(maps[m], om[m], data_range=1.0)[0]) for m in methods}}
-            del other
-        else:
-            live["repeatability"] = {"against": None, "ssim": None, "why": "the model folder has no other replicate"}
-        final = None
-        for name, state in randomization_states(net, folder.randomization_blocks(net), mode="cascading", seed=seed):
-            final = (name, state)
-        rm = explain(final[1], x, methods, targets=target, preset=preset, seed=seed, **settings)
-        live["randomization"] = {"state": final[0], "mode": "cascading",
-                                 "ssim": {m: float(ssim(maps[m], rm[m], data_range=1.0)[0]) for m in methods}}
-    if gt is not None:
-        g = torch.from_numpy(gt)[None]
-        live["auprc"] = {m: float(auprc(torch.from_numpy(grid_maps[m])[None].double(), g)[0]) for m in methods}
-        live["mask_pixels"] = int(gt.sum())
-
-    results_file = folder.folder / "results.json"
-    verdicts = None
-    if results_file.is_file():
-        try:
-            assessed = load_results(results_file)
-            shas = {c.get("sha256") for c in assessed.provenance.get("config", {}).get("classifiers", [])}
-            # The verdicts are about the weights the assessment explained; say whether these are among them.
-            verdicts = {"file": results_file.name, "these_weights_assessed": weights_sha in shas,
-                        **assessed.verdict_copy(methods)}
-        except ValueError as exc:  # an outdated or broken file: say so beside the maps, do not fail the image
-            verdicts = {"file": results_file.name, "error": str(exc), "methods": {}}
+    assessed, verdicts = _assessment_beside(folder, methods, weights_sha)
+    live = _live_checks(folder, net, replicate, x, maps, grid_maps, target, gt, methods, preset, seed, settings,
+                        assessed, dev, cache, checks) if checks or gt is not None else {}
     result = {
         "schema_version": SCHEMA_VERSION,
         "input": {"shape": list(img.shape), "spacing": list(ref.GetSpacing()),
@@ -207,6 +278,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
         "probabilities": [float(p) for p in probs], "predicted_class": int(probs.argmax()),
         "explained_class": int(target[0]), "maps": files, "checks": live, "verdicts": verdicts,
         "methods_left_out": {m: why for m, why in unavailable.items() if m not in methods},
+        "method_notes": {m: why for m, why in folder.method_notes(net).items() if m in methods},
         "seconds": round(time.time() - t0, 2),
     }
     atomic_write_bytes(out / "prediction.json", json.dumps(result, indent=2).encode())
