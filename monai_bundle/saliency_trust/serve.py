@@ -13,7 +13,10 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
   for: CT, a lateral view, a multi-frame image). Runs the bundle's inference workflow and returns its
   ``prediction.json`` with ``maps`` turned into links under ``/results/{id}/maps/...`` (NIfTI on
   the input's grid);
-* ``GET /results/{id}/{file}``: a result file, until the result expires (``--ttl`` seconds).
+* ``GET /results/{id}/{file}``: a result file, until the result expires (``--ttl`` seconds);
+* ``POST /cancel/{request_id}``: stop the job a client named with the form field ``request_id`` of its
+  ``POST /infer``: a queued job never runs, a running one's result is dropped (the worker finishes
+  the image it is on); that POST then returns 409 at once.
 
 MONAI Label's clients (``MONAILabelClient`` of its scripts, its Slicer module and OHIF plugin)
 call the same endpoints in their own shapes, accepted beside ours: ``GET /info/`` (trailing
@@ -45,6 +48,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -68,6 +72,8 @@ from saliency_trust.saliency.presets import PRESETS
 
 log = logging.getLogger("saliency_trust.serve")
 TOKEN_ENV = "SALIENCY_TRUST_TOKEN"
+#: A client's name for its job (``POST /infer``'s ``request_id``, then ``POST /cancel/{request_id}``).
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +114,9 @@ class Model:
                 "image_size": self.folder.image_size, "task": self.folder.task, "classes": self.folder.classes,
                 "finding_class": self.folder.finding_class, "manifest": not self.folder.implied,
                 "training": {k: m.get(k) for k in ("n_train", "n_val", "max_epochs", "val_auc", "best_epoch")}
-                | {"dataset": Path(m["dataset_dir"]).name if m.get("dataset_dir") else None},
+                | {"dataset": Path(m["dataset_dir"]).name if m.get("dataset_dir") else None,
+                   # SynthCXR leaves synthcxr.json in the data folder: a client warns over such a model's maps
+                   "synthetic": bool(m.get("dataset_dir")) and (Path(m["dataset_dir"]) / "synthcxr.json").is_file()},
                 "verdicts": verdicts, "assessment": assessment}
 
 
@@ -143,6 +151,8 @@ class State:
     max_queue: int
     device: str | None
     results: dict[str, Result] = field(default_factory=dict)
+    #: jobs waiting or running, by the ``request_id`` their client gave (what ``POST /cancel`` stops)
+    jobs: dict[str, asyncio.Future] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: int = 0
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "saliency-trust-gpu"))
@@ -344,7 +354,7 @@ def create_app(state: State) -> FastAPI:
     async def infer(model: str, image: UploadFile | None = File(None), mask: UploadFile | None = File(None),
                     methods: str | None = Form(None), preset: str | None = Form(None),
                     replicate: int | None = Form(None), checks: bool | None = Form(None),
-                    accept_any_input: bool | None = Form(None),
+                    accept_any_input: bool | None = Form(None), request_id: str | None = Form(None),
                     file: UploadFile | None = File(None), label: UploadFile | None = File(None),
                     params: str | None = Form(None), image_id: str | None = Query(None, alias="image"),
                     output: str | None = Query(None)) -> Any:
@@ -379,6 +389,8 @@ def create_app(state: State) -> FastAPI:
         rep = m.replicates[0] if replicate < 0 else replicate
         if rep not in m.replicates:
             raise HTTPException(422, f"model {model!r} has replicates {m.replicates}, not {rep}")
+        if request_id is not None and not JOB_ID.fullmatch(request_id):
+            raise HTTPException(422, "request_id must be 8 to 64 letters, digits, '-' or '_'")
         rid = uuid.uuid4().hex
         folder = state.work / rid
         (folder / "in").mkdir(parents=True)
@@ -394,7 +406,17 @@ def create_app(state: State) -> FastAPI:
             try:
                 running = state.executor.submit(_run, state, m, rep, img_path, mask_path, folder / "out", wanted,
                                                 preset, checks, accept_any)
-                result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), timeout=state.timeout)
+                waiting = asyncio.wrap_future(running)
+                if request_id is not None:
+                    state.jobs[request_id] = waiting
+                result = await asyncio.wait_for(asyncio.shield(waiting), timeout=state.timeout)
+            except asyncio.CancelledError:
+                if not waiting.cancelled():
+                    raise  # this request's own task was cancelled (the server is stopping)
+                # POST /cancel: a queued job never ran; a running one's folder goes when it ends.
+                running.add_done_callback(lambda _f: shutil.rmtree(folder, ignore_errors=True))
+                log.info("request %s: cancelled by its client after %.1f s", rid, time.time() - t0)
+                raise HTTPException(409, "cancelled by the client") from None
             except TimeoutError:
                 # The worker may still be busy with it: its folder goes when the job ends (worker thread callback).
                 running.add_done_callback(lambda _f: shutil.rmtree(folder, ignore_errors=True))
@@ -403,8 +425,10 @@ def create_app(state: State) -> FastAPI:
             finally:
                 with state.lock:
                     state.pending -= 1
+                if request_id is not None:
+                    state.jobs.pop(request_id, None)
         except HTTPException as exc:
-            if exc.status_code != 504:
+            if exc.status_code not in (409, 504):  # those: the worker's callback removes the folder
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         except OSError as exc:  # the work folder: full disk or quota; nothing half-written is served
@@ -436,6 +460,16 @@ def create_app(state: State) -> FastAPI:
         if not shape.monai_label:
             return result
         return monai_label_reply(result, folder / "out", local, shape, rid)
+
+    @app.post("/cancel/{request_id}")
+    async def cancel(request_id: str) -> dict:
+        """Stop the job its client named ``request_id``: a queued job never runs, a running one's result is
+        dropped. 404 when no such job is waiting or running (it may have ended)."""
+        waiting = state.jobs.get(request_id)
+        if waiting is None or waiting.done():
+            raise HTTPException(404, "no such job waiting or running (it may have ended)")
+        waiting.cancel()
+        return {"cancelled": True, "request_id": request_id}
 
     @app.get("/results/{rid}/{name:path}")
     def results(rid: str, name: str):
