@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 import tracemalloc
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.slicer.demo_lines import DEMO_LINES, fake_demo
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is not installed")
 sys.path.insert(0, str(REPO / "SaliencyTrust"))
@@ -143,23 +143,6 @@ def test_roi_scoring_on_a_3000_by_2500_radiograph_builds_no_big_arrays(scene, tm
     assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"  # the mask is 7.5 MB; the old grid was ~1 GB
 
 
-# A condensed copy of what `python -m saliency_trust.workflows.demo --tasks pneumothorax --no-shortcut` prints
-# (tiny settings): the bundle's input summary per training, the training helper's epoch lines, the best line.
-DEMO_LINES = [
-    "SynthCXR pneumothorax:  50%|#####     | 24/48",
-    *[line for arch, seed, cap, metric in (("densenet121", 0, 4, "auc"), ("densenet121", 1, 4, "auc"),
-                                           ("inception_v3", 0, 6, "auc"), (None, 0, 16, "dice"),
-                                           (None, 1, 16, "dice"))
-      for line in ("2026-12-02 11:31:26,697 - INFO - --- input summary of monai.bundle.scripts.run ---",
-                   *([f"2026-12-02 11:31:26,697 - INFO - > arch: '{arch}'"] if arch else []),
-                   f"2026-12-02 11:31:26,697 - INFO - > seed: {seed}",
-                   f"2026-12-02 11:31:26,697 - INFO - > max_epochs: {cap}",
-                   *(f"2026-12-02 11:31:29,789 - saliency_trust.workflows.train - INFO - epoch {e}: val_{metric} = "
-                     f"0.6667 (best 0.6667 at epoch 1)" for e in range(1, cap + 1)),
-                   f"        best val_{metric} 0.6667 at epoch 1 -> /x/models/pneumothorax/m/seed{seed}.pt")],
-]
-
-
 def test_training_progress_is_determinate_from_the_demos_own_lines():
     progress = L.TrainProgress()
     seen = [(progress.fraction(), progress.text())]
@@ -177,23 +160,6 @@ def test_training_progress_is_determinate_from_the_demos_own_lines():
     assert train_only.fraction() == pytest.approx(0.99)
 
 
-def _fake_demo(tmp_path: Path, fixture: Path, exit_code: int, write_models: bool) -> str:
-    script = tmp_path / "fake_demo.py"
-    script.write_text(textwrap.dedent(f"""
-        import shutil, sys
-        from pathlib import Path
-        lines = {DEMO_LINES!r}
-        out = Path(sys.argv[sys.argv.index("--out") + 1])
-        for line in lines:
-            print(line)
-        if {write_models!r}:
-            shutil.copytree({str(fixture)!r}, out / "models" / "opacity" / "densenet121")
-        print("WARNING: 1 classifier(s) below validation AUC 0.9: [('opacity', 'densenet121', 0, 'val_auc', 0.61)]")
-        sys.exit({exit_code})
-        """))
-    return str(script)
-
-
 @pytest.fixture(scope="module")
 def fixture_model(tmp_path_factory) -> Path:
     from saliency_trust.workflows.sample import make_fixture_models
@@ -207,7 +173,7 @@ def test_train_demo_models_succeeds_when_models_were_written_and_says_what_else_
     """Part 5: a validation AUC below the demo's bar (exit 1 from the demo before it trained to the bar)
     made the panel report failure although the models were there."""
     train = L.TrainProcess(REPO / "monai_bundle", tmp_path / "chosen", "opacity", python=sys.executable)
-    train.command = [sys.executable, _fake_demo(tmp_path, fixture_model, exit_code, True), *train.command[3:]]
+    train.command = [sys.executable, fake_demo(tmp_path, fixture_model, exit_code, True), *train.command[3:]]
     train.start()
     train._proc.wait(60)
     outcome = train.outcome()
@@ -219,7 +185,7 @@ def test_train_demo_models_succeeds_when_models_were_written_and_says_what_else_
 
 def test_train_demo_models_fails_when_no_model_was_written(tmp_path, fixture_model):
     train = L.TrainProcess(REPO / "monai_bundle", tmp_path / "chosen", "opacity", python=sys.executable)
-    train.command = [sys.executable, _fake_demo(tmp_path, fixture_model, 1, False), *train.command[3:]]
+    train.command = [sys.executable, fake_demo(tmp_path, fixture_model, 1, False), *train.command[3:]]
     train.start()
     train._proc.wait(60)
     with pytest.raises(L.BundleError, match="exit code 1"):

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.slicer import fakeapp, fakeqt
+from tests.slicer.demo_lines import fake_demo
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is not installed")
 # Another copy of the module (an older commit, to see a test fail before its fix) can be named here.
@@ -261,9 +262,9 @@ def test_use_server_enables_apply_without_local_models(app, model_folders):
     app.check_clean()
 
 
-def _start(app, model_folders, methods=("grad",)) -> object:
+def _start(app, model_folders, methods=("grad",), folder="A") -> object:
     volume = app.volume()
-    app.ui.modelPath.setCurrentPath(str(model_folders["A"]))
+    app.ui.modelPath.setCurrentPath(str(model_folders[folder]))
     app.pump(lambda: True)
     app.choose_methods(*methods)
     app.ui.applyButton.click()
@@ -272,7 +273,9 @@ def _start(app, model_folders, methods=("grad",)) -> object:
 
 
 def test_apply_polls_the_bundle_and_shows_the_results(app, model_folders):
-    volume = _start(app, model_folders)
+    """Folder B's model learnt from SynthCXR images (its training records say so): the prediction carries
+    a visible warning."""
+    volume = _start(app, model_folders, folder="B")
     ui = app.ui
     assert app.busy() and ui.cancelButton.enabled
     assert not ui.applyButton.enabled and not ui.trainButton.enabled
@@ -280,9 +283,9 @@ def test_apply_polls_the_bundle_and_shows_the_results(app, model_folders):
     # Defect 3d: Apply came back while busy (the model folder listing or the node re-enabled it).
     ui.serverCheckBox.click()
     ui.serverCheckBox.click()
-    ui.modelPath.setCurrentPath(str(model_folders["B"]))
-    app.pump(lambda: True)
     ui.modelPath.setCurrentPath(str(model_folders["A"]))
+    app.pump(lambda: True)
+    ui.modelPath.setCurrentPath(str(model_folders["B"]))
     app.pump(lambda: True)
     assert not ui.applyButton.enabled
     ui.applyButton.click()
@@ -295,6 +298,7 @@ def test_apply_polls_the_bundle_and_shows_the_results(app, model_folders):
     table = ui.tableView.mrmlTableNode()
     assert table is not None and table.GetNumberOfRows() == 1
     assert "Lung opacity: predicted" in ui.predictionLabel.text
+    assert ui.trainingWarningLabel.visible and "synthetic SynthCXR images" in ui.trainingWarningLabel.text
     maps = app.maps_in_scene()
     assert len(maps) == 1
     for c in app.scene.GetNodesByClass("vtkMRMLSliceCompositeNode"):
@@ -383,4 +387,56 @@ def test_reload_replaces_the_widget_and_cleanup_stops_everything(app, model_fold
     # The application unloading the module calls cleanup().
     app.app.moduleManager().moduleAboutToBeUnloaded.emit("SaliencyTrust")
     assert not new.Observations and not new._timer.isActive()
+    app.check_clean()
+
+
+def test_train_demo_models_into_the_chosen_folder_with_determinate_progress(app, model_folders, monkeypatch):
+    """Part 5: trains into the folder the user chose (not the settings folder), shows progress from the
+    demo's own lines, and reports success when models were written even if an AUC stayed below the bar.
+    The demo is stood in for by a script printing its lines (the real one is in tests/slicer/test_widget.py)."""
+    lib = sys.modules["SaliencyTrustLib.logic"]
+    script = fake_demo(app.tmp, model_folders["A"] / "densenet121", exit_code=1, write_models=True)
+
+    class Demo(lib.TrainProcess):
+        def __init__(self, bundle_dir, out_dir, task="opacity", python=None, extra_args=()) -> None:
+            super().__init__(bundle_dir, out_dir, task, python=sys.executable, extra_args=extra_args)
+            self.command = [sys.executable, script, *self.command[3:]]
+
+    monkeypatch.setattr(lib, "TrainProcess", Demo)
+    ui = app.ui
+    app.volume()
+    ui.modelPath.setCurrentPath(str(model_folders["empty"]))
+    app.pump(lambda: True)
+    assert ui.trainWidget.visible and ui.trainPath.currentPath == str(app.node.trainDir)
+    chosen = app.tmp / "my models"
+    ui.trainPath.setCurrentPath(str(chosen))
+    assert app.node.trainDir == chosen
+    values = []
+    ui.progressBar.valueChanged.connect(values.append)
+    ui.trainButton.click()
+    assert app.busy() and ui.progressBar.maximum == 100 and not ui.applyButton.enabled
+    app.pump(lambda: not app.busy(), timeout=120)
+    assert not app.shown_errors, app.shown_errors
+    assert any(0 < v < 100 for v in values) and values == sorted(values) and values[-1] == 100, values
+    trained = chosen / "models" / "opacity"
+    assert app.node.modelDir == trained and ui.archSelector.currentText == "densenet121"
+    assert ui.statusLabel.text.startswith(f"Models trained in {trained}.")
+    assert "below validation AUC 0.9" in ui.statusLabel.text
+    assert ui.applyButton.enabled and not ui.trainWidget.visible
+    assert not (app.tmp / "settings" / "SaliencyTrust").exists()
+    app.check_clean()
+
+
+def test_the_server_token_is_a_password_field_kept_out_of_the_scene(app, model_folders):
+    ui = app.ui
+    assert ui.serverTokenEdit.echoMode == fakeqt.QLineEdit.Password
+    volume = app.volume()
+    ui.serverCheckBox.click()
+    ui.serverTokenEdit.setText("s3cret-token")
+    settings = app.widget.logic.settings(app.node, ui.serverTokenEdit.text)
+    assert settings.token == "s3cret-token" and settings.use_server and settings.volume is volume
+    app.scene.SetSaveToXMLString(1)
+    app.scene.Commit()
+    assert "s3cret-token" not in app.scene.GetSceneXMLString()
+    assert not fakeqt.QSettings.store or "s3cret-token" not in repr(fakeqt.QSettings.store)
     app.check_clean()
