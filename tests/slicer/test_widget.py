@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -263,7 +264,14 @@ def test_train_demo_models_runs_in_the_background_and_can_be_cancelled(tmp_path)
             "--skip-assessment", "--min-auc", "0"]
     train = L.TrainProcess(REPO / "monai_bundle", tmp_path / "demo", "pneumothorax", python=sys.executable,
                            extra_args=tiny).start()
+    fractions = []
+    while train.running:  # what the panel's progress bar shows, from the demo's own lines as they come
+        fractions.append(train.progress()[0])
+        time.sleep(0.2)
     train.wait(600)
+    fractions.append(train.progress()[0])
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(0.99), fractions
+    assert train.outcome().model_dir == train.model_dir
     assert train.model_dir == tmp_path / "demo" / "models" / "pneumothorax"
     choices = controller.model_choices(train.model_dir)  # the U-Net folder is a localizer: not offered
     assert {k: c.replicates for k, c in choices.items()} == {"densenet121": [0, 1], "inception_v3": [0]}
