@@ -42,9 +42,10 @@ def study(out: Path, report: dict) -> tuple:
     np.save(out / "study_image.npy", img)
     slicer, scene = _scene()
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CXR")
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")  # as loadVolume leaves it
     storage.SetFileName(str(path))
     storage.SetSingleFile(True)
+    volume.SetAndObserveStorageNodeID(storage.GetID())
     if not storage.ReadData(volume):
         raise RuntimeError("Slicer's storage node could not read the sample study")
     raw = pydicom.dcmread(path).pixel_array
@@ -64,8 +65,9 @@ def run(out: Path, report: dict) -> None:
     results = L.run_local(scene, volume, request, out / "work", timeout=600)
     for m, node in results.map_nodes.items():
         np.save(out / f"map_{m}.npy", slicer.util.arrayFromVolume(node)[0])
+    sent = next((out / "work" / "input").glob("input.*"))  # what the Lib handed the bundle
     report.update(models=str(models), methods=sorted(results.map_nodes), rows=results.table_node.GetNumberOfRows(),
-                  command=request.command(out / "work" / "input" / "input.nrrd", out / "work" / "output"))
+                  command=request.command(sent, out / "work" / "output"))
 
 
 def dicom(out: Path, report: dict) -> None:
