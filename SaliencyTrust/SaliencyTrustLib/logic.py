@@ -120,14 +120,15 @@ def _slicer():
 
 
 def check_input_volume(node) -> None:
-    """Raise :class:`InputVolumeError` unless ``node`` is a non-empty single-slice grayscale scalar volume."""
+    """Raise :class:`InputVolumeError` unless ``node`` is a non-empty single-slice grayscale scalar volume,
+    or an RGB(A) vector volume (a picture of a radiograph: the bundle reads grey content as luminance and
+    refuses real colour)."""
     if node is None:
         raise InputVolumeError("Select an input volume (a chest X-ray loaded from DICOM or a file).")
     name = node.GetName() if hasattr(node, "GetName") else str(node)
     cls = node.GetClassName()
-    if cls != "vtkMRMLScalarVolumeNode":
-        kind = {"vtkMRMLLabelMapVolumeNode": "a label map", "vtkMRMLVectorVolumeNode": "a colour/vector volume"}.get(
-            cls, f"a {cls}")
+    if cls not in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"):
+        kind = {"vtkMRMLLabelMapVolumeNode": "a label map"}.get(cls, f"a {cls}")
         raise InputVolumeError(f"'{name}' is {kind}; SaliencyTrust explains a grayscale scalar volume.")
     image = node.GetImageData()
     if image is None:
@@ -135,9 +136,12 @@ def check_input_volume(node) -> None:
     dims = image.GetDimensions()
     if min(dims) == 0 or image.GetNumberOfPoints() == 0:
         raise InputVolumeError(f"'{name}' is empty (dimensions {dims}).")
-    if image.GetNumberOfScalarComponents() != 1:
-        raise InputVolumeError(f"'{name}' has {image.GetNumberOfScalarComponents()} components per voxel; "
-                               "a radiograph has one.")
+    components = image.GetNumberOfScalarComponents()
+    if cls == "vtkMRMLScalarVolumeNode" and components != 1:
+        raise InputVolumeError(f"'{name}' has {components} components per voxel; a radiograph has one.")
+    if cls == "vtkMRMLVectorVolumeNode" and components not in (3, 4):
+        raise InputVolumeError(f"'{name}' has {components} components per voxel; SaliencyTrust reads a grey "
+                               "radiograph or an RGB(A) picture of one.")
     planes = [d for d in dims if d > 1]
     if len(planes) != 2 or dims[2] != 1:
         raise InputVolumeError(f"'{name}' is not a 2-D image (dimensions {dims[0]} x {dims[1]} x {dims[2]}); "

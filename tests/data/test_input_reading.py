@@ -145,3 +145,33 @@ def test_inference_writes_the_readers_notes_and_takes_the_override(tmp_path):
     res = run_inference(ct, tmp_path / "out_ct", models, methods=["grad"], preset="quick", checks=False,
                         device="cpu", accept_any_input=True)
     assert "modality CT" in res["input"]["notes"][0]
+
+
+def test_rgb_dicom_and_rgb_volumes_of_grey_radiographs_are_read_as_luminance(tmp_path):
+    """The same rule for a secondary-capture RGB DICOM and an RGB(A) volume (a picture loaded in Slicer)."""
+    import SimpleITK as sitk
+
+    grey = _radiograph()
+    rgb = np.dstack([grey] * 3)
+    rgb[20:30, 10:20] = (255, 40, 40)
+    path = write_dicom(tmp_path / "sc.dcm", grey, patient_id="p", study_uid="2.25.1", series_uid="2.25.2",
+                       sop_uid="2.25.3", pixel_spacing=(0.5, 0.5))
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(path)
+    notes: list[str] = []
+    img, _ = read_input(path, notes=notes)
+    assert "coloured annotation on 1.30%" in notes[0]
+    np.testing.assert_array_equal(img[40:], grey[40:] / np.float32(255))
+    for channels in (3, 4):
+        arr = np.dstack([rgb] + ([np.full_like(grey, 255)] if channels == 4 else []))
+        sitk.WriteImage(sitk.GetImageFromArray(arr[None], isVector=True), str(tmp_path / f"v{channels}.nrrd"))
+        notes = []
+        img, ref = read_input(tmp_path / f"v{channels}.nrrd", notes=notes)
+        assert "coloured annotation" in notes[0] and ref.GetNumberOfComponentsPerPixel() == 1
+        np.testing.assert_array_equal(img[40:], grey[40:] / np.float32(255))
+    colour = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(colour[None], isVector=True), str(tmp_path / "colour.nrrd"))
+    with pytest.raises(DataError, match="colour image"):
+        read_input(tmp_path / "colour.nrrd")

@@ -148,3 +148,29 @@ def test_a_ct_dicom_is_refused_in_one_sentence_and_the_override_runs_it(scene, t
     assert "accept_any_input" in notes[0] and "modality CT" in notes[0]
     request = L.Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(tmp_path), accept_any_input=True)
     assert request.command(image, tmp_path / "out")[-2:] == ["--accept_any_input", "True"]
+
+
+def test_a_picture_loaded_in_colour_reaches_the_bundle_and_grey_content_is_read_as_luminance(scene, tmp_path):
+    """A published case image loaded in Slicer is an RGB vector volume: the module sends it (NRRD, 0-255 stated)
+    and the bundle reads a grey radiograph with a coloured arrow as luminance with a note; real colour is refused
+    by the bundle, a two-component volume by the module."""
+    from saliency_trust.data.errors import DataError
+
+    grey = (np.random.default_rng(3).random((64, 72)) * 200).astype(np.uint8)
+    rgb = np.dstack([grey] * 3)
+    rgb[10:16, 10:16] = (250, 30, 30)  # an arrow head on 0.8 % of the pixels
+    volume = slicer.util.addVolumeFromArray(rgb[None], name="case", nodeClassName="vtkMRMLVectorVolumeNode")
+    image, _ = L.prepare(volume, None, tmp_path / "in")
+    notes: list[str] = []
+    got, _ = read_input(image, notes=notes)
+    assert "coloured annotation" in notes[0] and "intensity range [0, 255]" in notes[1]
+    np.testing.assert_array_equal(got[20:], grey[20:] / np.float32(255))
+    colour = slicer.util.addVolumeFromArray(np.random.default_rng(4).integers(0, 255, (1, 64, 72, 3), np.uint8),
+                                            name="photo", nodeClassName="vtkMRMLVectorVolumeNode")
+    image, _ = L.prepare(colour, None, tmp_path / "colour")
+    with pytest.raises(DataError, match="colour image"):
+        read_input(image)
+    two = slicer.util.addVolumeFromArray(np.zeros((1, 32, 32, 2), np.uint8), name="two",
+                                         nodeClassName="vtkMRMLVectorVolumeNode")
+    with pytest.raises(L.InputVolumeError, match="2 components per voxel"):
+        L.check_input_volume(two)

@@ -113,7 +113,8 @@ def save_dicom(ds: FileDataset, path: str | Path) -> None:
         pydicom.dcmwrite(path, ds, write_like_original=False)
 
 
-def read_dicom(path: str | Path, frame: int | None = None) -> tuple[np.ndarray, dict]:
+def read_dicom(path: str | Path, frame: int | None = None,
+               notes: list[str] | None = None) -> tuple[np.ndarray, dict]:
     """Read a single-frame grayscale DICOM into float32 in [0, 1] (MONOCHROME2 sense).
 
     The modality LUT (rescale slope/intercept) is applied, MONOCHROME1 is inverted, and the
@@ -121,7 +122,9 @@ def read_dicom(path: str | Path, frame: int | None = None) -> tuple[np.ndarray, 
     per-image normalization depends on the content. Returns the image and a small geometry dict
     (``spacing`` in mm as (row, col), ``photometric``, ``bits_stored``, and what says whether it is a
     frontal radiograph: ``modality``, ``view_position``, ``frames``). ``frame`` reads that frame of a
-    multi-frame image (which is refused otherwise).
+    multi-frame image (which is refused otherwise). An RGB image of a grey radiograph (colour only as
+    noise or a small annotation) is read as its luminance, said in ``notes``
+    (:func:`saliency_trust.data.imageio.grey_from_colour`); real colour is refused.
 
     Raises :class:`DataError` naming the file for: unreadable or truncated files, DICOM without
     pixel data, compressed transfer syntaxes without an installed decoder, colour or multi-frame
@@ -154,6 +157,11 @@ def read_dicom(path: str | Path, frame: int | None = None) -> tuple[np.ndarray, 
             ) from None
         raise DataError(str(path), f"pixel data cannot be decoded, file truncated or corrupt ({exc})") from None
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip()
+    single = int(getattr(ds, "NumberOfFrames", 1) or 1) == 1
+    if photometric == "RGB" and single and arr.ndim == 3 and arr.shape[-1] == 3:
+        from saliency_trust.data.imageio import grey_from_colour
+
+        arr, photometric = grey_from_colour(arr, path, notes), "MONOCHROME2"
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DataError(str(path), f"photometric interpretation {photometric} is not a grayscale radiograph")
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)

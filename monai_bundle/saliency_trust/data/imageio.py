@@ -297,11 +297,17 @@ def read_input(path: str | Path, intensity_range: Sequence[float] | None = None,
     kind = suffix(path)
     if kind in VOLUME_SUFFIXES:
         ref = _sitk_read(path)
-        if ref.GetNumberOfComponentsPerPixel() != 1:
-            raise DataError(str(path), f"{ref.GetNumberOfComponentsPerPixel()}-component image; expected grayscale")
-        arr = _plane(sitk.GetArrayFromImage(ref), path)
+        components = ref.GetNumberOfComponentsPerPixel()
+        if components not in (1, 3, 4):
+            raise DataError(str(path), f"{components}-component image; expected grayscale")
+        stated = header_intensity_range(ref, path) if intensity_range is None else None
+        arr = sitk.GetArrayFromImage(ref)
+        if components > 1:  # an RGB(A) volume (a colour picture loaded in Slicer): grey content as luminance
+            arr = grey_from_colour(arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr, path, notes)
+            ref = sitk.VectorIndexSelectionCast(ref, 0)
+        arr = _plane(arr, path)
         if intensity_range is None:
-            intensity_range = header_intensity_range(ref, path)
+            intensity_range = stated
             if intensity_range is not None and notes is not None:
                 notes.append(f"intensity range [{intensity_range[0]:g}, {intensity_range[1]:g}] from the file's "
                              "header")
@@ -311,12 +317,14 @@ def read_input(path: str | Path, intensity_range: Sequence[float] | None = None,
         ref = sitk.GetImageFromArray(np.zeros(img.shape, np.float32))
         return img, ref
     if kind in DICOM_SUFFIXES or is_dicom(path):
-        img, geometry = read_dicom(path, frame=0)
+        img, geometry = read_dicom(path, frame=0, notes=notes)
         check_radiograph(geometry, path, accept_any, notes)
         check_size(img.shape[0], img.shape[1], path)
         ref = _sitk_read(path)
         if ref.GetDimension() == 3 and ref.GetSize()[2] > 1:  # a multi-frame image run on request: frame 0
             ref = ref[:, :, 0]
+        if ref.GetNumberOfComponentsPerPixel() > 1:  # an RGB radiograph read as luminance: its geometry only
+            ref = sitk.VectorIndexSelectionCast(ref, 0)
         if _plane(sitk.GetArrayFromImage(ref), path).shape != img.shape:
             raise DataError(str(path), "DICOM pixel data and geometry disagree in size")
         if intensity_range is not None:
