@@ -14,7 +14,8 @@ copy). The fakes follow Qt's documented rules, as PythonQt exposes them:
 * ``ctkPathLineEdit`` emits ``currentPathChanged`` on every ``setCurrentPath`` and on every
   keystroke of the user;
 * ``qMRMLNodeComboBox`` without a None item selects the first node of its types when the scene is
-  set or a node is added to an empty selection, and moves off a node that leaves the scene;
+  set or a node is added to an empty selection, and moves to the last node when its node leaves the
+  scene (``emitCurrentNodeChanged`` in Slicer's qMRMLNodeComboBox.cxx);
 * PythonQt prints an exception raised in a slot and goes on: here it is printed and recorded in
   :data:`ERRORS`, which the tests require to stay empty.
 """
@@ -872,7 +873,8 @@ class qMRMLNodeComboBox(QWidget):
         def removed(caller, event, node):
             if self._current is not None and node is self._current:
                 rest = [n for n in self.nodes() if n is not node]
-                self._set_current(None if self.noneEnabled or not rest else rest[0])
+                # qMRMLNodeComboBox::emitCurrentNodeChanged: without a None item it takes the last node
+                self._set_current(None if self.noneEnabled or not rest else rest[-1])
 
         self._tags = [(scene, scene.AddObserver(scene.NodeAddedEvent, added)),
                       (scene, scene.AddObserver(scene.NodeRemovedEvent, removed))]
