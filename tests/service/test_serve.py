@@ -354,6 +354,8 @@ def test_slicer_server_mode_builds_the_same_scene_as_local_mode(server, trained_
     assert table_rows(remote.table_node) == local_rows
     assert remote.prediction["probabilities"] == local.prediction["probabilities"]
     assert remote.prediction["server"]["model"] == "densenet121"
+    # The service's /info says the model learnt from SynthCXR images: the panel warns over its maps.
+    assert "synthetic SynthCXR images" in remote.training_note
     # The server run replaced the local run's nodes for this input (one run's nodes per input).
     assert not any(scene.IsNodePresent(n) for n in local.map_nodes.values())
     image, mask = L.prepare(volume, None, tmp_path / "srv_in")
