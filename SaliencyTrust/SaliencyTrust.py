@@ -130,6 +130,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self._modelDirTimer = None
         self._listedModelDir = None  # the model folder the choices were listed from
+        self._listedBundleDir = None  # and the bundle that listed them
         self._haveModels = False
         self._methodBoxes = {}
         self.results = None
@@ -165,6 +166,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelDirTimer.setInterval(400)
         self._modelDirTimer.timeout.connect(self.updateModelChoices)
         self.ui.modelPath.connect("currentPathChanged(QString)", self.onModelPathEdited)
+        self.ui.bundlePath.connect("currentPathChanged(QString)", self.onBundlePathEdited)
         self.ui.archSelector.connect("currentIndexChanged(int)", self.onArchChanged)
         self.ui.replicateSelector.connect("currentIndexChanged(int)", self.onReplicateChanged)
         self.ui.methodSelector.connect("currentIndexChanged(int)", self.onMethodChanged)
@@ -273,15 +275,23 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path != self._listedModelDir:
             self._modelDirTimer.start()
 
+    def onBundlePathEdited(self, path: str) -> None:
+        """The bundle reads the model folders: list them again with the new one, as for the model folder."""
+        if path != self._listedBundleDir:
+            self._modelDirTimer.start()
+
     def updateModelChoices(self) -> None:
         """Fill the model and replicate choices from the node's folder; say so when it has no usable model."""
         if not self._parameterNode:
             return
         path = str(self._parameterNode.modelDir)
-        self._listedModelDir = path
         bundle = self._parameterNode.bundleDir
-        choices = controller.model_choices(path, bundle)
-        message = controller.no_models_message(path, bundle)
+        self._listedModelDir, self._listedBundleDir = path, str(bundle)
+        try:
+            choices = controller.model_choices(path, bundle)
+            message = controller.no_models_message(path, bundle)
+        except lib.SaliencyTrustError as exc:  # the bundle folder holds no bundle: said, not raised in a slot
+            choices, message = {}, str(exc)
         self._haveModels = bool(choices)
         self.ui.modelStatusLabel.setText(message)
         self.ui.modelStatusLabel.setVisible(bool(message))

@@ -202,6 +202,14 @@ def test_setup_binds_every_field_and_enter_exit_connect_and_disconnect(app, mode
     assert [ui.replicateSelector.itemData(i) for i in range(ui.replicateSelector.count())] == [0, 1]
     ui.replicateSelector.currentIndex = 1
     assert node.replicate == 1
+    # A bundle folder without a bundle: said under the model folder (not raised in a slot), no Apply.
+    ui.bundlePath.setCurrentPath(str(model_folders["empty"]))
+    app.pump(lambda: True)
+    assert node.bundleDir == model_folders["empty"] and "No SaliencyTrust bundle" in ui.modelStatusLabel.text
+    assert not ui.applyButton.enabled
+    ui.bundlePath.setCurrentPath(str(REPO / "monai_bundle"))
+    app.pump(lambda: True)
+    assert ui.modelStatusLabel.text == "" and ui.applyButton.enabled
     # The node writes the widgets.
     node.opacity = 0.8
     assert ui.opacitySlider.value == pytest.approx(0.8)
