@@ -54,10 +54,22 @@ def study(out: Path, report: dict) -> tuple:
     return slicer, scene, volume
 
 
+def training_data(out: Path, report: dict) -> None:
+    """What *Train demo models* starts with: SynthCXR DICOMs written, then read back as a dataset."""
+    from saliency_trust.data import load_dataset
+    from saliency_trust.data.synth import generate
+
+    data = generate(out / "synth", "opacity", n=6, size=64, seed=5, progress=False)
+    dataset = load_dataset(data)
+    report.update(synth_records=len(dataset.records), synth_errors=len(dataset.errors))
+
+
 def run(out: Path, report: dict) -> None:
-    """The sample study, fixture models and the Lib's whole local run (bundle out of process)."""
+    """The sample study, fixture models and the Lib's whole local run (bundle out of process), and the
+    demo training's data."""
     from SaliencyTrustLib import logic as L
 
+    training_data(out, report)
     slicer, scene, volume = study(out, report)
     models = L.make_fixture_models(BUNDLE, out / "models", python=sys.executable)
     request = L.Request(bundle_dir=BUNDLE, model_dir=str(models), methods=("grad", "gradcam"), preset="quick",

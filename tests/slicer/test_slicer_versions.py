@@ -51,6 +51,7 @@ def test_sample_study_and_the_libs_run_on_slicer_510s_pydicom_numpy_and_scipy(tm
 
     np.testing.assert_array_equal(np.load(tmp_path / "slicer" / "study_image.npy"), read_dicom(here)[0])
     assert got["slicer_equals_pydicom"] and got["bits_stored"] == 12 and got["series_uid"].startswith("2.25.")
+    assert (got["synth_records"], got["synth_errors"]) == (6, 0)  # Train demo models' data: written, read back
     # The Lib's run: one overlay per method and a table; the maps equal the bundle's here on the same input.
     assert got["methods"] == ["grad", "gradcam"] and got["rows"] == 2
     cmd = got["command"]
