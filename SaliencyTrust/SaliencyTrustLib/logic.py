@@ -793,9 +793,12 @@ class Results:
         said = "present" if c == 1 else "absent"
         explained = self.prediction.get("explained_class", c)
         maps = "" if explained == c else f"; the maps explain class {explained}"
+        # What the reader decided about the input (a grey RGB picture read as luminance, an override): said too.
+        notes = (self.prediction.get("input") or {}).get("notes") or []
+        said_input = "".join(f" Input: {note}." for note in notes)
         return (f"{finding[:1].upper() + finding[1:]}: predicted {said} (p = {p[c]:.3f}){maps}. "
                 f"{self.prediction['model']['arch']} replicate {self.prediction['model']['replicate']}, "
-                f"{self.prediction['preset']} preset.")
+                f"{self.prediction['preset']} preset.{said_input}")
 
     def banner(self) -> str:
         """A warning naming every method that fails a dataset-level criterion ('' when none does)."""

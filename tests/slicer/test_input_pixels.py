@@ -174,3 +174,15 @@ def test_a_picture_loaded_in_colour_reaches_the_bundle_and_grey_content_is_read_
                                          nodeClassName="vtkMRMLVectorVolumeNode")
     with pytest.raises(L.InputVolumeError, match="2 components per voxel"):
         L.check_input_volume(two)
+
+
+def test_the_readers_notes_are_said_beside_the_prediction(scene):
+    """prediction.json's input.notes reach the panel's prediction line."""
+    prediction = {"probabilities": [0.2, 0.8], "predicted_class": 1, "task": "lung opacity", "preset": "quick",
+                  "model": {"arch": "densenet121", "replicate": 0},
+                  "input": {"notes": ["RGB picture of a grey radiograph with a coloured annotation on 0.78% of the "
+                                      "pixels: read as luminance"]}}
+    line = L.Results(prediction, {}, None, {}, Path(".")).summary()
+    assert line.startswith("Lung opacity: predicted present (p = 0.800)")
+    assert line.endswith("quick preset. Input: RGB picture of a grey radiograph with a coloured annotation on 0.78% "
+                         "of the pixels: read as luminance.")
