@@ -113,3 +113,4 @@ def test_the_lib_parses_on_python_39_so_slicer_58_can_say_what_it_needs():
         assert not annotated or "annotations" in futures, f"{path.name}: annotations would be evaluated on 3.9"
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
         assert not [n.lineno for n in calls if any(k.arg == "strict" for k in n.keywords)], path.name
+    ast.parse((LIB.parent / "SaliencyTrust.py").read_text(), feature_version=(3, 9))  # the module file loads too
