@@ -78,7 +78,8 @@ def test_assessment_writes_results_and_resumes_identically(setup):
     assert list(rows[0]) == CSV_COLUMNS
     for r in rows:
         p_pred = float(r["predicted_probability"])
-        assert 0.5 <= p_pred <= 1 and r["explained_class"] == r["predicted_class"] and r["randomized_state"] == "transition1"
+        assert 0.5 <= p_pred <= 1 and r["explained_class"] == r["predicted_class"]
+        assert r["randomized_state"] == "transition1"
     saved = strict_json(out / "results.json")
     assert load_results(out / "results.json") == first
     assert saved["verdicts"]["grad"]["utility"]["passed"] == first.verdict("grad", "utility").passed
@@ -137,7 +138,7 @@ def test_trust_config_runs_through_monai_bundle(setup, tmp_path):
     assert res["provenance"]["config"]["randomization_target"] == "own"
     assert res["randomization"][0]["verdict_state"] == "Mixed_5c" and res["randomization"][0]["beyond_paper"] == [
         "Mixed_5b"]
-    assert "values per method" in r.stdout  # how many images each criterion used
+    assert "images per method" in r.stdout  # how many images each criterion used
 
 
 @pytest.mark.slow
@@ -242,7 +243,8 @@ def test_split_image_size_and_missing_ground_truth(setup, tmp_path):
     assert res.data["prior"].startswith("leave-one-out") and any("leave-one-out" in d for d in res.deviations)
     assert res.verdict("grad", "utility").n == 5 and res.verdict("grad", "repeatability").n == 5
     auto = run_assessment(ds, tmp_path / "auto", cls, **kw)  # no split file: every image, said so
-    assert auto.n_images == 5 and auto.data["split"] == "auto: every image (no split file)"
+    assert auto.n_images == 5 and auto.data["split"] == (
+        "auto: every image (no split file, and no model's training record names this dataset)")
     ids = tmp_path / "ids.txt"
     ids.write_text("id\nim1\nim3\nim4\n")
     listed = run_assessment(ds, tmp_path / "listed", cls, split=str(ids), **kw)

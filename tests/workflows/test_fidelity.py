@@ -199,9 +199,9 @@ def test_each_model_explains_its_own_finding_class(unsplit, tmp_path):
     other = tmp_path / "flipped"
     other.mkdir()
     torch.manual_seed(3)
-    torch.save(get_network("inception_v3").state_dict(), other / "w.pt")
+    torch.save(get_network("resnet50").state_dict(), other / "w.pt")
     (other / "model.json").write_text(json.dumps({
-        "schema_version": 1, "network": "inception_v3", "weights": "w.pt",
+        "schema_version": 1, "network": "resnet50", "weights": "w.pt",
         "input": {"size": 64, "channels": 3, "normalization": {"range": [-1.0, 1.0]}},
         "classes": ["lung opacity", "no opacity"], "finding_class": 0}))
     plan = _plan(tmp_path, data, [{"model": models / "densenet121", "replicates": [0]}, other],
@@ -216,7 +216,7 @@ def test_a_partly_relu_network_gets_guided_backprop_with_the_caveat_stated(unspl
     folder.mkdir()
     manifest = {"schema_version": 1, "network": {"_target_": "torchvision.models.mobilenet_v3_small", "num_classes": 2},
                 "weights": "w.pt", "input": {"size": 64, "channels": 3, "normalization": {"preset": "imagenet"}},
-                "cam_layer": "features", "randomization_blocks": [{"name": "logits", "modules": ["classifier"]},
+                "classes": ["no opacity", "lung opacity"], "cam_layer": "features", "randomization_blocks": [{"name": "logits", "modules": ["classifier"]},
                                                                   {"name": "features", "modules": ["features"]}]}
     torch.save(ModelFolder(folder, manifest)._construct().state_dict(), folder / "w.pt")
     (folder / "model.json").write_text(json.dumps(manifest))
