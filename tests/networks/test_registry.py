@@ -62,6 +62,15 @@ def test_local_pretrained_weights_skip_mismatched_head(tmp_path):
     a, b = src.state_dict(), net.state_dict()
     assert torch.equal(a["features.conv0.weight"], b["features.conv0.weight"])
     assert b["classifier.weight"].shape == (2, 1024)
+    # Weights whose keys do not fit (an older naming, another network) are refused, never half-loaded: a
+    # "pretrained" network that is mostly random would be a silent lie in the deviations.
+    renamed = {k.replace("norm1", "norm.1"): v for k, v in src.state_dict().items()}
+    torch.save(renamed, tmp_path / "renamed.pt")
+    with pytest.raises(ValueError, match="only the classification head may differ"):
+        get_network("densenet121", pretrained=tmp_path / "renamed.pt")
+    torch.save(get_network("resnet50", num_classes=1000).state_dict(), tmp_path / "resnet.pt")
+    with pytest.raises(ValueError, match="do not load"):
+        get_network("densenet121", pretrained=tmp_path / "resnet.pt")
 
 
 def test_weights_only_refuses_pickled_objects(tmp_path):

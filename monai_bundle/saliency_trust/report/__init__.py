@@ -45,6 +45,7 @@ class ReportInputs:
     agreement_examples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # column -> method -> [H, W]
     threshold: float = 0.5
     example: int = 0
+    state_replicates: dict[str, np.ndarray] = field(default_factory=dict)  # [R, S]: each replicate's curve
 
 
 def _atomic(path: Path, data: bytes) -> None:
@@ -74,7 +75,7 @@ def _render_figures(inputs: ReportInputs) -> dict[str, bytes]:
     }
     if r.states:
         out["randomization.png"] = figures.randomization_figure(r.methods, r.states, r.state_ssim, r.state_baseline,
-                                                                r.verdict_state)
+                                                                r.verdict_state, r.state_replicates or None)
         out["randomization_examples.png"] = figures.state_examples_figure(
             r.methods, r.states, r.images[e], {m: r.trained_maps[m][e] for m in r.methods}, r.state_examples)
     if r.agreement_examples:

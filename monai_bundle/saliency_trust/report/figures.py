@@ -102,11 +102,14 @@ def utility_figure(methods: Sequence[str], auprc: Mapping[str, np.ndarray], untr
 
 
 def randomization_figure(methods: Sequence[str], states: Sequence[str], ssim: Mapping[str, np.ndarray],
-                         baseline: Mapping[str, float], verdict_state: str | None = None) -> bytes:
-    """Mean SSIM (95 % band over images) to the trained map per cascading state, with the baseline.
+                         baseline: Mapping[str, float], verdict_state: str | None = None,
+                         replicates: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """Mean SSIM to the trained map per cascading state, with the baseline.
 
-    A dotted vertical line marks the state the verdict reads; states after it (beyond the paper's
-    cascade) are shaded.
+    With ``replicates`` (per method ``[R, S]``: each randomized replicate's mean over images per
+    state) and R >= 2 the curve is the mean over replicates with a +- SD band, as the paper drew it;
+    otherwise the mean over images of ``ssim`` (``[S, N]``) with its 95 % band. A dotted vertical line
+    marks the state the verdict reads; states after it (beyond the paper's cascade) are shaded.
     """
     plt = _plt()
     cols = min(4, len(methods))
@@ -115,11 +118,16 @@ def randomization_figure(methods: Sequence[str], states: Sequence[str], ssim: Ma
     x = np.arange(len(states) + 1)
     for k, m in enumerate(methods):
         ax = axes[k // cols][k % cols]
-        per_state = np.asarray(ssim[m], dtype=float)  # [S, N]
-        mean = np.concatenate([[1.0], np.nanmean(per_state, 1)])
-        sd = np.concatenate([[0.0], np.nanstd(per_state, 1)])
-        nn = np.concatenate([[1], np.isfinite(per_state).sum(1)])
-        half = 1.96 * sd / np.sqrt(np.maximum(nn, 1))
+        reps = np.asarray(replicates[m], dtype=float) if replicates is not None and m in replicates else None
+        if reps is not None and reps.shape[0] >= 2:  # the paper's band: mean +- SD over replicates
+            mean = np.concatenate([[1.0], np.nanmean(reps, 0)])
+            half = np.concatenate([[0.0], np.nanstd(reps, 0, ddof=1)])
+        else:
+            per_state = np.asarray(ssim[m], dtype=float)  # [S, N]
+            mean = np.concatenate([[1.0], np.nanmean(per_state, 1)])
+            sd = np.concatenate([[0.0], np.nanstd(per_state, 1)])
+            nn = np.concatenate([[1], np.isfinite(per_state).sum(1)])
+            half = 1.96 * sd / np.sqrt(np.maximum(nn, 1))
         ax.plot(x, mean, "o-", ms=3, color="#3b75af")
         ax.fill_between(x, mean - half, mean + half, color="#3b75af", alpha=0.25)
         if np.isfinite(baseline[m]):
@@ -136,8 +144,10 @@ def randomization_figure(methods: Sequence[str], states: Sequence[str], ssim: Ma
             ax.set_ylabel("SSIM to trained map")
     for k in range(len(methods), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    fig.suptitle("Cascading randomization, top block first (dashed: SSIM between maps of different images; "
-                 "dotted: the state the verdict reads; shaded: beyond the paper's cascade)", fontsize=9)
+    band = ("mean +- SD over the randomized replicates" if replicates is not None
+            and any(np.asarray(v).shape[0] >= 2 for v in replicates.values()) else "95 % band over images")
+    fig.suptitle(f"Cascading randomization, top block first ({band}; dashed: SSIM between maps of different "
+                 "images; dotted: the state the verdict reads; shaded: beyond the paper's cascade)", fontsize=9)
     fig.tight_layout()
     return _png(fig)
 

@@ -938,7 +938,9 @@ def write_outputs(plan: Plan, maps: Maps, scores: Scores, results: Results, repo
             repeat=scores.repeat, reprod=scores.reprod, agreement_baseline=scores.loc_agreement,
             repeat_chance=scores.repeat_chance, reprod_chance=scores.reprod_chance,
             agreement_examples={name: {m: mp[m][e].numpy() for m in methods} for name, mp in columns.items()},
-            threshold=plan.threshold, example=e)
+            threshold=plan.threshold, example=e,
+            state_replicates={m: np.stack([_nanmean0(r["ssim"][m].numpy().T) for r in maps.randomization])
+                              for m in methods} if first else {})
         path = write_report(out, results, inputs)
         log.info("report: %s", path)
     # Last: a results.json on disk means everything beside it is complete.
