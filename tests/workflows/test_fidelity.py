@@ -216,8 +216,9 @@ def test_a_partly_relu_network_gets_guided_backprop_with_the_caveat_stated(unspl
     folder.mkdir()
     manifest = {"schema_version": 1, "network": {"_target_": "torchvision.models.mobilenet_v3_small", "num_classes": 2},
                 "weights": "w.pt", "classes": ["no opacity", "lung opacity"], "cam_layer": "features",
-                "input": {"size": 64, "channels": 3, "normalization": {"preset": "imagenet"}}, "randomization_blocks": [{"name": "logits", "modules": ["classifier"]},
-                                                                  {"name": "features", "modules": ["features"]}]}
+                "input": {"size": 64, "channels": 3, "normalization": {"preset": "imagenet"}},
+                "randomization_blocks": [{"name": "logits", "modules": ["classifier"]},
+                                         {"name": "features", "modules": ["features"]}]}
     torch.save(ModelFolder(folder, manifest)._construct().state_dict(), folder / "w.pt")
     (folder / "model.json").write_text(json.dumps(manifest))
     full = plan_assessment(data, tmp_path / "p2", [folder], [], preset="quick", n_images=4, device="cpu")
