@@ -117,6 +117,28 @@ def test_each_bad_field_is_refused_with_its_name(tmp_path, case):
     assert words in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("target", ["subprocess.run", "os.system", "builtins.exec"])
+def test_a_target_that_is_not_a_module_class_is_never_called(tmp_path, target):
+    """model.json names a callable with arguments that would create a file: refused before any call."""
+    marker = tmp_path / "created"
+    args = {"subprocess.run": {"args": ["touch", str(marker)]},
+            "os.system": {"command": f"touch {marker}"},
+            "builtins.exec": {"source": f"open({str(marker)!r}, 'w').close()"}}[target]
+    manifest = _set(_valid(), {"_target_": target, **args}, "network")
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "w.pt").write_bytes(b"")
+    (folder / "model.json").write_text(json.dumps(manifest))
+    for attempt in (lambda f: f.build(), lambda f: f.load()):
+        with pytest.raises(ManifestError, match="not a torch.nn.Module class"):
+            attempt(ModelFolder.open(folder))
+    assert not marker.exists()
+    # torchvision's registered builders and Module classes stay allowed.
+    ok = _set(_valid(), {"_target_": "torchvision.models.resnet18", "num_classes": 2}, "network")
+    ok["input"] = {"size": 64, "channels": 3, "normalization": {"preset": "imagenet"}}
+    assert ModelFolder.open(_folder(tmp_path, ok, name="builder")).load() is not None
+
+
 def test_layers_and_outputs_are_checked_when_the_network_is_built(tmp_path):
     cases = {
         "cam_layer": (_set(_valid(), "features.nowhere", "cam_layer"), "field 'cam_layer' names 'features.nowhere'"),

@@ -460,6 +460,9 @@ class ModelFolder:
         except (ImportError, AttributeError) as exc:
             raise ManifestError(f"{self.folder / MANIFEST}: field 'network._target_' names {target!r}, which "
                                 f"cannot be imported ({type(exc).__name__}: {exc})") from None
+        if not _safe_factory(factory):
+            raise ManifestError(f"{self.folder / MANIFEST}: field 'network._target_' names {target!r}, which is not a "
+                                "torch.nn.Module class (nor a torchvision model builder); nothing else is called")
         kwargs = {k: v for k, v in net_spec.items() if k != "_target_"}
         try:
             net = factory(**kwargs)
@@ -619,6 +622,22 @@ class ModelFolder:
         if family_defaults(net).get("verdict_keep"):
             return "the paper's depth for this family: the stem and the first block are never randomized"
         return "the paper's final state (InceptionV3 mixed1 = Mixed_5c; mixed0 and the stem kept)"
+
+
+def _safe_factory(factory: Any) -> bool:
+    """Whether ``model.json`` may call ``factory``: a ``torch.nn.Module`` subclass, or one of torchvision's
+    registered model builders (``torchvision.models.list_models()``). Checked before anything is called,
+    so a manifest naming ``subprocess.run`` or ``os.system`` runs nothing."""
+    import torch
+
+    if isinstance(factory, type):
+        return issubclass(factory, torch.nn.Module)
+    try:
+        from torchvision import models
+
+        return any(models.get_model_builder(name) is factory for name in models.list_models())
+    except (ImportError, AttributeError, ValueError):
+        return False
 
 
 def family_defaults(net: Any) -> dict[str, Any]:
