@@ -26,8 +26,10 @@ as ``file``, an optional ``label`` (our ``mask``) and a JSON ``params`` field ho
 ``preset``, ``replicate``, ``checks`` and ``method`` (the map to send back; the first method by
 default). Such a request is answered as MONAI Label answers: a multipart reply of the JSON
 ``params`` (our prediction, links to every map) and the one map as a NIfTI file named ``image``;
-``?output=json`` gives the JSON alone, ``?output=image`` the map alone. This service keeps no
-datastore, so an image id without a file is refused with a sentence saying so.
+``?output=json`` gives the JSON alone, ``?output=image`` the map alone. An image can also be sent
+ahead as MONAI Label's clients do: ``PUT /datastore/?image=<id>`` (then ``/infer`` by that id) or
+``PUT /session/`` (then ``/infer`` with ``?session_id=``; ``GET`` and ``DELETE /session/{id}``); such
+images expire like results. An id with nothing uploaded is refused with a sentence saying so.
 
 Requests are queued for one worker thread that owns the device and keeps one instance of each
 network; a request waits at most ``--timeout`` seconds (queue time included) and then gets 504.
@@ -151,6 +153,9 @@ class State:
     max_queue: int
     device: str | None
     results: dict[str, Result] = field(default_factory=dict)
+    #: images uploaded ahead of ``/infer`` the MONAI Label way (``PUT /datastore/``, ``PUT /session/``), by
+    #: ``("image", id)`` or ``("session", id)``; they expire like results
+    uploads: dict[tuple[str, str], Result] = field(default_factory=dict)
     #: jobs waiting or running, by the ``request_id`` their client gave (what ``POST /cancel`` stops)
     jobs: dict[str, asyncio.Future] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -166,7 +171,17 @@ class State:
             gone = [k for k, r in self.results.items() if r.expires <= now]
             for k in gone:
                 shutil.rmtree(self.results.pop(k).folder, ignore_errors=True)
+            old = [k for k, r in self.uploads.items() if r.expires <= now]
+            for k in old:
+                shutil.rmtree(self.uploads.pop(k).folder, ignore_errors=True)
         return len(gone)
+
+    def stored(self, kind: str, key: str | None) -> Path | None:
+        """An image uploaded ahead (``kind`` ``image`` or ``session``) that has not expired, or None."""
+        self.sweep()
+        with self.lock:
+            up = self.uploads.get((kind, key)) if key else None
+        return up.files["image"] if up is not None and up.files["image"].is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +190,8 @@ class State:
 
 #: What a MONAI Label ``params`` object may set here (anything else, such as ``client_id``, is ignored).
 MONAI_LABEL_PARAMS = ("methods", "preset", "replicate", "checks", "method", "accept_any_input")
+#: Images uploaded ahead (datastore and sessions) kept at most at once.
+MAX_UPLOADS = 256
 #: MONAI Label's ``?output=``: the multipart reply (``all``, its default), the JSON alone or the map alone.
 MONAI_LABEL_OUTPUTS = ("all", "json", "image")
 
@@ -196,7 +213,7 @@ def monai_label_model_info(m: Model) -> dict:
 class RequestShape:
     """One ``/infer`` request, ours or MONAI Label's, reduced to the upload(s) and the options."""
 
-    image: UploadFile
+    image: UploadFile | Path  # a Path: an image uploaded ahead (datastore or session)
     mask: UploadFile | None
     options: dict
     monai_label: bool
@@ -206,18 +223,20 @@ class RequestShape:
 
 def request_shape(image: UploadFile | None, file: UploadFile | None, mask: UploadFile | None,
                   label: UploadFile | None, params: str | None, image_id: str | None,
-                  output: str | None) -> RequestShape:
-    """Which shape a request has (any of MONAI Label's fields makes it MONAI Label's) and what it asks for."""
-    monai_label = any(x is not None for x in (file, label, params, image_id, output))
+                  output: str | None, stored: Path | None = None) -> RequestShape:
+    """Which shape a request has (any of MONAI Label's fields makes it MONAI Label's) and what it asks for.
+    ``stored`` is the image uploaded ahead under the request's image id or session, used when none is sent."""
+    monai_label = any(x is not None for x in (file, label, params, image_id, output, stored))
     if image is not None and file is not None:
         raise HTTPException(422, "send the image once, as 'image' or as 'file' (MONAI Label), not both")
     if mask is not None and label is not None:
         raise HTTPException(422, "send the mask once, as 'mask' or as 'label' (MONAI Label), not both")
-    upload = image if image is not None else file
+    upload = image if image is not None else file if file is not None else stored
     if upload is None:
         if image_id:
-            raise HTTPException(422, "this service keeps no datastore, so an image id alone cannot be explained; "
-                                     "send the image itself as the multipart field 'file' (or 'image')")
+            raise HTTPException(422, f"no image {image_id!r} here (never uploaded, or expired) and no file sent: "
+                                     "upload it first (PUT /datastore/?image=<id>, or a session) or send it as "
+                                     "the multipart field 'file'")
         raise HTTPException(422, "no image: send it as the multipart field 'image' (or 'file', as MONAI Label does)")
     options: dict = {}
     if params:
@@ -357,13 +376,19 @@ def create_app(state: State) -> FastAPI:
                     accept_any_input: bool | None = Form(None), request_id: str | None = Form(None),
                     file: UploadFile | None = File(None), label: UploadFile | None = File(None),
                     params: str | None = Form(None), image_id: str | None = Query(None, alias="image"),
-                    output: str | None = Query(None)) -> Any:
+                    output: str | None = Query(None), session_id: str | None = Query(None)) -> Any:
         """Explain one image: prediction, live checks, verdicts and links to the maps.
 
         Ours: the upload ``image`` (and ``mask``) with form fields. MONAI Label's: the upload ``file``
         (and ``label``), a JSON ``params`` field and ``?image=<id>&output=``; answered as MONAI Label does.
         """
-        shape = request_shape(image, file, mask, label, params, image_id, output)
+        stored = None
+        if image is None and file is None:
+            stored = state.stored("session", session_id) if session_id else state.stored("image", image_id)
+            if session_id and stored is None:
+                raise HTTPException(422, "no such session (never created, removed or expired): create one with "
+                                         "PUT /session/ or send the image as 'file'")
+        shape = request_shape(image, file, mask, label, params, image_id, output, stored)
         options = shape.options | {k: v for k, v in {"methods": methods, "preset": preset, "replicate": replicate,
                                                      "checks": checks, "accept_any_input": accept_any_input}.items()
                                  if v is not None}
@@ -397,7 +422,11 @@ def create_app(state: State) -> FastAPI:
         t0 = time.time()
         running = None
         try:
-            img_path = await save_upload(image, folder / "in", "image")
+            if isinstance(image, Path):  # uploaded ahead: a copy, so the stored image outlives this request
+                img_path = folder / "in" / image.name
+                shutil.copyfile(image, img_path)
+            else:
+                img_path = await save_upload(image, folder / "in", "image")
             mask_path = await save_upload(mask, folder / "in", "mask") if mask is not None else None
             with state.lock:
                 if state.pending >= state.max_queue:
@@ -470,6 +499,58 @@ def create_app(state: State) -> FastAPI:
             raise HTTPException(404, "no such job waiting or running (it may have ended)")
         waiting.cancel()
         return {"cancelled": True, "request_id": request_id}
+
+    async def store(kind: str, key: str, upload: UploadFile) -> dict:
+        with state.lock:
+            if len(state.uploads) >= MAX_UPLOADS and (kind, key) not in state.uploads:
+                raise HTTPException(503, f"{MAX_UPLOADS} uploaded images are waiting; retry when some expire")
+        folder = state.work / "uploads" / uuid.uuid4().hex  # never a name from the request
+        folder.mkdir(parents=True)
+        try:
+            path = await save_upload(upload, folder, "image")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        with state.lock:
+            old = state.uploads.pop((kind, key), None)
+            state.uploads[(kind, key)] = Result(folder, {"image": path}, state.clock() + state.ttl)
+        if old is not None:
+            shutil.rmtree(old.folder, ignore_errors=True)
+        return {"expires_in_s": state.ttl}
+
+    @app.put("/datastore/")
+    @app.put("/datastore", include_in_schema=False)
+    async def datastore_upload(file: UploadFile = File(...), image_id: str | None = Query(None, alias="image"),
+                               params: str | None = Form(None)) -> dict:
+        """MONAI Label's image upload: kept under ``image`` (or a new id) until it expires, for ``/infer``."""
+        key = image_id or uuid.uuid4().hex
+        return {"image": key, **await store("image", key, file)}
+
+    @app.put("/session/")
+    @app.put("/session", include_in_schema=False)
+    async def session_create(files: list[UploadFile] = File(...), params: str | None = Form(None)) -> dict:
+        """MONAI Label's session: the uploaded image kept under a new session id until it expires."""
+        if len(files) != 1:
+            raise HTTPException(422, f"a session holds one radiograph; {len(files)} files were sent")
+        sid = uuid.uuid4().hex
+        return {"session_id": sid, **await store("session", sid, files[0])}
+
+    @app.get("/session/{sid}")
+    def session_get(sid: str) -> dict:
+        """A session that has not expired (404 otherwise)."""
+        if state.stored("session", sid) is None:
+            raise HTTPException(404, "no such session (it may have expired)")
+        return {"session_id": sid}
+
+    @app.delete("/session/{sid}")
+    def session_remove(sid: str) -> dict:
+        """Remove a session and its image."""
+        with state.lock:
+            up = state.uploads.pop(("session", sid), None)
+        if up is None:
+            raise HTTPException(404, "no such session (it may have expired)")
+        shutil.rmtree(up.folder, ignore_errors=True)
+        return {"session_id": sid, "removed": True}
 
     @app.get("/results/{rid}/{name:path}")
     def results(rid: str, name: str):

@@ -430,12 +430,32 @@ def test_monai_labels_own_client_gets_info_and_an_inference_with_its_map(server,
     assert sitk.ReadImage(image_out).GetSize() == sitk.ReadImage(str(dicom)).GetSize()
     # The other maps stay downloadable by the links in the params, as for our own clients.
     np.testing.assert_array_equal(_download(server, reply)["grad"], want["grad"])
-    # Without params the first method's map comes back; an image id alone is refused in one sentence (no datastore).
+    # Without params the first method's map comes back; an image id never uploaded is refused in one sentence.
     image_out, reply = client.infer("densenet121", "case-0001", {"methods": "grad", "checks": False}, file=str(dicom))
     assert reply["file"]["method"] == "grad" and Path(image_out).is_file()
     with pytest.raises(ml.MONAILabelClientException) as refused:
         client.infer("densenet121", "case-0001", {"methods": ["grad"]})
-    assert "Status: 422" in refused.value.msg and "no datastore" in refused.value.msg
+    assert "Status: 422" in refused.value.msg and "never uploaded" in refused.value.msg
+    # MONAI Label's two ways of sending the image ahead: its datastore upload (then infer by image id), and a
+    # session (what its Slicer module does with a volume loaded in Slicer). A fresh client per call, as its Slicer
+    # module makes them: the client's multipart calls leave their Content-Type and -Length in its auth headers.
+    def fresh():
+        c = ml.MONAILabelClient(server["url"], tmpdir=str(tmp_path / "client"))
+        c.update_auth({"token_type": "Bearer", "access_token": TOKEN})
+        return c
+
+    assert fresh().upload_image(str(dicom), image_id="case-0001")["image"] == "case-0001"
+    image_out, reply = fresh().infer("densenet121", "case-0001", {"methods": ["gradcam"], "checks": False})
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(image_out)), want["gradcam"])
+    session = fresh().create_session(str(dicom))["session_id"]
+    assert fresh().get_session(session)["session_id"] == session
+    image_out, reply = fresh().infer("densenet121", "ignored", {"methods": ["grad"], "checks": False},
+                                     session_id=session)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(image_out)), want["grad"])
+    assert fresh().remove_session(session)["removed"]
+    with pytest.raises(ml.MONAILabelClientException) as gone:
+        fresh().infer("densenet121", "ignored", {"methods": ["grad"]}, session_id=session)
+    assert "Status: 422" in gone.value.msg and "no such session" in gone.value.msg
     other = ml.MONAILabelClient(server["url"], tmpdir=str(tmp_path / "client"))
     with pytest.raises(ml.MONAILabelClientException) as unauthorized:
         other.info()
