@@ -101,7 +101,7 @@ def test_upload_dicom_gives_the_local_maps_and_info_lists_the_model(server, trai
     r = _post(server, trained_bundle["dicom"], checks="true")
     assert r.status_code == 200, r.text
     res = r.json()
-    assert len(res["probabilities"]) == 2 and set(res["checks"]) == {"repeatability", "randomization"}
+    assert len(res["probabilities"]) == 2 and {"repeatability", "randomization"} <= set(res["checks"])
     assert res["verdicts"]["methods"]["grad"] is not None
     got = _download(server, res)
     want = _local(trained_bundle, trained_bundle["dicom"], tmp_path / "local")
