@@ -92,7 +92,7 @@ def test_maps_lie_on_the_input_grid_with_checks_and_mask(models, rsna_synth, tmp
                         preset="quick", mask=tmp_path / "gt.nii.gz", map_format="nifti", device="cpu")
     assert res["model"]["image_size"] == 64 and abs(sum(res["probabilities"]) - 1) < 1e-6
     assert res["checks"]["repeatability"]["against"] == "densenet121_seed1.pt"
-    assert res["checks"]["randomization"]["state"] == "conv0"
+    assert res["checks"]["randomization"]["state"] == "transition1"  # the paper's depth: stem and first block kept
     assert set(res["checks"]["auprc"]) == {"grad", "gradcam"} and res["checks"]["mask_pixels"] == 800
     assert res["verdicts"] is None  # no results.json beside these weights
     for meth in ("grad", "gradcam"):

@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,25 @@ def _scored(values: dict[str, torch.Tensor]) -> tuple[dict[str, float | None], l
     return out, blank_maps
 
 
-def _live_checks(folder: ModelFolder, net: torch.nn.Module, replicate: int, x: torch.Tensor, maps: dict,
-                 grid_maps: dict, target: torch.Tensor, gt: np.ndarray | None, methods: list[str], preset: str,
-                 seed: int, settings: dict, assessed: Any, dev: torch.device, cache: bool, full: bool) -> dict:
+@dataclass(frozen=True)
+class _Explained:
+    """One image explained by one model: what every live check needs."""
+
+    folder: ModelFolder
+    net: torch.nn.Module
+    replicate: int
+    x: torch.Tensor  # the network's input [1, C, S, S]
+    maps: dict  # method -> [1, S, S]
+    target: torch.Tensor  # the explained class [1]
+    methods: list[str]
+    preset: str
+    seed: int
+    settings: dict  # explain settings (Grad-CAM layer, IG baseline, resize)
+    device: torch.device
+    cache: bool
+
+
+def _live_checks(e: _Explained, grid_maps: dict, gt: np.ndarray | None, assessed: Any, *, full: bool) -> dict:
     """This image's checks, scored as the study scores them.
 
     The same functions as the assessment: SSIM through :func:`~saliency_trust.criteria.defined_ssim` and
@@ -129,56 +146,51 @@ def _live_checks(folder: ModelFolder, net: torch.nn.Module, replicate: int, x: t
     if cfg.get("data_range") is not None:
         data_range, source = float(cfg["data_range"]), "the results.json beside the model"
     else:
-        data_range, source = (2.0 if preset == "paper" else 1.0), f"the {preset} preset's default"
-    rule = cfg.get("randomization_target") or ("own" if preset == "paper" else "trained")
+        data_range, source = (2.0 if e.preset == "paper" else 1.0), f"the {e.preset} preset's default"
+    rule = cfg.get("randomization_target") or ("own" if e.preset == "paper" else "trained")
     live: dict = {"data_range": data_range, "data_range_source": source, "blank": {}}
     if full:
-        live["repeatability"] = _repeatability_here(folder, replicate, x, maps, target, methods, preset, seed,
-                                                    settings, data_range, dev, cache, live["blank"])
-        live["randomization"] = _randomization_here(folder, net, x, maps, target, methods, preset, seed, settings,
-                                                    data_range, rule, live["blank"])
+        live["repeatability"] = _repeatability_here(e, data_range, live["blank"])
+        live["randomization"] = _randomization_here(e, data_range, rule, live["blank"])
     if gt is not None:
         g = torch.from_numpy(gt)[None]
-        scores = {m: utility_scores(torch.from_numpy(grid_maps[m])[None].double(), g)["auprc"] for m in methods}
+        scores = {m: utility_scores(torch.from_numpy(grid_maps[m])[None].double(), g)["auprc"] for m in e.methods}
         live["auprc"], live["blank"]["auprc"] = _scored(scores)
         live["mask_pixels"] = int(gt.sum())
     return live
 
 
-def _repeatability_here(folder: ModelFolder, replicate: int, x: torch.Tensor, maps: dict, target: torch.Tensor,
-                        methods: list[str], preset: str, seed: int, settings: dict, data_range: float,
-                        dev: torch.device, cache: bool, blank: dict) -> dict:
+def _repeatability_here(e: _Explained, data_range: float, blank: dict) -> dict:
     """SSIM between this replicate's maps and another replicate's on this image."""
     from saliency_trust.criteria import defined_ssim
 
-    others = [k for k in folder.replicates if k != replicate]
+    others = [k for k in e.folder.replicates if k != e.replicate]
     if not others:
         return {"against": None, "ssim": None, "why": "the model folder has no other replicate"}
-    other, _ = _network(folder, others[0], dev, cache)
-    om = explain(other, x, methods, targets=target, preset=preset, seed=seed, **settings)
-    values, blank["repeatability"] = _scored({m: defined_ssim(maps[m], om[m], data_range) for m in methods})
-    return {"against": folder.weights(others[0]).name, "replicate": others[0], "ssim": values}
+    other, _ = _network(e.folder, others[0], e.device, e.cache)
+    om = explain(other, e.x, e.methods, targets=e.target, preset=e.preset, seed=e.seed, **e.settings)
+    values, blank["repeatability"] = _scored({m: defined_ssim(e.maps[m], om[m], data_range) for m in e.methods})
+    return {"against": e.folder.weights(others[0]).name, "replicate": others[0], "ssim": values}
 
 
-def _randomization_here(folder: ModelFolder, net: torch.nn.Module, x: torch.Tensor, maps: dict, target: torch.Tensor,
-                        methods: list[str], preset: str, seed: int, settings: dict, data_range: float, rule: str,
-                        blank: dict) -> dict:
+def _randomization_here(e: _Explained, data_range: float, rule: str, blank: dict) -> dict:
     """SSIM between the trained maps and the maps of the model randomized down to its verdict block."""
     from saliency_trust.criteria import defined_ssim
     from saliency_trust.networks import UnchangedError
 
-    if folder.format == "torchscript":
+    if e.folder.format == "torchscript":
         return {"state": None, "ssim": None,
                 "why": "a TorchScript model's layers cannot be re-initialized (no reset_parameters)"}
-    verdict = folder.verdict_block(net)
+    verdict = e.folder.verdict_block(e.net)
+    blocks = e.folder.randomization_blocks(e.net)
     try:
-        state = next(s for name, s in randomization_states(net, folder.randomization_blocks(net), mode="cascading",
-                                                           seed=seed) if name == verdict)
+        state = next(s for name, s in randomization_states(e.net, blocks, mode="cascading", seed=e.seed)
+                     if name == verdict)
     except UnchangedError as exc:
         return {"state": verdict, "ssim": None, "why": str(exc)}
-    t = predict(state, x).argmax(1) if rule == "own" else target
-    rm = explain(state, x, methods, targets=t, preset=preset, seed=seed, **settings)
-    values, blank["randomization"] = _scored({m: defined_ssim(maps[m], rm[m], data_range) for m in methods})
+    t = predict(state, e.x).argmax(1) if rule == "own" else e.target
+    rm = explain(state, e.x, e.methods, targets=t, preset=e.preset, seed=e.seed, **e.settings)
+    values, blank["randomization"] = _scored({m: defined_ssim(e.maps[m], rm[m], data_range) for m in e.methods})
     return {"state": verdict, "mode": "cascading", "target": rule, "explained_class": int(t[0]), "ssim": values}
 
 
@@ -264,8 +276,8 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
         write_map(out / files[m], grid_maps[m], ref)
 
     assessed, verdicts = _assessment_beside(folder, methods, weights_sha)
-    live = _live_checks(folder, net, replicate, x, maps, grid_maps, target, gt, methods, preset, seed, settings,
-                        assessed, dev, cache, checks) if checks or gt is not None else {}
+    explained = _Explained(folder, net, replicate, x, maps, target, methods, preset, seed, settings, dev, cache)
+    live = _live_checks(explained, grid_maps, gt, assessed, full=checks) if checks or gt is not None else {}
     result = {
         "schema_version": SCHEMA_VERSION,
         "input": {"shape": list(img.shape), "spacing": list(ref.GetSpacing()),
