@@ -538,7 +538,7 @@ class ModelFolder:
             field_name = "classes" if self.kind == "classifier" else "kind"
             raise ManifestError(f"{where}: the network returns {list(y.shape)} for a batch of 2, expected "
                                 f"{list(want)} (field '{field_name}')")
-        from saliency_trust.saliency.guided import has_relu, other_activations
+        from saliency_trust.networks.activations import has_relu, other_activations
 
         self._probe = {"relu": has_relu(y), "other": other_activations(y)}
 

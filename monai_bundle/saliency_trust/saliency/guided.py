@@ -24,65 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from saliency_trust.networks.activations import has_relu, other_activations, relu_nodes  # noqa: F401
+
 _RELUS = {F.relu, torch.relu, torch.Tensor.relu}
 _RELUS_INPLACE = {torch.relu_, torch.Tensor.relu_}
 if hasattr(F, "relu_"):
     _RELUS_INPLACE.add(F.relu_)
 
 
-_RELU_NODES = frozenset({"ReluBackward0", "ReluBackward1"})
-
-
 def _clamp_incoming(grad_outputs: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
     return tuple(None if g is None else g.clamp(min=0) for g in grad_outputs)
-
-
-def relu_nodes(output: torch.Tensor):
-    """The ReLU nodes of ``output``'s autograd graph (any ReLU form records the same node), each once."""
-    root = output.grad_fn
-    if root is None:
-        raise ValueError("the output does not depend on the input through autograd; nothing to guide")
-    seen = set()  # the node objects themselves, kept alive so that no id is reused mid-walk
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.name() in _RELU_NODES:
-            yield node
-        stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
-
-
-#: Autograd node names (without ``BackwardN``) of activations guided backprop does not guide.
-_OTHER_ACTIVATIONS = {"Hardswish": "Hardswish", "Silu": "SiLU", "Gelu": "GELU", "Sigmoid": "Sigmoid",
-                      "Hardsigmoid": "Hardsigmoid", "Elu": "ELU", "LeakyRelu": "LeakyReLU", "Tanh": "Tanh",
-                      "Mish": "Mish", "Softplus": "Softplus", "Hardtanh": "Hardtanh (e.g. ReLU6)",
-                      "PreluKernel": "PReLU", "Glu": "GLU"}
-
-
-def other_activations(output: torch.Tensor) -> list[str]:
-    """The activations other than ReLU in ``output``'s autograd graph (guided backprop leaves them unguided)."""
-    root = output.grad_fn
-    if root is None:
-        return []
-    seen, found, stack = set(), set(), [root]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        base = node.name().rstrip("0123456789")
-        base = base[: -len("Backward")] if base.endswith("Backward") else base
-        if base in _OTHER_ACTIVATIONS:
-            found.add(_OTHER_ACTIVATIONS[base])
-        stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
-    return sorted(found)
-
-
-def has_relu(output: torch.Tensor) -> bool:
-    """Whether the forward pass that made ``output`` applied a ReLU (guided backprop needs one)."""
-    return next(relu_nodes(output), None) is not None
 
 
 def guide_relus(output: torch.Tensor) -> int:
