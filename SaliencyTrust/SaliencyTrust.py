@@ -409,7 +409,10 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if isinstance(outcome, lib.TrainingOutcome):  # training ended: models were written
             self.ui.progressBar.setValue(100)
-            self._parameterNode.modelDir = outcome.model_dir
+            # The widget's node is gone when the scene was closed while the module was hidden: write to
+            # the scene's node, which the panel binds when it is entered again.
+            node = self._parameterNode if self._parameterNode is not None else self.logic.getParameterNode()
+            node.modelDir = outcome.model_dir
             self.updateModelChoices()
             text = _("Models trained in {path}.").format(path=outcome.model_dir)
             self.ui.statusLabel.setText(text + (" " + outcome.note if outcome.note else ""))

@@ -8,6 +8,7 @@ downloaded folder has the same ``prediction.json`` + ``maps/`` layout as the bun
 from __future__ import annotations
 
 import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -107,6 +108,10 @@ def infer(url: str, model: str, image: str | Path, output_dir: str | Path, reque
     local = {}
     for method, link in prediction["maps"].items():
         check()
+        # The server's answer decides neither where a file goes nor which host gets the token.
+        link = str(link)
+        if not re.fullmatch(r"[a-z_]{1,32}", str(method)) or not link.startswith("/") or link.startswith("//"):
+            raise BundleError(f"the server answered an unexpected map {method!r} at {link!r}; nothing was written")
         name = f"maps/{method}.nii.gz"
         with _open(urllib.request.Request(base + link, headers=headers), timeout) as r:
             (out / name).write_bytes(r.read())

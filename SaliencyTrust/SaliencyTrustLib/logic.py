@@ -297,18 +297,68 @@ def source_dicom(volume) -> Path | None:
             continue
         slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
         intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-        if np.array_equal(pixels, voxels) or np.array_equal(pixels * slope + intercept, voxels.astype(np.float64)):
+        rescaled = pixels * slope + intercept
+        same = np.array_equal(pixels, voxels) or np.array_equal(rescaled, voxels.astype(np.float64))
+        if same and _same_geometry(volume, ds):
             return path
     return None
+
+
+def _same_geometry(volume, ds) -> bool:
+    """Whether ``volume`` still lies where the DICOM file puts it (the maps come back on the file's grid):
+    no transform above it, the file's pixel spacing, and its position (LPS, as RAS) when the file has one."""
+    if volume.GetParentTransformNode() is not None:
+        return False
+    spacing = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None)
+    if spacing is not None:
+        row, col = (float(v) for v in spacing)
+        sx, sy = volume.GetSpacing()[:2]
+        if abs(sx - col) > 1e-3 or abs(sy - row) > 1e-3:
+            return False
+    position = getattr(ds, "ImagePositionPatient", None)
+    if position is not None:
+        x, y, z = (float(v) for v in position)
+        ox, oy, oz = volume.GetOrigin()
+        if max(abs(ox + x), abs(oy + y), abs(oz - z)) > 1e-3:
+            return False
+    return True
+
+
+def dicom_header_range(volume) -> tuple[float, float] | None:
+    """The stored range of the DICOM file a volume came from, read from its header only (no pixel decoding):
+    for a file whose pixels pydicom cannot decode here (JPEG Lossless, common for CR / DX), so the export
+    still states the range training read (``BitsStored`` through the rescale), not the scalar type's."""
+    uids = (volume.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(_slicer(), "dicomDatabase", None)
+    if len(uids) != 1 or database is None:
+        return None
+    found = database.fileForInstance(uids[0])
+    if not found:
+        return None
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(found), stop_before_pixels=True)
+        bits = int(ds.BitsStored)
+    except Exception:
+        return None
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    signed = int(getattr(ds, "PixelRepresentation", 0) or 0) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    a, b = lo * slope + intercept, hi * slope + intercept
+    return (min(a, b), max(a, b)) if b != a else None
 
 
 def intensity_range(volume) -> tuple[float, float]:
     """The intensity range a non-DICOM volume's values are in, stated to the bundle with the export.
 
-    The user's, when the volume has the attribute ``SaliencyTrust.intensityRange`` (``"lo hi"``); else
-    by its scalar type: the type's range for integers (from 0 when no value is negative: 0-255 for
-    8-bit, 0-65535 for 16-bit, as the bundle reads 8- and 16-bit pictures), [0, 1] for floating point
-    values within it, and the values' own range for other floating point volumes.
+    The user's, when the volume has the attribute ``SaliencyTrust.intensityRange`` (``"lo hi"``); else,
+    for a volume loaded from a DICOM file (one whose pixels could not be decoded here, or that was
+    changed since), the file's stored range (:func:`dicom_header_range`); else by its scalar type: the
+    type's range for integers (from 0 when no value is negative: 0-255 for 8-bit, 0-65535 for 16-bit,
+    as the bundle reads 8- and 16-bit pictures), [0, 1] for floating point values within it, and the
+    values' own range for other floating point volumes.
     """
     given = volume.GetAttribute(INTENSITY_ATTRIBUTE)
     if given:
@@ -320,6 +370,9 @@ def intensity_range(volume) -> tuple[float, float]:
             raise InputVolumeError(f"'{volume.GetName()}' has {INTENSITY_ATTRIBUTE} '{given}'; give two numbers "
                                    "'low high' with low < high.")
         return lo, hi
+    from_header = dicom_header_range(volume)
+    if from_header is not None:
+        return from_header
     image = volume.GetImageData()
     lo_data, hi_data = image.GetScalarRange()
     if image.GetScalarTypeAsString() in ("float", "double"):
@@ -337,12 +390,33 @@ def _state_intensity_range(path: Path, lo: float, hi: float) -> None:
     path.write_bytes(data[:end] + f"\n{INTENSITY_KEY}:={lo!r} {hi!r}".encode() + data[end:])
 
 
+#: Identifying elements removed from the DICOM copy that leaves the module (to the bundle's process or to a
+#: server): the bundle reads pixels and the technical elements only (size, bits, rescale, modality, view).
+IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "OtherPatientIDs",
+               "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "IssuerOfPatientID",
+               "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
+               "OperatorsName", "AccessionNumber", "StudyID", "DeviceSerialNumber", "StationName")
+
+
+def deidentified_copy(source: Path, dest: Path) -> Path:
+    """Copy the DICOM file ``source`` to ``dest`` without the :data:`IDENTIFYING` elements (pixels untouched)."""
+    import pydicom
+
+    ds = pydicom.dcmread(str(source))
+    for keyword in IDENTIFYING:
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.save_as(str(dest))
+    return dest
+
+
 def prepare(volume, score_node, folder: str | Path) -> tuple[Path, Path | None]:
     """Check the input and write it (and the scoring mask, if any) into ``folder``; returns their paths.
 
-    A volume loaded from DICOM goes as its DICOM file (:func:`source_dicom`), which the bundle reads as
-    it read its training data (through the stored range); any other volume as NRRD whose header states
-    its intensity range (:func:`intensity_range`), so the bundle never guesses it from the content.
+    A volume loaded from DICOM goes as its DICOM file (:func:`source_dicom`), without the patient's
+    identifying elements (:func:`deidentified_copy`), which the bundle reads as it read its training data
+    (through the stored range); any other volume as NRRD whose header states its intensity range
+    (:func:`intensity_range`), so the bundle never guesses it from the content.
     """
     check_input_volume(volume)
     folder = Path(folder)
@@ -351,7 +425,7 @@ def prepare(volume, score_node, folder: str | Path) -> tuple[Path, Path | None]:
     source = source_dicom(volume)
     if source is not None:
         image_path = folder / "input.dcm"
-        shutil.copyfile(source, image_path)
+        deidentified_copy(source, image_path)
     else:
         lo, hi = intensity_range(volume)
         image_path = write_volume(volume, folder / "input.nrrd")
@@ -652,7 +726,7 @@ class TrainProcess(ChildProcess):
             if not self._classifiers():
                 raise
             note = str(exc)
-        warnings = [ln.strip() for ln in self.lines if ln.strip().startswith("WARNING:")]
+        warnings = [ln.strip() for ln in self.lines if ln.strip().startswith(("WARNING:", "NOTE:"))]
         if warnings:
             note = (note + " " if note else "") + warnings[-1]
         if note:
@@ -660,8 +734,16 @@ class TrainProcess(ChildProcess):
         return TrainingOutcome(self.model_dir, note)
 
     def _classifiers(self) -> list:
-        return [f for f in find_models(self.model_dir, self.bundle_dir).values()
-                if not isinstance(f, Exception) and f.kind == "classifier"] if self.model_dir.is_dir() else []
+        """The classifiers this run wrote (a replicate saved since it started); older ones do not count."""
+        if not self.model_dir.is_dir():
+            return []
+        out = []
+        for f in find_models(self.model_dir, self.bundle_dir).values():
+            if isinstance(f, Exception) or f.kind != "classifier":
+                continue
+            if any(p.is_file() and p.stat().st_mtime >= self.started - 1.0 for p in f.replicates.values()):
+                out.append(f)
+        return out
 
     def __init__(self, bundle_dir: str | Path, out_dir: str | Path, task: str = "opacity",
                  python: str | None = None, extra_args: Sequence[str] = ()) -> None:
@@ -669,6 +751,7 @@ class TrainProcess(ChildProcess):
             raise SaliencyTrustError(f"Unknown task '{task}'; choose one of {', '.join(DEMO_TASKS)}.")
         cmd = [python or default_python(), "-m", "saliency_trust.workflows.demo", "--out", str(out_dir),
                "--tasks", task, "--no-shortcut", *extra_args]
+        self.started = time.time()  # models written before this run do not count as its success
         super().__init__(cmd, bundle_dir, out_dir)
         self.task = task
 
@@ -838,7 +921,11 @@ SYNTHETIC_TRAINING_NOTE = ("This model was trained on synthetic SynthCXR images,
 
 
 def training_note(record: dict) -> str:
-    """A warning when a model's training record says it learnt from synthetic (SynthCXR) images."""
+    """A warning when a model's training record says it learnt from synthetic (SynthCXR) images: its own
+    ``synthetic`` flag (written at training, so it survives moving the model or deleting the data), else
+    the SynthCXR marker still lying in the training data folder (records written before the flag)."""
+    if record.get("synthetic") is not None:
+        return SYNTHETIC_TRAINING_NOTE if record["synthetic"] else ""
     data = record.get("dataset_dir")
     if data and (Path(data) / "synthcxr.json").is_file():
         return SYNTHETIC_TRAINING_NOTE

@@ -117,8 +117,10 @@ class Model:
                 "finding_class": self.folder.finding_class, "manifest": not self.folder.implied,
                 "training": {k: m.get(k) for k in ("n_train", "n_val", "max_epochs", "val_auc", "best_epoch")}
                 | {"dataset": Path(m["dataset_dir"]).name if m.get("dataset_dir") else None,
-                   # SynthCXR leaves synthcxr.json in the data folder: a client warns over such a model's maps
-                   "synthetic": bool(m.get("dataset_dir")) and (Path(m["dataset_dir"]) / "synthcxr.json").is_file()},
+                   # The record's own flag (train.json writes it), else SynthCXR's marker in the data folder:
+                   # a client warns over such a model's maps.
+                   "synthetic": bool(m["synthetic"]) if m.get("synthetic") is not None else (
+                       bool(m.get("dataset_dir")) and (Path(m["dataset_dir"]) / "synthcxr.json").is_file())},
                 "verdicts": verdicts, "assessment": assessment}
 
 
@@ -416,6 +418,8 @@ def create_app(state: State) -> FastAPI:
             raise HTTPException(422, f"model {model!r} has replicates {m.replicates}, not {rep}")
         if request_id is not None and not JOB_ID.fullmatch(request_id):
             raise HTTPException(422, "request_id must be 8 to 64 letters, digits, '-' or '_'")
+        if request_id is not None and request_id in state.jobs:  # another job's name: never overwritten
+            raise HTTPException(409, f"request_id {request_id!r} names a job still running; choose another")
         rid = uuid.uuid4().hex
         folder = state.work / rid
         (folder / "in").mkdir(parents=True)
@@ -432,6 +436,7 @@ def create_app(state: State) -> FastAPI:
                 if state.pending >= state.max_queue:
                     raise HTTPException(503, f"queue full ({state.max_queue} requests waiting); retry later")
                 state.pending += 1
+            waiting = None
             try:
                 running = state.executor.submit(_run, state, m, rep, img_path, mask_path, folder / "out", wanted,
                                                 preset, checks, accept_any)
@@ -454,7 +459,7 @@ def create_app(state: State) -> FastAPI:
             finally:
                 with state.lock:
                     state.pending -= 1
-                if request_id is not None:
+                if request_id is not None and waiting is not None and state.jobs.get(request_id) is waiting:
                     state.jobs.pop(request_id, None)
         except HTTPException as exc:
             if exc.status_code not in (409, 504):  # those: the worker's callback removes the folder

@@ -175,6 +175,12 @@ def test_randomization_counts_images_not_replicate_image_pairs():
     assert v["comparisons"]["cascade"]["mean_ssim_over_states"] == pytest.approx(0.55) and v["deviation"] == ""
     one = randomization_verdict(ssim[:1], chance[:1], "x", pairs[:1])
     assert "1 randomized replicate" in one["deviation"]
+    # A replicate blank on an image drops out of that image's SSIM and of its chance alike (paired).
+    gappy = ssim.copy()
+    gappy[0, 0] = np.nan
+    g = randomization_verdict(gappy, chance, "x", pairs)
+    want = np.concatenate([[gappy[1:, 0].mean() - chance[1:, 0].mean()], (ssim.mean(0) - chance.mean(0))[1:]])
+    assert g["comparisons"]["chance"]["difference"] == pytest.approx(want.mean())
 
 
 def test_only_legs_whose_rejection_passes_are_holm_corrected():

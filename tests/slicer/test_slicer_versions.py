@@ -56,7 +56,12 @@ def test_sample_study_and_the_libs_run_on_slicer_510s_pydicom_numpy_and_scipy(tm
     assert got["methods"] == ["grad", "gradcam"] and got["rows"] == 2
     cmd = got["command"]
     image = cmd[cmd.index("--image") + 1]
-    assert Path(image).read_bytes() == here.read_bytes()  # the study's own file, decoded by pydicom 2.4.4 to check
+    # The study's own file (decoded by pydicom 2.4.4 to check), written back by it without identifying elements.
+    import pydicom
+
+    sent, original = pydicom.dcmread(image), pydicom.dcmread(str(here))
+    np.testing.assert_array_equal(sent.pixel_array, original.pixel_array)
+    assert "PatientName" in original and "PatientName" not in sent and sent.BitsStored == original.BitsStored
     extra_args = {}
     if "--intensity_range" in cmd:
         extra_args["intensity_range"] = json.loads(cmd[cmd.index("--intensity_range") + 1])

@@ -142,6 +142,17 @@ def test_every_deviation_line_appears_exactly_when_it_applies(unsplit, tmp_path)
     ig = with_facts(normalization={"densenet121": "ImageNet mean/std"},
                     ig_baseline={"densenet121": (-2.1179, -2.0357, -1.8044)})
     assert has("Integrated Gradients baseline for densenet121: black in its own input scale", ig)
+    # One localizer: agreement judged against chance only, said.
+    assert not has("One localization network")
+    assert has("One localization network", dataclasses.replace(plan, localizers=plan.localizers[:1]))
+    # SSIM data range, explained class and randomization target: each line only off the paper's value.
+    assert has("SSIM data_range 1.0") and not has("SSIM data_range", dataclasses.replace(plan, data_range=2.0))
+    assert not has("finding (lesion) class") and has("finding (lesion) class",
+                                                      dataclasses.replace(plan, explain_class="finding"))
+    assert has("explain the trained model's class")
+    assert not has("explain the trained model's class", dataclasses.replace(plan, randomization_target="own"))
+    # Randomization not run: said, whatever the reason.
+    assert has("Cascading randomization not run: x", dataclasses.replace(plan, not_run={"randomization": "x"}))
     # The localizer agreement's SSIM data range, only when two localizers are compared.
     assert has("Localization-network agreement SSIM") and len(plan.localizers) == 2
     assert not has("Localization-network agreement SSIM", dataclasses.replace(plan, localizers=plan.localizers[:1]))
@@ -192,6 +203,24 @@ def test_two_folders_of_one_network_are_not_a_second_architecture(unsplit, tmp_p
     shutil.copytree(models / "densenet121", copy)
     with pytest.raises(ValueError, match="reproducibility needs a different architecture"):
         _plan(tmp_path, data, [models / "densenet121", copy])
+    # The same architecture under another name: torchvision's builder instead of the registry's name.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(models / "densenet121", renamed)
+    manifest = json.loads((renamed / "model.json").read_text())
+    manifest.update(network={"_target_": "torchvision.models.densenet121", "num_classes": 2})
+    (renamed / "model.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="same layers"):
+        _plan(tmp_path, data, [models / "densenet121", renamed])
+    # A mistyped verdict block is refused, never silently the last (stem-randomized) state.
+    typo = tmp_path / "typo"
+    shutil.copytree(models / "densenet121", typo)
+    manifest = json.loads((typo / "model.json").read_text())
+    manifest["verdict_block"] = "denseblok1"
+    (typo / "model.json").write_text(json.dumps(manifest))
+    from saliency_trust.networks import ManifestError
+
+    with pytest.raises(ManifestError, match="verdict_block"):
+        ModelFolder.open(typo).load(0)
 
 
 def test_each_model_explains_its_own_finding_class(unsplit, tmp_path):
@@ -263,10 +292,30 @@ def test_live_checks_score_like_the_study(trained_bundle, tmp_path):
     img, _ = read_input(trained_bundle["dicom"])
     x = folder.to_input(torch.from_numpy(resize_image(img, (64, 64)))[None])
     t = predict(net, x).argmax(1)
+    other = folder.load(1)
+    t1 = predict(other, x).argmax(1)  # as in the study, each replicate explains its own prediction
     settings = {**folder.explain_settings(net), "cam_resize": "half_pixel"}
     a = explain(net, x, ["grad"], targets=t, preset="quick", **settings)["grad"]
-    b = explain(folder.load(1), x, ["grad"], targets=t, preset="quick", **settings)["grad"]
+    b = explain(other, x, ["grad"], targets=t1, preset="quick", **settings)["grad"]
+    assert c["repeatability"]["explained_class"] == int(t1[0]) and pred["explain_class"] == "predicted"
     assert c["repeatability"]["ssim"]["grad"] == pytest.approx(float(defined_ssim(a, b, 1.0)[0]), abs=1e-9)
+    # The randomized state: the random weights the assessment drew for this replicate.
+    from saliency_trust.networks import randomization_states, replicate_seed
+
+    seed = replicate_seed(assessed.provenance["config"]["seed"], folder.sha256(0))
+    assert c["randomization"]["init_seed"] == seed
+    assert seed in {r["init_seed"] for r in assessed.randomization}
+    state = next(s for n, s in randomization_states(net, folder.randomization_blocks(net), seed=seed)
+                 if n == "transition1")
+    r = explain(state, x, ["grad"], targets=t, preset="quick", **settings)["grad"]  # quick: target "trained"
+    assert c["randomization"]["ssim"]["grad"] == pytest.approx(float(defined_ssim(a, r, 1.0)[0]), abs=1e-9)
+    # An empty mask is said to be empty, not taken for blank maps.
+    from PIL import Image
+
+    Image.fromarray(np.zeros(img.shape, np.uint8)).save(tmp_path / "empty.png")
+    empty = run_inference(trained_bundle["dicom"], tmp_path / "e", folder.folder, methods=["grad"], preset="quick",
+                          mask=tmp_path / "empty.png", checks=False)["checks"]
+    assert empty["auprc"] == {"grad": None} and "empty" in empty["auprc_why"] and not empty["blank"]
     # A blank map: zero the classifier head, so the input gradient is exactly zero everywhere.
     blank_folder = tmp_path / "blank"
     blank_folder.mkdir()
@@ -278,8 +327,6 @@ def test_live_checks_score_like_the_study(trained_bundle, tmp_path):
     (blank_folder / "model.json").write_text(json.dumps(manifest))
     m = np.zeros(img.shape, bool)
     m[img.shape[0] // 4: img.shape[0] // 2, img.shape[1] // 4: img.shape[1] // 2] = True
-    from PIL import Image
-
     Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / "mask.png")
     blank = run_inference(trained_bundle["dicom"], tmp_path / "b", blank_folder, methods=["grad"], preset="quick",
                           mask=tmp_path / "mask.png")

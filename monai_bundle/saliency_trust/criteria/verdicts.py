@@ -169,7 +169,8 @@ def randomization_verdict(state_ssim: np.ndarray, chance: np.ndarray, state: str
         per_rep = np.nanmean(s, axis=1)  # each replicate's curve value at this state (the paper's points)
         per_rep_base = np.array([np.nanmean(b) if np.isfinite(b).any() else np.nan for b in pairs])
         per_image = np.nanmean(s, axis=0)  # replicates averaged per image: images are the unit
-        d = per_image - np.nanmean(c, axis=0)
+        # Chance averaged over the same replicates as the SSIM (a replicate blank on an image counts in neither).
+        d = per_image - np.nanmean(np.where(np.isfinite(s), c, np.nan), axis=0)
     reps = per_rep[np.isfinite(per_rep)]
     bases = per_rep_base[np.isfinite(per_rep_base)]
     value = float(reps.mean()) if reps.size else None

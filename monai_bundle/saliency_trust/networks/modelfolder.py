@@ -516,6 +516,10 @@ class ModelFolder:
                 if missing:
                     raise ManifestError(f"{where}: field 'randomization_blocks': block {b['name']!r} names "
                                         f"{missing[0]!r}, which the network does not have")
+            names = [b["name"] for b in spec["randomization_blocks"]]
+            if spec["verdict_block"] is not None and spec["verdict_block"] not in names:
+                raise ManifestError(f"{where}: field 'verdict_block' names {spec['verdict_block']!r}, which is not one "
+                                    f"of the randomization blocks {names}")
         if self._probe is not None:  # one architecture per folder: its replicates and copies need no new probe
             return
         size = self.image_size or 96

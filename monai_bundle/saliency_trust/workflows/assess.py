@@ -286,21 +286,23 @@ def same_model(a: ModelFolder, b: ModelFolder) -> bool:
     return (a.folder.resolve(), a.arch, a.network_label) == (b.folder.resolve(), b.arch, b.network_label)
 
 
-def same_network(a: ModelFolder, b: ModelFolder) -> bool:
-    """Whether two folders hold the same architecture (same network spec): not a second architecture."""
-    return json.dumps(a.network, sort_keys=True) == json.dumps(b.network, sort_keys=True)
+def _architecture(net: torch.nn.Module) -> tuple:
+    """What makes two networks the same architecture whatever their manifests call them: every tensor's
+    name and shape (a registry ``densenet121`` and ``torchvision.models.densenet121`` are one)."""
+    return tuple((k, tuple(v.shape)) for k, v in net.state_dict().items())
 
 
-def _cam_grid(folder: ModelFolder, net: torch.nn.Module, size: int | None) -> list[int] | None:
+def _cam_grid(folder: ModelFolder, net: torch.nn.Module, size: int | tuple[int, int]) -> list[int] | None:
     """The Grad-CAM layer's spatial grid at ``size`` px (one forward pass on a blank image)."""
     layer = folder.explain_settings(net).get("cam_layer") if folder.format != "torchscript" else None
-    if not layer or not size:
+    if not layer:
         return None
+    h, w = (size, size) if isinstance(size, int) else size
     seen: list = []
     handle = net.get_submodule(layer).register_forward_hook(lambda _m, _i, o: seen.append(tuple(o.shape[-2:])))
     try:
         with torch.no_grad():
-            net.eval()(torch.zeros(1, folder.channels, size, size))
+            net.eval()(torch.zeros(1, folder.channels, h, w))
     finally:
         handle.remove()
     return list(seen[-1]) if seen else None
@@ -320,13 +322,23 @@ def _ground_truth_kind(ds) -> str:
     return "boxes" if "x" in [h.strip() for h in header] else "masks"
 
 
+def _is_imagenet(norm: dict, channels: int) -> bool:
+    """Whether explicit mean/std are ImageNet's (as MONAI and torchvision users often write them out)."""
+    from saliency_trust.networks.modelfolder import IMAGENET
+
+    mean, std = IMAGENET.get(channels, IMAGENET[3])
+    given_mean, given_std = list(norm.get("mean") or []), list(norm.get("std") or [])
+    close = [abs(a - b) < 5e-4 for a, b in zip(given_mean + given_std, list(mean) + list(std), strict=False)]
+    return len(given_mean) == len(mean) and len(given_std) == len(std) and all(close)
+
+
 def _normalization(folder: ModelFolder) -> str:
     """The model's input normalization in words: ``[-1, 1]``, ``ImageNet mean/std``, ``mean/std ...``."""
     norm = folder.input.get("normalization", {"range": [-1.0, 1.0]})
     if "range" in norm:
         lo, hi = norm["range"]
         text = f"[{lo:g}, {hi:g}]"
-    elif norm.get("preset") == "imagenet":
+    elif norm.get("preset") == "imagenet" or _is_imagenet(norm, folder.channels):
         text = "ImageNet mean/std"
     else:
         text = f"mean {norm.get('mean')} / std {norm.get('std')}"
@@ -373,14 +385,8 @@ def plan_assessment(
     loc_entries = model_entries(list(localizers), "localizer")
     folders: list[ModelFolder] = []
     for f, _ in entries:
-        if any(same_model(f, g) for g in folders):
-            continue
-        twin = next((g for g in folders if same_network(f, g)), None)
-        if twin is not None:
-            raise ValueError(f"{f.folder}: the same network ({f.network_label}) as {twin.folder}; reproducibility "
-                             "needs a different architecture: put these weights in the first folder as another "
-                             "replicate, or give a classifier of another architecture")
-        folders.append(f)
+        if not any(same_model(f, g) for g in folders):
+            folders.append(f)
     size, size_source = _image_size(folders, image_size)
     for f, _ in loc_entries:
         if size and f.image_size and f.image_size != size:
@@ -388,11 +394,18 @@ def plan_assessment(
                              f"classifiers at {size} px; give a localizer trained at {size} px")
     unavailable: dict[str, str] = {}
     notes: dict[str, str] = {}
-    grids: dict[str, list[int] | None] = {}
+    probes: dict[str, tuple[ModelFolder, torch.nn.Module]] = {}
     explain: dict[str, dict] = {}  # each model's explain settings, for the provenance
     sources: dict[str, str] = {}  # where each model's randomization verdict block comes from
+    architectures: dict[tuple, ModelFolder] = {}
     for f in folders:
         probe = f.build() if f.format != "torchscript" else f.load()
+        twin = architectures.setdefault(_architecture(probe), f)
+        if twin is not f:
+            raise ValueError(f"{f.folder}: the same network ({f.network_label}, {type(probe).__name__} with the same "
+                             f"layers) as {twin.folder}; reproducibility needs a different architecture: put these "
+                             "weights in the first folder as another replicate, or give a classifier of another "
+                             "architecture")
         explain[f.network_label] = {k: (list(v) if isinstance(v, tuple) else v)
                                     for k, v in f.explain_settings(probe).items()}
         if f.format != "torchscript":
@@ -401,7 +414,7 @@ def plan_assessment(
             unavailable.setdefault(m, why)
         for m, why in f.method_notes(probe).items():
             notes.setdefault(m, why)
-        grids[f.network_label] = _cam_grid(f, probe, size)
+        probes[f.network_label] = (f, probe)
     if methods is not None:
         asked = list(methods)
         refused = [m for m in asked if m in unavailable]
@@ -438,6 +451,8 @@ def plan_assessment(
     shapes = {r.image.shape for r in positives}
     if len(shapes) > 1:
         raise ValueError(f"{dataset_dir}: images come in several sizes {sorted(shapes)}; give image_size")
+    grid = positives[0].image.shape  # the Grad-CAM grid each classifier gives at the size assessed
+    grids = {label: _cam_grid(f, probe, grid) for label, (f, probe) in probes.items()}
     assessed = {r.id for r in positives}
     pool = [r.mask for r in ds if r.label == 1 and r.mask is not None and r.mask.any() and r.id not in assessed
             and split_of(r.id, r.split) in ("train", "val") and r.mask.shape == positives[0].mask.shape]
@@ -472,12 +487,14 @@ def plan_assessment(
         "pretrained": {name: (r.get("pretrained") if "pretrained" in r else "not recorded")
                        for name, r in records.items()},
         "normalization": {f.network_label: _normalization(f) for f in folders},
-        "ig_baseline": {f.network_label: f.black() for f in folders if f.format != "torchscript"},
+        "ig_baseline": {f.network_label: f.black() for f in folders},
         "primary": primary.network_label,
         "second": entries[others[0]][0].network_label if others else None,
         "localizers": sorted({f.network_label for f, _ in loc_entries}),
-        "trained_on": trained_on, "training_images_included": bool(trained_on and include_training_images
-                                                                    and split not in ("auto", "test")),
+        "trained_on": trained_on,
+        "training_images_included": bool(trained_on and include_training_images
+                                         and (split == "all" or "including training images" in how)),
+        "randomize": randomize,
         "method_notes": notes, "verdict_block_source": sources,
     }
     data = {"dataset_dir": str(dataset_dir.resolve()), "layout": ds.layout, "split_rule": split, "split": how,
@@ -688,10 +705,10 @@ def deviations(plan: Plan) -> list[str]:
     if plan.preset != "paper" or plan.overrides:
         out.append(f"Saliency recipe '{plan.preset}'" + (f" with overrides {plan.overrides}" if plan.overrides else "")
                    + ": fewer integration steps / noise samples than the paper's; a demonstration, not its numbers.")
-    size = plan.data["image_size"]
-    if size != PAPER["image_size"]:
+    h, w = plan.data["grid"]
+    if (h, w) != (PAPER["image_size"], PAPER["image_size"]):
         grids = "; ".join(f"{name} {g[0]} x {g[1]}" for name, g in f["cam_grids"].items() if g)
-        out.append(f"Images at {size if size else 'their own grid'} px; the paper used 320 px"
+        out.append(f"Images at {h if h == w else f'{h} x {w}'} px; the paper used 320 px"
                    + (f". Grad-CAM grid at this size: {grids} (InceptionV3 at 320 px: 8 x 8)" if grids else "") + ".")
     if recipe.cam_resize != "tf1_legacy":
         out.append("Grad-CAM upsampled with half-pixel centres; the paper's TF1 code used the legacy resize "
@@ -738,9 +755,12 @@ def deviations(plan: Plan) -> list[str]:
     if unknown:
         out.append(f"Pretraining not recorded (no training record with 'pretrained'): {', '.join(unknown)}; the "
                    "paper's classifiers were ImageNet-pretrained.")
-    if plan.localizers and f["ground_truth"] == "boxes" and any("unet" in n.lower() for n in f["localizers"]):
-        out.append("Localization baseline is a U-Net (segmentation) on a detection dataset with boxes; the paper used "
-                   "RetinaNet on RSNA (U-Net on SIIM).")
+    if plan.localizers and f["ground_truth"] == "boxes":
+        out.append(f"Localization baseline {', '.join(f['localizers'])} (a network trained on masks) on a detection "
+                   "dataset with boxes; the paper used RetinaNet on RSNA (U-Net on SIIM).")
+    if len(plan.localizers) == 1:
+        out.append("One localization network: utility is judged against it, but agreement (repeatability, "
+                   "reproducibility) against chance only; the paper compared with two localization replicates.")
     for m, why in plan.dropped.items():
         out.append(f"{m} not computed: {why}.")
     for m, why in f["method_notes"].items():
@@ -748,8 +768,8 @@ def deviations(plan: Plan) -> list[str]:
     for what, why in plan.not_run.items():
         if what == "untrained":
             out.append(f"Untrained-network utility baseline not run: {why}.")
-        elif what == "randomization" and "randomize=0" not in why:
-            out.append(f"Cascading randomization not run: {why}.")
+        elif what == "randomization":
+            out.append(f"Cascading randomization not run: {why}; the paper ran it on 3 replicates.")
     if f["training_images_included"]:
         out.append(f"Images the models were trained on are assessed (include_training_images; "
                    f"{', '.join(f['trained_on'])} trained on this dataset); the paper assessed held-out test images "
@@ -933,7 +953,9 @@ def write_outputs(plan: Plan, maps: Maps, scores: Scores, results: Results, repo
             trained_maps={m: maps.trained[0][m].numpy() for m in methods},
             states=first["states"] if first else [], verdict_state=first["verdict_state"] if first else None,
             state_ssim={m: first["ssim"][m].numpy() for m in methods} if first else {},
-            state_baseline={m: float(first["baseline"][m].nanmean()) for m in methods} if first else {},
+            # The verdict's reference: the mean over the randomized replicates of each one's random-pair SSIM.
+            state_baseline={m: float(np.nanmean([r["baseline"][m].nanmean().item() for r in maps.randomization]))
+                            for m in methods} if first else {},
             state_examples={m: first["examples"][m].numpy() for m in methods} if first else {},
             repeat=scores.repeat, reprod=scores.reprod, agreement_baseline=scores.loc_agreement,
             repeat_chance=scores.repeat_chance, reprod_chance=scores.reprod_chance,

@@ -14,9 +14,10 @@ Live checks, scored by the study's own functions (a blank map is "blank", never 
 architecture, at the network's resolution), *randomization here* (SSIM between the trained map
 and the map of the model randomized down to its verdict block, cascading, explaining its own
 prediction as the paper's pipeline did, or the trained class when the assessment beside the model
-did so), and, when ``mask`` is given, *AUPRC* of each map against it on the input grid. The SSIM
-data range is the assessment's (``results.json`` beside the model), else the preset's, and is
-written into ``prediction.json``.
+did so, from the random weights the assessment drew for this replicate), and, when ``mask`` is
+given, *AUPRC* of each map against it on the input grid. The SSIM data range, the explained class
+(``explain_class``) and the randomization target are the assessment's (``results.json`` beside
+the model), else the preset's, and are written into ``prediction.json``.
 
 Intensities: DICOM through the stored range (as training reads it), PNG through its bit depth,
 volumes (NIfTI/NRRD/MHA) of an unsigned integer type through the smallest of 8/10/12/14/16 bits
@@ -128,6 +129,8 @@ class _Explained:
     settings: dict  # explain settings (Grad-CAM layer, IG baseline, resize)
     device: torch.device
     cache: bool
+    explain_class: str  # "predicted" or "finding": the assessment's rule
+    weights_sha: str  # seeds the randomization as the assessment seeded this replicate
 
 
 def _live_checks(e: _Explained, grid_maps: dict, gt: np.ndarray | None, assessed: Any, *, full: bool) -> dict:
@@ -151,8 +154,13 @@ def _live_checks(e: _Explained, grid_maps: dict, gt: np.ndarray | None, assessed
     live: dict = {"data_range": data_range, "data_range_source": source, "blank": {}}
     if full:
         live["repeatability"] = _repeatability_here(e, data_range, live["blank"])
-        live["randomization"] = _randomization_here(e, data_range, rule, live["blank"])
-    if gt is not None:
+        study_seed = int(cfg.get("seed", e.seed))
+        live["randomization"] = _randomization_here(e, data_range, rule, live["blank"], study_seed)
+    if gt is not None and not gt.any():
+        live["auprc"] = {m: None for m in e.methods}
+        live["auprc_why"] = "the mask is empty: nothing to point at"
+        live["mask_pixels"] = 0
+    elif gt is not None:
         g = torch.from_numpy(gt)[None]
         scores = {m: utility_scores(torch.from_numpy(grid_maps[m])[None].double(), g)["auprc"] for m in e.methods}
         live["auprc"], live["blank"]["auprc"] = _scored(scores)
@@ -168,30 +176,37 @@ def _repeatability_here(e: _Explained, data_range: float, blank: dict) -> dict:
     if not others:
         return {"against": None, "ssim": None, "why": "the model folder has no other replicate"}
     other, _ = _network(e.folder, others[0], e.device, e.cache)
-    om = explain(other, e.x, e.methods, targets=e.target, preset=e.preset, seed=e.seed, **e.settings)
+    # As in the study, each replicate explains its own prediction (or the finding class when it did).
+    t = e.target if e.explain_class == "finding" else predict(other, e.x).argmax(1)
+    om = explain(other, e.x, e.methods, targets=t, preset=e.preset, seed=e.seed, **e.settings)
     values, blank["repeatability"] = _scored({m: defined_ssim(e.maps[m], om[m], data_range) for m in e.methods})
-    return {"against": e.folder.weights(others[0]).name, "replicate": others[0], "ssim": values}
+    return {"against": e.folder.weights(others[0]).name, "replicate": others[0], "explained_class": int(t[0]),
+            "ssim": values}
 
 
-def _randomization_here(e: _Explained, data_range: float, rule: str, blank: dict) -> dict:
+def _randomization_here(e: _Explained, data_range: float, rule: str, blank: dict, study_seed: int) -> dict:
     """SSIM between the trained maps and the maps of the model randomized down to its verdict block."""
     from saliency_trust.criteria import defined_ssim
-    from saliency_trust.networks import UnchangedError
+    from saliency_trust.networks import UnchangedError, replicate_seed
 
     if e.folder.format == "torchscript":
         return {"state": None, "ssim": None,
                 "why": "a TorchScript model's layers cannot be re-initialized (no reset_parameters)"}
     verdict = e.folder.verdict_block(e.net)
     blocks = e.folder.randomization_blocks(e.net)
+    # The random weights the assessment drew for this replicate (its seed and these weights' fingerprint).
+    init = replicate_seed(study_seed, e.weights_sha)
     try:
-        state = next(s for name, s in randomization_states(e.net, blocks, mode="cascading", seed=e.seed)
+        state = next(s for name, s in randomization_states(e.net, blocks, mode="cascading", seed=init)
                      if name == verdict)
     except UnchangedError as exc:
         return {"state": verdict, "ssim": None, "why": str(exc)}
-    t = predict(state, e.x).argmax(1) if rule == "own" else e.target
+    # The study: a finding-class assessment explains that class in every state, else the rule decides.
+    t = predict(state, e.x).argmax(1) if rule == "own" and e.explain_class != "finding" else e.target
     rm = explain(state, e.x, e.methods, targets=t, preset=e.preset, seed=e.seed, **e.settings)
     values, blank["randomization"] = _scored({m: defined_ssim(e.maps[m], rm[m], data_range) for m in e.methods})
-    return {"state": verdict, "mode": "cascading", "target": rule, "explained_class": int(t[0]), "ssim": values}
+    return {"state": verdict, "mode": "cascading", "target": "trained" if e.explain_class == "finding" else rule,
+            "explained_class": int(t[0]), "init_seed": init, "ssim": values}
 
 
 def run_inference(
@@ -259,7 +274,11 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     methods = list(methods or [m for m in METHODS if m not in unavailable])
     with torch.no_grad():
         probs = torch.softmax(predict(net, x).float(), 1)[0].cpu()
-    target = torch.tensor([int(probs.argmax())], device=dev)
+    assessed, verdicts = _assessment_beside(folder, methods, weights_sha)
+    # The class the assessment explained (its explain_class; the paper's: the predicted one).
+    explain_class = (assessed.provenance.get("config", {}).get("explain_class") if assessed is not None
+                     else None) or "predicted"
+    target = torch.tensor([folder.finding_class if explain_class == "finding" else int(probs.argmax())], device=dev)
     # Drawn on a patient's image: Grad-CAM with half-pixel centres (the geometrically correct resize).
     settings = {**folder.explain_settings(net), "cam_resize": DISPLAY_CAM_RESIZE}
     maps = explain(net, x, methods, targets=target, preset=preset, seed=seed, **settings)
@@ -275,8 +294,8 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
         files[m] = f"maps/{m}{MAP_FORMATS[map_format]}"
         write_map(out / files[m], grid_maps[m], ref)
 
-    assessed, verdicts = _assessment_beside(folder, methods, weights_sha)
-    explained = _Explained(folder, net, replicate, x, maps, target, methods, preset, seed, settings, dev, cache)
+    explained = _Explained(folder, net, replicate, x, maps, target, methods, preset, seed, settings, dev, cache,
+                           explain_class, weights_sha)
     live = _live_checks(explained, grid_maps, gt, assessed, full=checks) if checks or gt is not None else {}
     result = {
         "schema_version": SCHEMA_VERSION,
@@ -288,7 +307,8 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
         "task": _task(folder, replicate),
         "preset": preset, "cam_resize": DISPLAY_CAM_RESIZE, "methods": methods, "device": str(dev),
         "probabilities": [float(p) for p in probs], "predicted_class": int(probs.argmax()),
-        "explained_class": int(target[0]), "maps": files, "checks": live, "verdicts": verdicts,
+        "explained_class": int(target[0]), "explain_class": explain_class, "maps": files, "checks": live,
+        "verdicts": verdicts,
         "methods_left_out": {m: why for m, why in unavailable.items() if m not in methods},
         "method_notes": {m: why for m, why in folder.method_notes(net).items() if m in methods},
         "seconds": round(time.time() - t0, 2),
