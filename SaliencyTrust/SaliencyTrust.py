@@ -20,7 +20,7 @@ import vtk
 from SaliencyTrustLib import client as libclient
 from SaliencyTrustLib import controller, deps
 from SaliencyTrustLib import logic as lib
-from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLVectorVolumeNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -102,7 +102,9 @@ def _loadSynthStudy(source=None):
 class SaliencyTrustParameterNode:
     """The module's state: every widget binds to one of these through its SlicerParameterName."""
 
-    inputVolume: vtkMRMLScalarVolumeNode
+    # A grey radiograph, or a picture loaded in colour (an RGB(A) vector volume, as published case images
+    # are; the bundle reads a grey one as luminance). Label maps, also scalar volumes, are not offered.
+    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]  # noqa: UP007
     # The concrete node classes: the combo-box connector instantiates each one to read its class
     # name, so an abstract vtkMRMLNode here would fail in setup().
     scoreAgainst: Union[vtkMRMLSegmentationNode, vtkMRMLMarkupsROINode, None]  # noqa: UP007
@@ -231,9 +233,14 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
-                self._parameterNode.inputVolume = first
+            # The first volume the selector shows: a scalar or vector volume of exactly that class (a label
+            # map is a scalar volume too, and the selector does not list it).
+            scene = slicer.mrmlScene
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
+                node = scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
+                if node.GetClassName() in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"):
+                    self._parameterNode.inputVolume = node
+                    break
 
     def setParameterNode(self, node) -> None:
         if self._parameterNode:

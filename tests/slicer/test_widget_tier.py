@@ -451,3 +451,20 @@ def test_the_server_token_is_a_password_field_kept_out_of_the_scene(app, model_f
     assert "s3cret-token" not in app.scene.GetSceneXMLString()
     assert not fakeqt.QSettings.store or "s3cret-token" not in repr(fakeqt.QSettings.store)
     app.check_clean()
+
+
+def test_a_picture_loaded_in_colour_can_be_chosen_and_a_label_map_is_not_offered(app, model_folders):
+    """An RGB(A) vector volume (a published case image) is a valid input; a label map (also a scalar volume
+    by class) is neither listed by the selector's node types nor picked as the first input."""
+    ui = app.ui
+    types = list(ui.inputSelector.nodeTypes)
+    assert "vtkMRMLVectorVolumeNode" in types and ui.inputSelector.showChildNodeTypes is False
+    app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    colour = app.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "case picture")
+    app.widget.setParameterNode(None)
+    app.widget.logic.getParameterNode().inputVolume = None
+    app.widget.initializeParameterNode()
+    assert app.node.inputVolume is colour  # the first node of a class the selector lists, not the label map
+    ui.inputSelector.setCurrentNode(colour)
+    assert app.node.inputVolume is colour
+    app.check_clean()
