@@ -104,7 +104,7 @@ class SaliencyTrustParameterNode:
 
     # A grey radiograph, or a picture loaded in colour (an RGB(A) vector volume, as published case images
     # are; the bundle reads a grey one as luminance). Label maps, also scalar volumes, are not offered.
-    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]  # noqa: UP007
+    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]  # noqa: UP007
     # The concrete node classes: the combo-box connector instantiates each one to read its class
     # name, so an abstract vtkMRMLNode here would fail in setup().
     scoreAgainst: Union[vtkMRMLSegmentationNode, vtkMRMLMarkupsROINode, None]  # noqa: UP007
