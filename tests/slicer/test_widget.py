@@ -85,7 +85,7 @@ def test_every_parameter_node_node_field_names_concrete_classes():
     fields = _parameter_annotations((MODULE_DIR / "SaliencyTrust.py").read_text())
     nodes = {k: v for k, v in fields.items() if _is_node_annotation(v)}
     assert set(nodes) == {"inputVolume", "scoreAgainst"}
-    assert _node_types(nodes["inputVolume"]) == ("vtkMRMLScalarVolumeNode",)
+    assert _node_types(nodes["inputVolume"]) == ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
     assert _node_types(nodes["scoreAgainst"]) == ("vtkMRMLSegmentationNode", "vtkMRMLMarkupsROINode")
     # The node types match what the .ui file's combo box lists.
     ui = (MODULE_DIR / "Resources" / "UI" / "SaliencyTrust.ui").read_text()

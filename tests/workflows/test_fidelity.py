@@ -116,7 +116,7 @@ def test_every_deviation_line_appears_exactly_when_it_applies(unsplit, tmp_path)
 
     # Image size: 64 px here, with the Grad-CAM grid it gives; none at the paper's 320 px.
     assert has("Images at 64 px; the paper used 320 px. Grad-CAM grid at this size: densenet121 2 x 2")
-    at320 = dataclasses.replace(plan, data={**plan.data, "image_size": 320})
+    at320 = dataclasses.replace(plan, data={**plan.data, "image_size": 320, "grid": [320, 320]})
     assert not has("the paper used 320 px", at320)
     # Pretraining: recorded as none -> said; a local ImageNet file -> not said; not recorded -> said so.
     assert has("without ImageNet pretraining")
