@@ -131,9 +131,9 @@ def test_every_deviation_line_appears_exactly_when_it_applies(unsplit, tmp_path)
                            normalization={"densenet121": "[-1, 1]", "inception_v3": "ImageNet mean/std"})
     assert not has("Second architecture", imagenet2)
     # U-Net on a detection (boxes) dataset: the paper used RetinaNet on RSNA.
-    assert plan.facts["ground_truth"] == "boxes" and has("U-Net (segmentation) on a detection dataset")
-    assert not has("U-Net (segmentation)", with_facts(ground_truth="masks"))
-    assert not has("U-Net (segmentation)", dataclasses.replace(plan, localizers=[]))
+    assert plan.facts["ground_truth"] == "boxes" and has("on a detection dataset with boxes")
+    assert not has("on a detection dataset", with_facts(ground_truth="masks"))
+    assert not has("on a detection dataset", dataclasses.replace(plan, localizers=[]))
     # Randomized replicates: 2 here (the folder's two), the paper averaged 3; none when not run.
     assert len(plan.randomized) == 2 and has("2 randomized replicate(s)")
     assert not has("randomized replicate", dataclasses.replace(plan, randomized=[0, 1, 2]))
