@@ -21,14 +21,6 @@ from SaliencyTrustLib import controller  # noqa: E402
 from SaliencyTrustLib import logic as L  # noqa: E402
 
 
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.mrmlScene = s
-    yield s
-    s.Clear(1)
-
-
 def _volume(scene, name: str, shape=(1, 32, 40), seed: int = 0):
     slicer.mrmlScene = scene
     rng = np.random.default_rng(seed)

@@ -40,14 +40,6 @@ class DicomDatabase:
         return str(self.files.get(uid, ""))
 
 
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.mrmlScene = s
-    yield s
-    s.Clear(1)
-
-
 def _dim_twelve_bit(path: Path) -> Path:
     """A 12-bit radiograph whose brightest pixel is 1000 (of 4095)."""
     rng = np.random.default_rng(0)
