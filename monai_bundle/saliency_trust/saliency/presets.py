@@ -38,7 +38,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-METHODS = ("grad", "sg", "ig", "sig", "gradcam", "gbp", "ggcam", "xrai")
+from saliency_trust.methods import METHODS, passes_per_image
+
+__all__ = ["CAM_RESIZE_MODES", "METHODS", "PRESETS", "Recipe", "get_recipe"]
+
 #: Grad-CAM upsampling: the paper's TF1 legacy bilinear, or half-pixel centres.
 CAM_RESIZE_MODES = ("tf1_legacy", "half_pixel")
 
@@ -89,18 +92,9 @@ class Recipe:
         return replace(self, **overrides)
 
     def passes_per_image(self, methods: tuple[str, ...] | list[str] = METHODS) -> int:
-        """Forward + input-gradient passes per image and model state for ``methods``."""
-        m = set(methods)
-        n = 0
-        if m & {"grad", "gradcam"} or ("ggcam" in m and "gbp" not in m):
-            n += 1
-        if m & {"gbp", "ggcam"}:
-            n += 1
-        n += self.sg_samples if "sg" in m else 0
-        n += self.ig_steps if "ig" in m else 0
-        n += self.sig_samples * self.sig_steps if "sig" in m else 0
-        n += 2 * self.xrai_steps if "xrai" in m else 0
-        return n
+        """Forward + input-gradient passes per image and model state for ``methods``
+        (:func:`saliency_trust.methods.passes_per_image`)."""
+        return passes_per_image(self, methods)
 
 
 PRESETS: dict[str, Recipe] = {
