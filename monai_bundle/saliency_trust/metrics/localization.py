@@ -1,4 +1,8 @@
-"""Map-to-ground-truth scores, batched on the device: AUPRC (exact ties), pointing game, Otsu IoU."""
+"""Map-to-ground-truth scores, batched on the device: AUPRC (exact ties), pointing game, Otsu IoU.
+
+Every score flattens each map after the batch axis, so ``[B, H, W]`` maps and ``[B, D, H, W]`` volumes
+are scored the same way: per pixel or per voxel.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ def pr_curve_points(maps: torch.Tensor, masks: torch.Tensor):
 
 
 def auprc(maps: torch.Tensor, masks: torch.Tensor, mode: str = "trapezoid") -> torch.Tensor:
-    """Area under the precision-recall curve of each map's pixels against its mask, float64 ``[B]``.
+    """Area under the precision-recall curve of each map's pixels (or voxels) against its mask, float64 ``[B]``.
 
     ``trapezoid``: ``sklearn.metrics.auc(recall, precision)`` on ``precision_recall_curve``
     (what the paper reported; includes the (recall 0, precision 1) start point). ``ap``:

@@ -1,9 +1,23 @@
-"""Map-to-map similarity, batched on the device: SSIM equal to scikit-image's, and Spearman."""
+"""Map-to-map similarity, batched on the device, on 2-D maps and 3-D volumes: SSIM equal to scikit-image's,
+and Spearman."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def _spatial_dims(ndim: int, spatial_dims: int | None) -> tuple[int, bool]:
+    """(spatial dims, batched) of a ``ndim``-dimensional input; see :func:`ssim`."""
+    if spatial_dims is None:
+        if ndim not in (2, 3, 4):
+            raise ValueError(f"SSIM takes [H, W], [B, H, W] or [B, D, H, W] maps, got {ndim} dimensions")
+        return (2, ndim == 3) if ndim < 4 else (3, True)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if ndim not in (spatial_dims, spatial_dims + 1):
+        raise ValueError(f"{ndim}-dimensional input is neither one {spatial_dims}-D map nor a batch of them")
+    return spatial_dims, ndim == spatial_dims + 1
 
 
 def ssim(
@@ -15,32 +29,45 @@ def ssim(
     k2: float = 0.03,
     use_sample_covariance: bool = True,
     dtype: torch.dtype = torch.float64,
+    *,
+    spatial_dims: int | None = None,
 ) -> torch.Tensor:
-    """Mean SSIM per pair of ``[B, H, W]`` maps, equal to ``skimage.metrics.structural_similarity``.
+    """Mean SSIM per pair of maps or volumes, equal to ``skimage.metrics.structural_similarity``.
 
-    Same definition as scikit-image's defaults: a uniform ``win_size`` window, sample covariance
-    (x NP/(NP-1)), and the mean over the pixels whose window lies inside the image (a valid
-    convolution is exactly skimage's border crop). ``data_range`` is required: 1.0 for maps in
+    Same definition as scikit-image's defaults on 2-D and 3-D arrays: a uniform ``win_size``
+    window (win_size² pixels or win_size³ voxels), sample covariance
+    (x NP/(NP-1)), and the mean over the positions whose window lies inside the map (a valid
+    pooling is exactly skimage's border crop). ``data_range`` is required: 1.0 for maps in
     [0, 1]; the paper's skimage<=0.19 silently used 2.0 for floats (``paper`` settings).
-    Returns float64 ``[B]``; a pair of constant equal maps gives 1, never NaN.
+
+    Shapes: ``[H, W]`` (one map), ``[B, H, W]`` (a batch of maps), ``[B, D, H, W]`` (a batch of
+    volumes); ``spatial_dims=3`` reads a 3-D input as one ``[D, H, W]`` volume. Every spatial side
+    must be at least ``win_size`` (scikit-image's rule). Returns float64 ``[B]`` (a scalar for one
+    map); a pair of constant equal maps gives 1, never NaN.
     """
     if data_range is None:
         raise ValueError("data_range must be given explicitly (1.0 for [0, 1] maps; the paper's skimage used 2.0)")
     if a.shape != b.shape:
         raise ValueError(f"SSIM needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.ndim == 2:
-        return ssim(a[None], b[None], data_range, win_size, k1, k2, use_sample_covariance, dtype)[0]
-    if min(a.shape[-2:]) < win_size:
-        raise ValueError(f"maps of {tuple(a.shape[-2:])} are smaller than the {win_size}x{win_size} window")
+    nd, batched = _spatial_dims(a.ndim, spatial_dims)
+    if not batched:
+        return ssim(a[None], b[None], data_range, win_size, k1, k2, use_sample_covariance, dtype, spatial_dims=nd)[0]
+    if win_size % 2 == 0 or win_size < 1:
+        raise ValueError(f"win_size must be odd and positive (scikit-image's rule), got {win_size}")
+    if min(a.shape[-nd:]) < win_size:
+        window = "x".join([str(win_size)] * nd)
+        raise ValueError(f"maps of {tuple(a.shape[-nd:])} are smaller than the {window} window "
+                         f"(every side must be at least {win_size})")
     x = a.to(dtype)[:, None]
     y = b.to(dtype)[:, None]
-    # Valid uniform-window means: avg_pool2d divides by win_size**2 like scipy's uniform_filter.
-    stats = F.avg_pool2d(torch.cat([x, y, x * x, y * y, x * y], 1), win_size, stride=1)
+    # Valid uniform-window means: avg_pool divides by win_size**nd like scipy's uniform_filter.
+    pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+    stats = pool(torch.cat([x, y, x * x, y * y, x * y], 1), win_size, stride=1)
     ux, uy, uxx, uyy, uxy = stats.unbind(1)
-    n = win_size**2
+    n = win_size**nd
     cov = n / (n - 1) if use_sample_covariance else 1.0
     vx, vy, vxy = cov * (uxx - ux * ux), cov * (uyy - uy * uy), cov * (uxy - ux * uy)
-    r = torch.as_tensor(data_range, dtype=dtype, device=x.device).reshape(-1, 1, 1)
+    r = torch.as_tensor(data_range, dtype=dtype, device=x.device).reshape(-1, *([1] * nd))
     c1, c2 = (k1 * r) ** 2, (k2 * r) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
@@ -64,7 +91,7 @@ def average_ranks(v: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per pair of maps (flattened), float64 ``[B]``; NaN for a constant map."""
+    """Spearman rank correlation per pair of maps or volumes (flattened), float64 ``[B]``; NaN for a constant map."""
     ra = average_ranks(a.flatten(1).double())
     rb = average_ranks(b.flatten(1).double())
     ra = ra - ra.mean(1, keepdim=True)
