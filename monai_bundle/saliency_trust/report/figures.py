@@ -15,8 +15,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-METHOD_LABELS = {"grad": "Gradient", "sg": "SmoothGrad", "ig": "Integrated Gradients", "sig": "SmoothGrad-IG",
-                 "gradcam": "Grad-CAM", "gbp": "Guided Backprop", "ggcam": "Guided Grad-CAM", "xrai": "XRAI"}
+from saliency_trust.methods import LABELS
+
+#: The labels people read, from the one method table (``saliency_trust.methods.LABELS``); kept under this name.
+METHOD_LABELS = LABELS
 MAP_CMAP = "inferno"  # perceptually uniform, readable in grey
 
 
