@@ -31,21 +31,21 @@ def test_randomization_curves_cover_every_state_and_match_skimage(densenet_and_i
     before = {k: v.clone() for k, v in net.state_dict().items()}
     out = randomization_curves(net, "densenet121", x, ["grad", "gradcam"], preset="quick", pairs_per_image=4,
                                target="trained")
-    assert out["states"] == [b for b, _ in randomization_blocks("densenet121")]
+    assert out.states == [b for b, _ in randomization_blocks("densenet121")]
     # The paper's depth: the stem (conv0) and the first block (denseblock1) are never part of the verdict.
-    assert out["verdict_state"] == "transition1" and out["states"][-2:] == ["denseblock1", "conv0"]
+    assert out.verdict_state == "transition1" and out.states[-2:] == ["denseblock1", "conv0"]
     for m in ("grad", "gradcam"):
-        assert out["ssim"][m].shape == (9, 3) and out["spearman"][m].shape == (9, 3)
-        assert out["baseline"][m].shape == (12,) and len(out["undefined"][m]) == 9
+        assert out.ssim[m].shape == (9, 3) and out.spearman[m].shape == (9, 3)
+        assert out.baseline[m].shape == (12,) and len(out.undefined[m]) == 9
     # Randomizing the logits layer alone already changes gradient maps.
-    assert float(out["ssim"]["grad"][0].mean()) < 0.999
+    assert float(out.ssim["grad"][0].mean()) < 0.999
     # Cross-check one state's SSIM with scikit-image, recomputing that state's maps.
     t = predict(net, x).argmax(1)
     name, state = next(iter(randomization_states(net, "densenet121", "cascading", seed=0)))
     a = explain(state, x, ["grad"], targets=t, preset="quick")["grad"]
-    b = out["trained_maps"]["grad"]
+    b = out.trained_maps["grad"]
     ref = [structural_similarity(a[i].numpy(), b[i].numpy(), data_range=1.0) for i in range(3)]
-    assert np.allclose(out["ssim"]["grad"][0].numpy(), ref, atol=1e-6)
+    assert np.allclose(out.ssim["grad"][0].numpy(), ref, atol=1e-6)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
@@ -62,11 +62,11 @@ def test_a_randomized_model_explains_its_own_argmax_by_default(densenet_and_imag
     trained_t = predict(net, x).argmax(1)
     out = randomization_curves(net, "densenet121", x, ["grad"], pairs_per_image=2, explain_fn=recording,
                                trained_maps=trained, trained_targets=trained_t)
-    assert len(seen) == len(out["states"])  # the trained maps were reused: no second explain of the trained model
+    assert len(seen) == len(out.states)  # the trained maps were reused: no second explain of the trained model
     own = [predict(s, x).argmax(1) for _, s in randomization_states(net, "densenet121", "cascading", seed=0)]
     assert all(torch.equal(a, b) for a, b in zip(seen, own, strict=True))
     changed = [int((o != trained_t).sum()) for o in own]
-    assert out["class_changed"] == changed and sum(changed) > 0  # else this test could not tell the two apart
+    assert out.class_changed == changed and sum(changed) > 0  # else this test could not tell the two apart
     seen.clear()
     randomization_curves(net, "densenet121", x, ["grad"], pairs_per_image=2, explain_fn=recording,
                          trained_maps=trained, trained_targets=trained_t, target="trained")

@@ -257,8 +257,8 @@ def test_split_image_size_and_missing_ground_truth(setup, tmp_path):
     # The paper preset's default: each randomized model explains its own prediction.
     from saliency_trust.workflows.assess import plan_assessment
 
-    assert plan_assessment(ds, tmp_path / "plan", cls, split="all").randomization_target == "own"
-    assert plan_assessment(ds, tmp_path / "plan", cls, split="all", preset="quick").randomization_target == "trained"
+    assert plan_assessment(ds, tmp_path / "plan", cls, split="all").settings.target_rule == "own"
+    assert plan_assessment(ds, tmp_path / "plan", cls, split="all", preset="quick").settings.target_rule == "trained"
     finding = run_assessment(ds, tmp_path / "finding", cls, split="all", explain_class="finding", **kw)
     rows = list(csv.DictReader((tmp_path / "finding" / "per_image.csv").open()))
     assert {r["explained_class"] for r in rows} == {"1"} and any("finding" in d for d in finding.deviations)

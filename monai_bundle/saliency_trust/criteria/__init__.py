@@ -7,7 +7,7 @@ from saliency_trust.criteria.baselines import (
     per_image_chance,
     random_pair_ssim,
 )
-from saliency_trust.criteria.randomization import TARGETS, randomization_curves
+from saliency_trust.criteria.randomization import TARGETS, RandomizationCurve, randomization_curves
 from saliency_trust.criteria.statistics import bootstrap_ci, holm, summarize, wilcoxon_greater
 from saliency_trust.criteria.utility import utility_scores
 from saliency_trust.criteria.verdicts import agreement_verdicts, not_run, randomization_verdict, utility_verdicts
@@ -25,6 +25,7 @@ __all__ = [
     "not_run",
     "output_agreement",
     "per_image_chance",
+    "RandomizationCurve",
     "random_pair_ssim",
     "randomization_curves",
     "randomization_verdict",

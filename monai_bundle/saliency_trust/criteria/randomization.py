@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,9 +14,53 @@ from saliency_trust.criteria.baselines import random_pair_ssim
 from saliency_trust.metrics import spearman
 from saliency_trust.networks import randomization_blocks, randomization_states, verdict_state
 from saliency_trust.saliency import SegmentCache, explain, predict
+from saliency_trust.settings import TARGETS
 
-#: Which class a randomized model explains: its own prediction (the paper's pipeline) or the trained model's.
-TARGETS = ("own", "trained")
+
+@dataclass
+class RandomizationCurve:
+    """One cascade of randomized states compared with the trained maps, per state and image.
+
+    ``ssim`` / ``spearman``: method -> ``[S, N]`` (NaN where a map is blank); ``undefined`` /
+    ``spearman_undefined``: method -> per-state counts of undefined images; ``class_changed``: per
+    state, how many images the state predicts differently from the trained model; ``baseline``:
+    method -> SSIM between trained maps of different images (the paper's dotted line), ``[N *
+    pairs]`` grouped by image; ``cascade_mean``: method -> mean over states of the mean SSIM over
+    images; ``examples``: method -> ``[S, len(examples), H, W]`` maps for the figures;
+    ``trained_maps``: the trained model's maps (not kept in a saved step).
+    """
+
+    states: list[str]
+    verdict_state: str
+    class_changed: list[int]
+    ssim: dict[str, torch.Tensor]
+    spearman: dict[str, torch.Tensor]
+    undefined: dict[str, list[int]]
+    spearman_undefined: dict[str, list[int]]
+    baseline: dict[str, torch.Tensor]
+    cascade_mean: dict[str, float]
+    examples: dict[str, torch.Tensor]
+    trained_maps: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def verdict_index(self) -> int:
+        """The row of :attr:`verdict_state` in the per-state arrays."""
+        return self.states.index(self.verdict_state)
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain tensors, lists and dicts on the CPU (what ``torch.load(weights_only=True)`` reads back),
+        without the trained maps."""
+        out = asdict(replace(self, trained_maps=None))
+        del out["trained_maps"]
+        for key in ("ssim", "spearman", "baseline", "examples"):
+            out[key] = {m: v.cpu() for m, v in out[key].items()}
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RandomizationCurve:
+        """The curve :meth:`to_state` saved."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in known})
 
 
 def randomization_curves(
@@ -22,6 +68,7 @@ def randomization_curves(
     blocks: str | Sequence[tuple[str, Sequence[str]]],
     images: torch.Tensor,
     methods: Sequence[str],
+    *,
     preset: str = "paper",
     mode: str = "cascading",
     seed: int = 0,
@@ -38,7 +85,7 @@ def randomization_curves(
     init_seed: int | None = None,
     full_cascade: bool = True,
     **overrides,
-) -> dict:
+) -> RandomizationCurve:
     """SSIM and Spearman of every randomized state's maps to the trained maps, per image.
 
     ``blocks``: the randomization blocks, head first (a model folder's, or a registry network's
@@ -51,10 +98,8 @@ def randomization_curves(
     maps and explained classes when the caller already has them (no second ``explain``). Blank
     maps make SSIM and Spearman undefined (NaN; counted in ``"undefined"`` per state).
 
-    Returns ``{"states", "verdict_state", "ssim": {m: [S, N]}, "spearman": {m: [S, N]},
-    "undefined": {m: [S]}, "spearman_undefined": {m: [S]}, "class_changed": [S],
-    "baseline": {m: [N * pairs]}, "examples": {m: [S, len(examples), H, W]}, "trained_maps"}``,
-    ``baseline`` being SSIM between trained maps of different images (the paper's dotted line),
+    Returns a :class:`RandomizationCurve` (``baseline``: SSIM between trained maps of different images, the
+    paper's dotted line,
     grouped by image. ``explain_fn(state, targets)`` replaces the default ``explain`` over all
     images (the assessment shards images across processes with it). ``init_seed`` seeds the
     re-initialization (default ``seed``; the assessment gives each replicate its own,
@@ -116,5 +161,4 @@ def randomization_curves(
     out["cascade_mean"] = {m: float(torch.nanmean(torch.nanmean(out["ssim"][m].double(), 1)))
                            if torch.isfinite(out["ssim"][m]).any() else float("nan") for m in methods}
     out["baseline"] = {m: random_pair_ssim(trained[m], pairs_per_image, data_range, seed) for m in methods}
-    out["trained_maps"] = trained
-    return out
+    return RandomizationCurve(**out, trained_maps=trained)

@@ -38,10 +38,12 @@ import numpy as np
 
 from saliency_trust.criteria.statistics import bootstrap_ci, holm, summarize, wilcoxon_greater
 
+# Randomization evidence: a CI upper bound within EQUIVALENCE_MARGIN SSIM of chance counts as "at chance"
+# (the default; an assessment may set its own).
+from saliency_trust.settings import EQUIVALENCE_MARGIN
+
 ALPHA = 0.05
 TEST = "one-sided paired Wilcoxon signed-rank"
-#: Randomization evidence: a CI upper bound within this much SSIM of chance counts as "at chance".
-EQUIVALENCE_MARGIN = 0.05
 EVIDENCE = ("pass", "fail", "inconclusive")
 
 

@@ -35,7 +35,7 @@ import torch
 
 from saliency_trust import faults
 from saliency_trust.criteria import (
-    TARGETS,
+    RandomizationCurve,
     agreement_verdicts,
     average_mask_prior,
     blank,
@@ -59,11 +59,11 @@ from saliency_trust.networks.modelfolder import LEGACY_FILE
 from saliency_trust.provenance import code_fingerprint, versions
 from saliency_trust.results import CRITERIA, Results, Verdict
 from saliency_trust.saliency import METHODS, SegmentCache, explain, get_recipe, predict
+from saliency_trust.settings import EXPLAIN_CLASSES, AssessmentSettings
 
 log = logging.getLogger(__name__)
 #: The class index of the finding (lesion) in the bundle's own two-class classifiers (a model folder says its own).
 FINDING_CLASS = 1
-EXPLAIN_CLASSES = ("predicted", "finding")
 
 
 def _world() -> tuple[int, int]:
@@ -126,43 +126,95 @@ class Steps:
 # Plan
 
 
-@dataclass
-class Plan:
-    """Everything decided before any model runs: data, models, settings, the resume key."""
+@dataclass(frozen=True)
+class ModelState:
+    """One model state to explain: a replicate of a model folder, with its weights' fingerprint.
 
-    out_dir: Path
+    ``folder`` is the :class:`ModelFolder` (``None`` where a test fabricates maps and scores them
+    without any model); ``arch`` the network label the results use.
+    """
+
+    folder: Any
+    replicate: int
+    sha256: str
+    path: str
+    arch: str
+
+    @classmethod
+    def of(cls, folder: ModelFolder, replicate: int) -> ModelState:
+        """The state of ``folder``'s ``replicate`` (its weights hashed once)."""
+        return cls(folder, int(replicate), folder.sha256(replicate), str(folder.weights(replicate)),
+                   folder.network_label)
+
+    def record(self) -> dict[str, Any]:
+        """What the provenance records of it."""
+        folder = str(self.folder.folder) if self.folder is not None else ""
+        return {"arch": self.arch, "path": self.path, "sha256": self.sha256, "replicate": self.replicate,
+                "folder": folder}
+
+
+@dataclass
+class Cohort:
+    """The assessed images: ids, pixels, ground truth and the average-mask prior (tensors on the device)."""
+
     ids: list[str]
     images01: np.ndarray  # [N, H, W] in [0, 1], for figures
-    images: torch.Tensor  # [N, H, W] in [0, 1], on the device (each model maps it to its own input)
-    masks: torch.Tensor  # [N, H, W] bool, on the device
-    prior: torch.Tensor  # [H, W] or [N, H, W] (leave-one-out) float64, on the device
-    data: dict
-    models: list[dict]  # {"arch", "path", "sha256", "replicate", "folder"}: one model state per entry
-    folders: list[ModelFolder]  # per entry of models
-    randomized: list[int]  # indices into models
-    not_run: dict[str, str]  # baseline / criterion -> why it was not run (e.g. a TorchScript model)
-    facts: dict  # what deviations() reads: Grad-CAM grids, pretraining, normalizations, ground truth kind
-    replicate_pair: tuple[int, int] | None
-    second_arch: int | None
-    localizers: list[dict]
-    localizer_folders: list[ModelFolder]
-    finding_class: int
-    dropped: dict[str, str]  # methods left out, with the reason
-    methods: list[str]
-    preset: str
-    overrides: dict
-    seed: int
-    data_range: float
-    pairs_per_image: int
-    threshold: float
-    explain_class: str
-    randomization_target: str
-    full_cascade: bool
-    block: int
+    images: torch.Tensor  # [N, H, W] in [0, 1] (each model maps it to its own input)
+    masks: torch.Tensor  # [N, H, W] bool
+    prior: torch.Tensor  # [H, W] or [N, H, W] (leave-one-out) float64
+    example: int  # the image the report draws (the largest lesion: the clearest figure)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which model states serve which criterion (indices into :attr:`Plan.models`)."""
+
+    randomized: tuple[int, ...] = ()
+    replicate_pair: tuple[int, int] | None = None
+    second_arch: int | None = None
+
+
+@dataclass
+class Plan:
+    """Everything decided before any model runs: settings, images, model states and their roles, the resume key.
+
+    ``facts`` holds what :func:`deviations` reads (Grad-CAM grids, pretraining, normalizations, the
+    ground truth kind, the finding class); ``not_run`` a baseline or criterion that cannot run and why.
+    """
+
+    settings: AssessmentSettings
     device: torch.device
+    cohort: Cohort
+    models: list[ModelState]
+    localizers: list[ModelState]
+    roles: Roles
+    methods: list[str]
+    not_run: dict[str, str]
+    facts: dict
+    data: dict
     config: dict
     key: str
-    example: int
+
+    @property
+    def ids(self) -> list[str]:
+        return self.cohort.ids
+
+    @property
+    def out_dir(self) -> Path:
+        return self.settings.output_dir
+
+    @property
+    def randomized(self) -> tuple[int, ...]:
+        return self.roles.randomized
+
+    @property
+    def finding_class(self) -> int:
+        return int(self.facts.get("finding_class", FINDING_CLASS))
+
+    @property
+    def dropped(self) -> dict[str, str]:
+        """Methods left out, with the reason."""
+        return dict(self.data.get("methods_left_out", {}))
 
 
 def _trained_on(entries: Sequence[tuple[ModelFolder, int]], dataset_dir: Path) -> list[str]:
@@ -174,6 +226,26 @@ def _trained_on(entries: Sequence[tuple[ModelFolder, int]], dataset_dir: Path) -
         if d and Path(d).resolve() == here:
             out.append(f"{f.name} #{k}")
     return out
+
+
+def _listed(path: Path, positives: list, dataset_dir: Path, trained: str, allow_training: bool) -> tuple[list, str]:
+    """The lesion-positive records listed (by id) in the file ``path``, refused where training images are listed."""
+    wanted = [line.strip().split(",")[0] for line in path.read_text().splitlines() if line.strip()]
+    if wanted and wanted[0] == "id":
+        wanted = wanted[1:]
+    known = {r.id for r in positives}
+    missing = [w for w in wanted if w not in known]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} listed id(s) are not lesion-positive images of {dataset_dir}, "
+                         f"e.g. {missing[:3]}")
+    keep = set(wanted)
+    chosen = sorted((r for r in positives if r.id in keep), key=lambda r: r.id)
+    seen = [r.id for r in chosen if split_of(r.id, r.split) != "test"]
+    if trained and seen and not allow_training:
+        raise ValueError(f"{path}: {len(seen)} listed id(s) are training or validation images of the models "
+                         f"({trained} trained on {dataset_dir}), e.g. {seen[:3]}; list test images only, or set "
+                         "include_training_images")
+    return chosen, f"the ids listed in {path}" + (" (including training images)" if seen and trained else "")
 
 
 def _select(ds, split: str, dataset_dir: Path, trained_on: Sequence[str] = (),
@@ -188,6 +260,11 @@ def _select(ds, split: str, dataset_dir: Path, trained_on: Sequence[str] = (),
     positives = [r for r in ds if r.label == 1]
     has_split_file = any(r.split for r in ds)
     trained = ", ".join(trained_on)
+    if split not in ("auto", "test", "all"):
+        path = Path(split)
+        if not path.is_file():
+            raise ValueError(f"{path}: split must be 'auto', 'test', 'all' or a file of image ids; no such file")
+        return _listed(path, positives, dataset_dir, trained, include_training_images)
     if split == "auto":
         if has_split_file:
             split, how = "test", "auto: the split file's test set"
@@ -198,33 +275,13 @@ def _select(ds, split: str, dataset_dir: Path, trained_on: Sequence[str] = (),
             split, how = "all", "auto: every image (no split file, and no model's training record names this dataset)"
     elif split == "test":
         how = "the split file's test set" if has_split_file else "the training's hash split (no split file), test part"
-    elif split == "all":
+    else:
         if trained_on and not include_training_images:
             raise ValueError(f"{dataset_dir}: split 'all' would assess images the models were trained on ({trained} "
                              "trained on this folder); use split 'auto' or 'test', or set include_training_images "
                              "to assess them anyway")
         how = "every image" + (" including the models' training images (include_training_images)" if trained_on
                                else "")
-    else:
-        path = Path(split)
-        if not path.is_file():
-            raise ValueError(f"{path}: split must be 'auto', 'test', 'all' or a file of image ids; no such file")
-        wanted = [line.strip().split(",")[0] for line in path.read_text().splitlines() if line.strip()]
-        if wanted and wanted[0] == "id":
-            wanted = wanted[1:]
-        known = {r.id for r in positives}
-        missing = [w for w in wanted if w not in known]
-        if missing:
-            raise ValueError(f"{path}: {len(missing)} listed id(s) are not lesion-positive images of {dataset_dir}, "
-                             f"e.g. {missing[:3]}")
-        keep = set(wanted)
-        chosen = sorted((r for r in positives if r.id in keep), key=lambda r: r.id)
-        seen = [r.id for r in chosen if split_of(r.id, r.split) != "test"]
-        if trained_on and seen and not include_training_images:
-            raise ValueError(f"{path}: {len(seen)} listed id(s) are training or validation images of the models "
-                             f"({trained} trained on {dataset_dir}), e.g. {seen[:3]}; list test images only, or set "
-                             "include_training_images")
-        return chosen, f"the ids listed in {path}" + (" (including training images)" if seen and trained_on else "")
     if split == "test":
         positives = [r for r in positives if split_of(r.id, r.split) == "test"]
     return sorted(positives, key=lambda r: r.id), how
@@ -345,114 +402,95 @@ def _normalization(folder: ModelFolder) -> str:
     return text + (f" after window {norm['window']}" if "window" in norm else "")
 
 
-def plan_assessment(
-    dataset_dir: str | Path,
-    output_dir: str | Path,
-    classifiers: Sequence[Any],
-    localizers: Sequence[Any] | str | Path = (),
-    *,
-    methods: Sequence[str] | None = None,
-    preset: str = "paper",
-    n_images: int = 100,
-    image_size: int | None = None,
-    split: str = "auto",
-    include_training_images: bool = False,
-    seed: int = 0,
-    data_range: float | None = None,
-    pairs_per_image: int = 50,
-    agreement_threshold: float = 0.5,
-    device: str | None = None,
-    randomize: int | None = None,
-    recipe_overrides: dict | None = None,
-    explain_class: str = "predicted",
-    randomization_target: str | None = None,
-    full_cascade: bool = False,
-    block: int = 16,
-) -> Plan:
-    """Read and choose the data, describe the models and settings; nothing runs a model yet."""
-    if not classifiers:
-        raise ValueError("no classifiers to assess")
-    if explain_class not in EXPLAIN_CLASSES:
-        raise ValueError(f"explain_class must be one of {EXPLAIN_CLASSES}, got {explain_class!r}")
-    randomization_target = randomization_target or ("own" if preset == "paper" else "trained")
-    if randomization_target not in TARGETS:
-        raise ValueError(f"randomization_target must be one of {TARGETS}, got {randomization_target!r}")
-    overrides = dict(recipe_overrides or {})
-    get_recipe(preset, **overrides)  # unknown settings fail here, before any work
-    entries = model_entries(classifiers)
-    if isinstance(localizers, str | Path | ModelFolder):
-        localizers = [localizers]
-    loc_entries = model_entries(list(localizers), "localizer")
+@dataclass
+class _Probe:
+    """What building each distinct classifier once tells: explain settings, verdict-block sources, the methods it
+    cannot give or gives with a caveat, and the network itself (for the Grad-CAM grid)."""
+
+    nets: dict[str, tuple[ModelFolder, torch.nn.Module]] = field(default_factory=dict)
+    explain: dict[str, dict] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _distinct(entries: Sequence[tuple[ModelFolder, int]]) -> list[ModelFolder]:
+    """Each model folder once, in order."""
     folders: list[ModelFolder] = []
     for f, _ in entries:
         if not any(same_model(f, g) for g in folders):
             folders.append(f)
-    size, size_source = _image_size(folders, image_size)
-    for f, _ in loc_entries:
-        if size and f.image_size and f.image_size != size:
-            raise ValueError(f"{f.folder}: the localization network was trained at {f.image_size} px and the "
-                             f"classifiers at {size} px; give a localizer trained at {size} px")
-    unavailable: dict[str, str] = {}
-    notes: dict[str, str] = {}
-    probes: dict[str, tuple[ModelFolder, torch.nn.Module]] = {}
-    explain: dict[str, dict] = {}  # each model's explain settings, for the provenance
-    sources: dict[str, str] = {}  # where each model's randomization verdict block comes from
+    return folders
+
+
+def _probe(folders: Sequence[ModelFolder]) -> _Probe:
+    """Build every classifier once; two folders of one architecture are refused (reproducibility needs two)."""
+    out = _Probe()
     architectures: dict[tuple, ModelFolder] = {}
     for f in folders:
-        probe = f.build() if f.format != "torchscript" else f.load()
-        twin = architectures.setdefault(_architecture(probe), f)
+        net = f.build() if f.format != "torchscript" else f.load()
+        twin = architectures.setdefault(_architecture(net), f)
         if twin is not f:
-            raise ValueError(f"{f.folder}: the same network ({f.network_label}, {type(probe).__name__} with the same "
+            raise ValueError(f"{f.folder}: the same network ({f.network_label}, {type(net).__name__} with the same "
                              f"layers) as {twin.folder}; reproducibility needs a different architecture: put these "
                              "weights in the first folder as another replicate, or give a classifier of another "
                              "architecture")
-        explain[f.network_label] = {k: (list(v) if isinstance(v, tuple) else v)
-                                    for k, v in f.explain_settings(probe).items()}
+        out.explain[f.network_label] = {k: (list(v) if isinstance(v, tuple) else v)
+                                        for k, v in f.explain_settings(net).items()}
         if f.format != "torchscript":
-            sources[f.network_label] = f.verdict_block_source(probe)
-        for m, why in f.unavailable(probe).items():
-            unavailable.setdefault(m, why)
-        for m, why in f.method_notes(probe).items():
-            notes.setdefault(m, why)
-        probes[f.network_label] = (f, probe)
-    if methods is not None:
-        asked = list(methods)
-        refused = [m for m in asked if m in unavailable]
+            out.sources[f.network_label] = f.verdict_block_source(net)
+        for m, why in f.unavailable(net).items():
+            out.unavailable.setdefault(m, why)
+        for m, why in f.method_notes(net).items():
+            out.notes.setdefault(m, why)
+        out.nets[f.network_label] = (f, net)
+    return out
+
+
+def _methods(asked: Sequence[str] | None, probe: _Probe) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """The methods to compute, those left out (with the reason) and the caveats of those kept."""
+    if asked is not None:
+        refused = [m for m in asked if m in probe.unavailable]
         if refused:
-            raise ValueError(f"method(s) {refused} cannot be computed for these models: {unavailable[refused[0]]}; "
-                             "leave them out of methods")
-        methods = asked
+            raise ValueError(f"method(s) {refused} cannot be computed for these models: "
+                             f"{probe.unavailable[refused[0]]}; leave them out of methods")
+        methods = list(asked)
     else:
-        methods = [m for m in METHODS if m not in unavailable]
-    dropped = {m: why for m, why in unavailable.items() if m not in methods}
-    notes = {m: why for m, why in notes.items() if m in methods}
+        methods = [m for m in METHODS if m not in probe.unavailable]
+    dropped = {m: why for m, why in probe.unavailable.items() if m not in methods}
+    notes = {m: why for m, why in probe.notes.items() if m in methods}
     for m, why in dropped.items():
         log.warning("method %s left out: %s", m, why)
     for m, why in notes.items():
         log.warning("method %s: %s", m, why)
+    return methods, dropped, notes
+
+
+def _device(device: str | None) -> torch.device:
+    """The device given, else this process's GPU (one per process under ``torchrun``), else the CPU."""
     rank, world = _world()
     if device is None and torch.cuda.is_available():
         device = f"cuda:{rank % torch.cuda.device_count()}" if world > 1 else "cuda"
-    dev = torch.device(device or "cpu")
-    data_range = data_range if data_range is not None else (2.0 if preset == "paper" else 1.0)
-    dataset_dir = Path(dataset_dir)
-    ds = load_dataset(dataset_dir, image_size=size)
-    trained_on = _trained_on(list(entries) + list(loc_entries), dataset_dir)
-    chosen, how = _select(ds, split, dataset_dir, trained_on, include_training_images)
+    return torch.device(device or "cpu")
+
+
+def _cohort(s: AssessmentSettings, size: int | None, trained_on: list[str], dev: torch.device
+            ) -> tuple[Cohort, Any, dict]:
+    """Read the dataset at ``size``, choose the images (``split``), build the prior; returns the cohort, the
+    dataset and what ``results.json``'s ``data`` says of the choice."""
+    ds = load_dataset(s.dataset_dir, image_size=size)
+    chosen, how = _select(ds, s.split, s.dataset_dir, trained_on, s.include_training_images)
     skipped = [{"id": r.id, "why": "lesion-positive but has no ground-truth mask or box"}
                for r in chosen if r.mask is None or not r.mask.any()]
-    for s in skipped:
-        log.warning("skipped %s: %s", s["id"], s["why"])
-    usable = [r for r in chosen if r.mask is not None and r.mask.any()]
-    positives = usable[:n_images]
+    for sk in skipped:
+        log.warning("skipped %s: %s", sk["id"], sk["why"])
+    positives = [r for r in chosen if r.mask is not None and r.mask.any()][: s.n_images]
     if len(positives) < 2:
-        raise ValueError(f"{dataset_dir}: need at least two lesion-positive images with ground truth to assess, "
+        raise ValueError(f"{s.dataset_dir}: need at least two lesion-positive images with ground truth to assess, "
                          f"found {len(positives)} ({how}; {len(skipped)} without ground truth)")
     shapes = {r.image.shape for r in positives}
     if len(shapes) > 1:
-        raise ValueError(f"{dataset_dir}: images come in several sizes {sorted(shapes)}; give image_size")
-    grid = positives[0].image.shape  # the Grad-CAM grid each classifier gives at the size assessed
-    grids = {label: _cam_grid(f, probe, grid) for label, (f, probe) in probes.items()}
+        raise ValueError(f"{s.dataset_dir}: images come in several sizes {sorted(shapes)}; give image_size")
     assessed = {r.id for r in positives}
     pool = [r.mask for r in ds if r.label == 1 and r.mask is not None and r.mask.any() and r.id not in assessed
             and split_of(r.id, r.split) in ("train", "val") and r.mask.shape == positives[0].mask.shape]
@@ -463,73 +501,91 @@ def plan_assessment(
     else:
         prior = leave_one_out_priors(masks)
         prior_source = "leave-one-out mean of the other assessed images' masks (no training masks in the dataset)"
+    images01 = np.stack([r.image for r in positives])
+    cohort = Cohort(ids=[r.id for r in positives], images01=images01, images=torch.tensor(images01).to(dev),
+                    masks=masks.to(dev), prior=prior.to(dev),
+                    example=int(np.argmax([r.mask.sum() for r in positives])))
+    data = {"dataset_dir": str(s.dataset_dir.resolve()), "layout": ds.layout, "split_rule": s.split, "split": how,
+            "trained_on_this_dataset": trained_on, "include_training_images": bool(s.include_training_images),
+            "n_positive_found": len(chosen), "n_images": len(positives), "n_requested": s.n_images,
+            "ids": cohort.ids, "skipped": skipped,
+            "load_errors": [{"source": e.source, "problem": e.problem} for e in ds.errors],
+            "grid": list(positives[0].image.shape), "ground_truth": _ground_truth_kind(ds),
+            "synthetic": (s.dataset_dir / "synthcxr.json").is_file(), "prior": prior_source}
+    return cohort, ds, data
 
-    models = [{"arch": f.network_label, "path": str(f.weights(k)), "sha256": f.sha256(k), "replicate": k,
-               "folder": str(f.folder)} for f, k in entries]
-    locs = [{"path": str(f.weights(k)), "sha256": f.sha256(k), "replicate": k, "folder": str(f.folder),
-             "network": f.network_label} for f, k in loc_entries]
-    primary = entries[0][0]
-    same = [i for i, (f, _) in enumerate(entries) if same_model(f, primary)]
+
+def _roles(s: AssessmentSettings, models: list[ModelState]) -> tuple[Roles, dict[str, str]]:
+    """Which states are randomized, which pair gives repeatability and which reproducibility; what cannot run."""
+    primary = models[0].folder
+    same = [i for i, m in enumerate(models) if same_model(m.folder, primary)]
+    others = [i for i, m in enumerate(models) if not same_model(m.folder, primary)]
     not_run: dict[str, str] = {}
+    randomized: list[int] = []
     if primary.format == "torchscript":
         why = (f"{primary.name} is a TorchScript model: it has no untrained form to build and its layers cannot be "
                "re-initialized (no reset_parameters)")
         not_run = {"untrained": why, "randomization": why}
-        randomized: list[int] = []
     else:
-        randomized = same[: randomize if randomize is not None else None]
-        if randomize == 0:
+        randomized = same[: s.randomize]
+        if s.randomize == 0:
             not_run["randomization"] = "cascading randomization was not run (randomize=0)"
-    others = [i for i, (f, _) in enumerate(entries) if not same_model(f, primary)]
+    return Roles(randomized=tuple(randomized), replicate_pair=(same[0], same[1]) if len(same) >= 2 else None,
+                 second_arch=others[0] if others else None), not_run
+
+
+def plan_assessment(settings: AssessmentSettings | str | Path, *args: Any, **options: Any) -> Plan:
+    """Read and choose the data, describe the models and settings; nothing runs a model yet.
+
+    ``settings`` is an :class:`~saliency_trust.settings.AssessmentSettings`, or the older call form
+    ``plan_assessment(dataset_dir, output_dir, classifiers, localizers, **options)``.
+    """
+    s = settings if isinstance(settings, AssessmentSettings) else AssessmentSettings.from_options(settings, *args,
+                                                                                                   **options)
+    entries = model_entries(s.classifiers)
+    loc_entries = model_entries(s.localizers, "localizer")
+    folders = _distinct(entries)
+    size, size_source = _image_size(folders, s.image_size)
+    for f, _ in loc_entries:
+        if size and f.image_size and f.image_size != size:
+            raise ValueError(f"{f.folder}: the localization network was trained at {f.image_size} px and the "
+                             f"classifiers at {size} px; give a localizer trained at {size} px")
+    probe = _probe(folders)
+    methods, dropped, notes = _methods(s.methods, probe)
+    dev = _device(s.device)
+    trained_on = _trained_on(list(entries) + list(loc_entries), s.dataset_dir)
+    cohort, ds, data = _cohort(s, size, trained_on, dev)
+    data.update(image_size=size, image_size_source=size_source, methods_left_out=dropped, method_notes=notes)
+    models = [ModelState.of(f, k) for f, k in entries]
+    localizers = [ModelState.of(f, k) for f, k in loc_entries]
+    roles, not_run = _roles(s, models)
     records = {f"{f.name} #{k}": f.record(k) for f, k in entries}
     facts = {
-        "cam_grids": grids, "ground_truth": _ground_truth_kind(ds),
+        "cam_grids": {label: _cam_grid(f, net, tuple(data["grid"])) for label, (f, net) in probe.nets.items()},
+        "ground_truth": data["ground_truth"],
         "pretrained": {name: (r.get("pretrained") if "pretrained" in r else "not recorded")
                        for name, r in records.items()},
         "normalization": {f.network_label: _normalization(f) for f in folders},
         "ig_baseline": {f.network_label: f.black() for f in folders},
-        "primary": primary.network_label,
-        "second": entries[others[0]][0].network_label if others else None,
-        "localizers": sorted({f.network_label for f, _ in loc_entries}),
+        "primary": models[0].arch,
+        "second": models[roles.second_arch].arch if roles.second_arch is not None else None,
+        "localizers": sorted({m.arch for m in localizers}),
+        "finding_class": models[0].folder.finding_class,
         "trained_on": trained_on,
-        "training_images_included": bool(trained_on and include_training_images
-                                         and (split == "all" or "including training images" in how)),
-        "randomize": randomize,
-        "method_notes": notes, "verdict_block_source": sources,
+        "training_images_included": bool(trained_on and s.include_training_images
+                                         and (s.split == "all" or "including training images" in data["split"])),
+        "randomize": s.randomize,
+        "method_notes": notes, "verdict_block_source": probe.sources,
     }
-    data = {"dataset_dir": str(dataset_dir.resolve()), "layout": ds.layout, "split_rule": split, "split": how,
-            "trained_on_this_dataset": trained_on, "include_training_images": bool(include_training_images),
-            "n_positive_found": len(chosen), "n_images": len(positives), "n_requested": n_images,
-            "ids": [r.id for r in positives], "skipped": skipped,
-            "load_errors": [{"source": e.source, "problem": e.problem} for e in ds.errors],
-            "image_size": size, "image_size_source": size_source, "grid": list(positives[0].image.shape),
-            "ground_truth": facts["ground_truth"],
-            "synthetic": (dataset_dir / "synthcxr.json").is_file(), "prior": prior_source,
-            "methods_left_out": dropped, "method_notes": notes}
-    config = {"dataset_dir": data["dataset_dir"], "image_size": size, "split": split,
-              "include_training_images": bool(include_training_images), "n_images": len(positives),
-              "ids": data["ids"], "methods": methods, "preset": preset, "seed": seed, "data_range": data_range,
-              "pairs_per_image": pairs_per_image, "agreement_threshold": agreement_threshold,
-              "recipe_overrides": overrides, "randomized_replicates": len(randomized), "block": block,
-              "explain_class": explain_class, "randomization_target": randomization_target,
-              "full_cascade": bool(full_cascade),
-              "classifiers": [{k: str(v) for k, v in m.items()} for m in models], "localizers": locs,
-              "models": {str(f.folder): f.describe() for f in folders}, "explain_settings": explain,
+    config = {**s.to_config(), "image_size": size, "n_images": len(cohort.ids), "ids": cohort.ids,
+              "methods": methods, "randomized_replicates": len(roles.randomized),
+              "classifiers": [{k: str(v) for k, v in m.record().items()} for m in models],
+              "localizers": [{**m.record(), "network": m.arch} for m in localizers],
+              "models": {str(f.folder): f.describe() for f in folders}, "explain_settings": probe.explain,
               "code": code_fingerprint()}
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    return Plan(
-        out_dir=Path(output_dir), ids=data["ids"], images01=np.stack([r.image for r in positives]),
-        images=torch.tensor(np.stack([r.image for r in positives])).to(dev),
-        masks=masks.to(dev), prior=prior.to(dev), data=data, models=models, folders=[f for f, _ in entries],
-        randomized=randomized, not_run=not_run, facts=facts,
-        replicate_pair=(same[0], same[1]) if len(same) >= 2 else None,
-        second_arch=others[0] if others else None, localizers=locs, localizer_folders=[f for f, _ in loc_entries],
-        finding_class=primary.finding_class, dropped=dropped,
-        methods=methods, preset=preset, overrides=overrides, seed=seed, data_range=data_range,
-        pairs_per_image=pairs_per_image, threshold=agreement_threshold, explain_class=explain_class,
-        randomization_target=randomization_target, full_cascade=full_cascade, block=block, device=dev,
-        config=config, key=key,
-        example=int(np.argmax([r.mask.sum() for r in positives])))  # the largest lesion: the clearest figure
+    return Plan(settings=s, device=dev, cohort=cohort, models=models, localizers=localizers, roles=roles,
+                methods=methods, not_run=not_run, facts=facts, data=data, config=config, key=key)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -540,107 +596,117 @@ def plan_assessment(
 class Maps:
     """Every model output the scores need (CPU tensors)."""
 
-    trained: list[dict[str, torch.Tensor]]  # per classifier: method -> [N, H, W]
-    probs: list[torch.Tensor]  # per classifier: [N, classes]
-    targets: list[torch.Tensor]  # per classifier: explained class [N]
+    trained: list[dict[str, torch.Tensor]]  # per classifier state: method -> [N, H, W]
+    probs: list[torch.Tensor]  # per classifier state: [N, classes]
+    targets: list[torch.Tensor]  # per classifier state: explained class [N]
     untrained: dict[str, torch.Tensor] | None  # None: not run (plan.not_run says why)
     localizers: list[torch.Tensor]  # per localizer: [N, H, W] in [0, 1]
-    randomization: list[dict] = field(default_factory=list)  # per randomized replicate
+    randomization: list[RandomizationCurve] = field(default_factory=list)  # per randomized replicate
 
 
-def _unet_output(folder: ModelFolder, replicate: int, images01: torch.Tensor) -> torch.Tensor:
-    net = folder.load(replicate, images01.device)
-    x = folder.to_input(images01)
+def _unet_output(state: ModelState, images01: torch.Tensor) -> torch.Tensor:
+    net = state.folder.load(state.replicate, images01.device)
+    x = state.folder.to_input(images01)
     with torch.no_grad():
         return torch.cat([torch.sigmoid(net(x[i : i + 16]))[:, 0] for i in range(0, len(x), 16)])
 
 
-def compute_maps(plan: Plan, progress: bool = True) -> Maps:
-    """All maps and outputs, resumable step by step (see the module docstring)."""
-    rank, _ = _world()
-    steps = Steps(plan.out_dir / ".steps", plan.key, write=rank == 0)
-    cache = SegmentCache()
-    n = len(plan.ids)
-    images = plan.images
+class _Explainer:
+    """Explains the cohort for one model folder: every state of it (trained, untrained, randomized) goes through
+    :meth:`__call__`, sharded across processes by blocks of images."""
 
-    calls = iter(range(1 << 30))
+    def __init__(self, plan: Plan, folder: ModelFolder, x: torch.Tensor, cache: SegmentCache,
+                 calls: Any) -> None:
+        self.plan, self.folder, self.x, self.cache, self.calls = plan, folder, x, cache, calls
 
-    def explainer(folder: ModelFolder, x: torch.Tensor) -> Callable[[torch.nn.Module, torch.Tensor], dict]:
-        def explain_sharded(net: torch.nn.Module, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-            # One call per model state: the trained replicates, the untrained network, each randomized state.
-            faults.point(f"explain:{next(calls)}")
-            settings = {**folder.explain_settings(net), **plan.overrides}  # the user's overrides win
+    def __call__(self, net: torch.nn.Module, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        faults.point(f"explain:{next(self.calls)}")
+        s = self.plan.settings
+        settings = {**self.folder.explain_settings(net), **s.overrides}  # the user's overrides win
 
-            def part(s: slice) -> dict[str, torch.Tensor]:
-                maps = explain(net, x[s], plan.methods, targets=targets[s], preset=plan.preset, segment_cache=cache,
-                               seed=plan.seed, **settings)
-                return {k: v.cpu() for k, v in maps.items()}
+        def part(block: slice) -> dict[str, torch.Tensor]:
+            maps = explain(net, self.x[block], self.plan.methods, targets=targets[block], preset=s.preset,
+                           segment_cache=self.cache, seed=s.seed, **settings)
+            return {k: v.cpu() for k, v in maps.items()}
 
-            return sharded(part, n, plan.block)
+        return sharded(part, len(self.plan.ids), s.block)
 
-        return explain_sharded
 
-    def classes(probs: torch.Tensor, folder: ModelFolder) -> torch.Tensor:
-        if plan.explain_class == "finding":  # each model's own finding class (its model.json says which)
+class _Run:
+    """The model runs of one assessment, each a resumable step."""
+
+    def __init__(self, plan: Plan, progress: bool) -> None:
+        rank, _ = _world()
+        self.plan = plan
+        self.steps = Steps(plan.out_dir / ".steps", plan.key, write=rank == 0)
+        self.cache = SegmentCache()
+        self.calls = iter(range(1 << 30))
+        self.bar = None
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            total = len(plan.models) + (0 if "untrained" in plan.not_run else 1) + len(plan.randomized)
+            self.bar = tqdm(total=total, desc="assessment", unit="model")
+
+    def counted(self, value: Any) -> Any:
+        if self.bar is not None:
+            self.bar.update()
+        return value
+
+    def explainer(self, folder: ModelFolder, x: torch.Tensor) -> _Explainer:
+        return _Explainer(self.plan, folder, x, self.cache, self.calls)
+
+    def classes(self, probs: torch.Tensor, folder: ModelFolder) -> torch.Tensor:
+        """The classes explained: each model's own finding class (its model.json says which), or its prediction."""
+        if self.plan.settings.explain_class == "finding":
             return torch.full((probs.shape[0],), folder.finding_class, dtype=torch.long)
         return probs.argmax(1)
 
-    def run_model(folder: ModelFolder, net: torch.nn.Module) -> dict:
-        x = folder.to_input(images)
+    def model(self, folder: ModelFolder, net: torch.nn.Module) -> dict:
+        x = folder.to_input(self.plan.cohort.images)
         probs = torch.softmax(predict(net, x).double(), 1).cpu()
-        targets = classes(probs, folder)
-        return {"maps": explainer(folder, x)(net, targets.to(images.device)), "probs": probs, "targets": targets}
+        targets = self.classes(probs, folder)
+        maps = self.explainer(folder, x)(net, targets.to(self.plan.cohort.images.device))
+        return {"maps": maps, "probs": probs, "targets": targets}
 
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
+    def untrained(self) -> torch.nn.Module:
+        torch.manual_seed(self.plan.settings.seed)
+        return self.plan.models[0].folder.build().to(self.plan.device).eval()
 
-        bar = tqdm(total=len(plan.models) + (0 if "untrained" in plan.not_run else 1) + len(plan.randomized),
-                   desc="assessment", unit="model")
-
-    def counted(value: Any) -> Any:
-        if bar is not None:
-            bar.update()
-        return value
-
-    primary = plan.folders[0]
-
-    def untrained_net() -> torch.nn.Module:
-        torch.manual_seed(plan.seed)
-        return primary.build().to(plan.device).eval()
-
-    runs = [counted(steps.run(f"maps_{i}", lambda i=i, f=f: run_model(f, f.load(plan.models[i]["replicate"],
-                                                                                plan.device))))
-            for i, f in enumerate(plan.folders)]
-    untrained = (None if "untrained" in plan.not_run else
-                 counted(steps.run("maps_untrained", lambda: run_model(primary, untrained_net()))))
-    locs = [steps.run(f"localizer_{i}", lambda f=f, p=p: _unet_output(f, p["replicate"], images).cpu())
-            for i, (f, p) in enumerate(zip(plan.localizer_folders, plan.localizers, strict=True))]
-
-    def curves(i: int) -> dict:
-        folder = plan.folders[i]
-        net = folder.load(plan.models[i]["replicate"], plan.device)
-        x = folder.to_input(images)
+    def curve(self, i: int, trained: dict) -> RandomizationCurve:
+        plan, s, state = self.plan, self.plan.settings, self.plan.models[i]
+        folder = state.folder
+        net = folder.load(state.replicate, plan.device)
+        x = folder.to_input(plan.cohort.images)
         c = randomization_curves(
-            net, folder.randomization_blocks(net), x, plan.methods, preset=plan.preset, seed=plan.seed,
-            data_range=plan.data_range, verdict_block=folder.verdict_block(net),
-            pairs_per_image=plan.pairs_per_image, segment_cache=cache, explain_fn=explainer(folder, x),
-            init_seed=replicate_seed(plan.seed, plan.models[i]["sha256"]),  # each replicate its own random weights
-            full_cascade=plan.full_cascade,  # default: stop where the paper's cascade stopped
-            examples=[plan.example], progress=bar is not None,
-            # Explaining the finding class: every state explains it, whatever it predicts.
-            target="trained" if plan.explain_class == "finding" else plan.randomization_target,
-            trained_maps=runs[i]["maps"], trained_targets=runs[i]["targets"].to(images.device))
-        return {"states": c["states"], "verdict_state": c["verdict_state"], "class_changed": c["class_changed"],
-                "ssim": {k: v.cpu() for k, v in c["ssim"].items()},
-                "spearman": {k: v.cpu() for k, v in c["spearman"].items()},
-                "undefined": c["undefined"], "spearman_undefined": c["spearman_undefined"],
-                "baseline": {k: v.cpu() for k, v in c["baseline"].items()}, "cascade_mean": c["cascade_mean"],
-                "examples": {k: v[:, 0].cpu() for k, v in c["examples"].items()}}
+            net, folder.randomization_blocks(net), x, plan.methods, preset=s.preset, seed=s.seed,
+            data_range=s.ssim_data_range, verdict_block=folder.verdict_block(net),
+            pairs_per_image=s.pairs_per_image, segment_cache=self.cache, explain_fn=self.explainer(folder, x),
+            init_seed=replicate_seed(s.seed, state.sha256),  # each replicate its own random weights
+            full_cascade=s.full_cascade,  # default: stop where the paper's cascade stopped
+            examples=[plan.cohort.example], progress=self.bar is not None,
+            target=s.target_rule,  # explaining the finding class: every state explains it, whatever it predicts
+            trained_maps=trained["maps"], trained_targets=trained["targets"].to(x.device))
+        c.examples = {k: v[:, 0] for k, v in c.examples.items()}
+        return c
 
-    rand = [counted(steps.run(f"randomization_{i}", lambda i=i: curves(i))) for i in plan.randomized]
-    if bar is not None:
-        bar.close()
+
+def compute_maps(plan: Plan, progress: bool = True) -> Maps:
+    """All maps and outputs, resumable step by step (see the module docstring)."""
+    run = _Run(plan, progress)
+    steps = run.steps
+    runs = [run.counted(steps.run(f"maps_{i}", lambda m=m: run.model(m.folder, m.folder.load(m.replicate,
+                                                                                                plan.device))))
+            for i, m in enumerate(plan.models)]
+    untrained = (None if "untrained" in plan.not_run else
+                 run.counted(steps.run("maps_untrained", lambda: run.model(plan.models[0].folder, run.untrained()))))
+    locs = [steps.run(f"localizer_{i}", lambda m=m: _unet_output(m, plan.cohort.images).cpu())
+            for i, m in enumerate(plan.localizers)]
+    rand = [RandomizationCurve.from_state(run.counted(steps.run(f"randomization_{i}",
+                                                                  lambda i=i: run.curve(i, runs[i]).to_state())))
+            for i in plan.randomized]
+    if run.bar is not None:
+        run.bar.close()
     return Maps(trained=[r["maps"] for r in runs], probs=[r["probs"] for r in runs],
                 targets=[r["targets"] for r in runs], untrained=untrained["maps"] if untrained else None,
                 localizers=locs, randomization=rand)
@@ -670,9 +736,10 @@ class Scores:
 
 
 def _agreement(maps_a: dict, maps_b: dict, plan: Plan) -> tuple[dict, dict, dict]:
-    ssim_v = {m: v.numpy() for m, v in map_agreement(maps_a, maps_b, plan.data_range).items()}
+    s = plan.settings
+    ssim_v = {m: v.numpy() for m, v in map_agreement(maps_a, maps_b, s.ssim_data_range).items()}
     n = len(plan.ids)
-    chance = {m: per_image_chance(random_pair_ssim(maps_a[m], plan.pairs_per_image, plan.data_range, plan.seed,
+    chance = {m: per_image_chance(random_pair_ssim(maps_a[m], s.pairs_per_image, s.ssim_data_range, s.seed,
                                                    other=maps_b[m]), n).numpy() for m in plan.methods}
     undefined = {m: int((blank(maps_a[m]) | blank(maps_b[m])).sum()) for m in plan.methods}
     return ssim_v, chance, undefined
@@ -699,11 +766,12 @@ PAPER = {"image_size": 320, "randomized_replicates": 3, "primary": "inception_v3
 def deviations(plan: Plan) -> list[str]:
     """Every way this run differs from the paper's experiment, in sentences, derived from the plan (also in
     the report). Each line appears exactly when its condition holds; ``tests/workflows`` checks both ways."""
-    recipe = get_recipe(plan.preset, **plan.overrides)
+    s = plan.settings
+    recipe = get_recipe(s.preset, **s.overrides)
     f = plan.facts
     out = []
-    if plan.preset != "paper" or plan.overrides:
-        out.append(f"Saliency recipe '{plan.preset}'" + (f" with overrides {plan.overrides}" if plan.overrides else "")
+    if s.preset != "paper" or s.overrides:
+        out.append(f"Saliency recipe '{s.preset}'" + (f" with overrides {s.overrides}" if s.overrides else "")
                    + ": fewer integration steps / noise samples than the paper's; a demonstration, not its numbers.")
     h, w = plan.data["grid"]
     if (h, w) != (PAPER["image_size"], PAPER["image_size"]):
@@ -713,11 +781,11 @@ def deviations(plan: Plan) -> list[str]:
     if recipe.cam_resize != "tf1_legacy":
         out.append("Grad-CAM upsampled with half-pixel centres; the paper's TF1 code used the legacy resize "
                    "(about half a feature cell up and left).")
-    if plan.data_range != PAPER["data_range"]:
-        out.append(f"SSIM data_range {plan.data_range}; the paper's scikit-image silently used 2.0 for float maps.")
+    if s.ssim_data_range != PAPER["data_range"]:
+        out.append(f"SSIM data_range {s.ssim_data_range}; the paper's scikit-image silently used 2.0 for float maps.")
     if len(plan.localizers) >= 2:
         out.append(f"Localization-network agreement SSIM on their [0, 1] probability maps with data_range "
-                   f"{plan.data_range}; the paper's U-Net maps were 8-bit PNGs (scikit-image's dtype range, 255) and "
+                   f"{s.ssim_data_range}; the paper's U-Net maps were 8-bit PNGs (scikit-image's dtype range, 255) and "
                    "its RetinaNet maps min-max normalized floats (2.0).")
     out.append("SmoothGrad / SmoothGrad-IG noise is drawn per (image, model weights, seed): reproducible; "
                "the paper drew fresh noise per call. Either way no two models share noise.")
@@ -729,10 +797,10 @@ def deviations(plan: Plan) -> list[str]:
         if len(plan.randomized) != PAPER["randomized_replicates"]:
             out.append(f"{len(plan.randomized)} randomized replicate(s); the paper averaged the cascading "
                        "randomization curves of 3 InceptionV3 replicates (mean +- SD).")
-    if plan.randomization_target == "trained":
+    if s.own_target == "trained":
         out.append("Randomized models explain the trained model's class; the paper's pipeline explained each "
                    "model's own prediction.")
-    if plan.explain_class == "finding":
+    if s.explain_class == "finding":
         out.append("Maps explain each model's finding (lesion) class; the paper explained the predicted class.")
     if f["primary"] != PAPER["primary"]:
         out.append(f"Primary architecture {f['primary']} (the paper's: InceptionV3).")
@@ -785,116 +853,150 @@ def deviations(plan: Plan) -> list[str]:
     return out
 
 
-def score(plan: Plan, maps: Maps, seconds: float = 0.0) -> tuple[Results, Scores]:
-    """Per-image values, summaries and verdicts from the maps."""
-    methods, masks = plan.methods, plan.masks.cpu()
-    primary = maps.trained[0]
-    util = {m: utility_scores(primary[m], masks) for m in methods}
-    n = len(plan.ids)
+@dataclass
+class _Agreements:
+    """Repeatability and reproducibility SSIM per method and image, their chance levels and undefined counts,
+    and the localization networks' own agreement (each empty where the criterion has no pair)."""
+
+    repeat: dict = field(default_factory=dict)
+    repeat_chance: dict = field(default_factory=dict)
+    repeat_undefined: dict = field(default_factory=dict)
+    reprod: dict = field(default_factory=dict)
+    reprod_chance: dict = field(default_factory=dict)
+    reprod_undefined: dict = field(default_factory=dict)
+    localizers: np.ndarray | None = None
+
+
+def _agreements(plan: Plan, maps: Maps) -> _Agreements:
+    out = _Agreements()
+    roles = plan.roles
+    if roles.replicate_pair:
+        a, b = roles.replicate_pair
+        out.repeat, out.repeat_chance, out.repeat_undefined = _agreement(maps.trained[a], maps.trained[b], plan)
+    if roles.second_arch is not None:
+        out.reprod, out.reprod_chance, out.reprod_undefined = _agreement(maps.trained[0],
+                                                                         maps.trained[roles.second_arch], plan)
+    if len(maps.localizers) >= 2:
+        out.localizers = output_agreement(maps.localizers[0], maps.localizers[1],
+                                          plan.settings.ssim_data_range).numpy()
+    return out
+
+
+def _utility(plan: Plan, maps: Maps) -> tuple[dict, dict, dict, dict | None]:
+    """AUPRC per method and image of the primary model's maps, the untrained network's, the prior's and the
+    first localization network's."""
+    methods, masks, n = plan.methods, plan.cohort.masks.cpu(), len(plan.ids)
+    util = {m: utility_scores(maps.trained[0][m], masks) for m in methods}
     if maps.untrained is not None:
-        util_untrained = {m: utility_scores(maps.untrained[m], masks) for m in methods}
+        untrained = {m: utility_scores(maps.untrained[m], masks) for m in methods}
     else:  # not run (a TorchScript model has no untrained form): undefined, with the reason in the baselines
-        util_untrained = {m: {"auprc": torch.full((n,), torch.nan, dtype=torch.float64), "constant_map": 0}
-                          for m in methods}
-    prior_maps = plan.prior.cpu().expand_as(masks).contiguous() if plan.prior.ndim == 2 else plan.prior.cpu()
-    util_prior = utility_scores(prior_maps, masks)
-    util_loc = utility_scores(maps.localizers[0], masks) if maps.localizers else None
-    undefined_u = {m: util[m]["constant_map"] + util[m]["empty_mask"] for m in methods}
+        untrained = {m: {"auprc": torch.full((n,), torch.nan, dtype=torch.float64), "constant_map": 0}
+                     for m in methods}
+    prior = plan.cohort.prior.cpu()
+    prior_maps = prior.expand_as(masks).contiguous() if prior.ndim == 2 else prior
+    return util, untrained, utility_scores(prior_maps, masks), (utility_scores(maps.localizers[0], masks)
+                                                               if maps.localizers else None)
 
-    empty: dict = {}
-    repeat, repeat_chance, repeat_undef = _agreement(maps.trained[plan.replicate_pair[0]],
-                                                     maps.trained[plan.replicate_pair[1]], plan) \
-        if plan.replicate_pair else (empty, empty, empty)
-    reprod, reprod_chance, reprod_undef = _agreement(primary, maps.trained[plan.second_arch], plan) \
-        if plan.second_arch is not None else ({}, {}, {})
-    loc_agree = (output_agreement(maps.localizers[0], maps.localizers[1], plan.data_range).numpy()
-                 if len(maps.localizers) >= 2 else None)
 
-    verdicts: dict[str, dict[str, Verdict]] = {m: {} for m in methods}
+def _randomization(plan: Plan, curves: list[RandomizationCurve], m: str) -> tuple[Verdict, dict]:
+    """Method ``m``'s randomization verdict over the replicates, and its per-image values (replicates averaged)."""
+    n = len(plan.ids)
+    # [replicates, images]: the verdict averages replicates per image (images are the unit, n = images).
+    final = np.stack([c.ssim[m][c.verdict_index].numpy() for c in curves])
+    chance = np.stack([per_image_chance(c.baseline[m], n).numpy() for c in curves])
+    v = randomization_verdict(final, chance, curves[0].verdict_state, [c.baseline[m].numpy() for c in curves],
+                              margin=plan.settings.equivalence_margin,
+                              cascade_mean=np.array([c.cascade_mean[m] for c in curves], dtype=np.float64))
+    per_image = {"ssim": _nanmean0(final), "chance": _nanmean0(chance),
+                 "spearman": _nanmean0(np.stack([c.spearman[m][c.verdict_index].numpy() for c in curves]))}
+    return Verdict.from_dict(v), per_image
+
+
+def _curve_record(plan: Plan, c: RandomizationCurve, i: int) -> dict:
+    """What ``results.json`` says of one randomized replicate's cascade."""
+    state, methods = plan.models[i], plan.methods
+    return {
+        "model": state.path, "replicate": state.replicate,
+        "init_seed": replicate_seed(plan.settings.seed, state.sha256),
+        "states": c.states, "verdict_state": c.verdict_state,
+        "verdict_state_source": plan.facts["verdict_block_source"].get(state.arch),
+        "cascade_mean": {m: c.cascade_mean[m] for m in methods},
+        "beyond_paper": c.states[c.verdict_index + 1 :], "class_changed": c.class_changed,
+        "target": plan.settings.target_rule,
+        "ssim": {m: [summarize(row.numpy()) for row in c.ssim[m]] for m in methods},
+        "ssim_undefined": {m: list(c.undefined[m]) for m in methods},
+        "spearman": {m: [summarize(row.numpy()) for row in c.spearman[m]] for m in methods},
+        "spearman_undefined": {m: list(c.spearman_undefined[m]) for m in methods},
+        "baseline": {m: summarize(c.baseline[m].numpy()) for m in methods}}
+
+
+def _provenance(plan: Plan, seconds: float) -> dict:
+    _, world = _world()
+    dev, s = plan.device, plan.settings
+    return {"versions": versions(), "config": plan.config, "device": str(dev), "processes": world,
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "recipe": {k: (list(v) if isinstance(v, tuple) else v)
+                       for k, v in get_recipe(s.preset, **s.overrides).__dict__.items()},
+            "seconds": round(seconds, 1)}
+
+
+def score(plan: Plan, maps: Maps, seconds: float = 0.0) -> tuple[Results, Scores]:
+    """Per-image values, summaries and verdicts from the maps (no model runs here: a test can fabricate both)."""
+    methods = plan.methods
+    util, util_untrained, util_prior, util_loc = _utility(plan, maps)
+    ag = _agreements(plan, maps)
+    threshold = plan.settings.agreement_threshold
     uv = utility_verdicts({m: util[m]["auprc"].numpy() for m in methods}, util_prior["auprc"].numpy(),
-                          util_loc["auprc"].numpy() if util_loc else None, undefined_u)
-    rv = agreement_verdicts(repeat, repeat_chance, loc_agree, "repeatability", plan.threshold, repeat_undef) \
-        if repeat else {}
-    pv = agreement_verdicts(reprod, reprod_chance, loc_agree, "reproducibility", plan.threshold, reprod_undef) \
-        if reprod else {}
-    state_ssim, state_spearman, state_chance = {}, {}, {}
+                          util_loc["auprc"].numpy() if util_loc else None,
+                          {m: util[m]["constant_map"] + util[m]["empty_mask"] for m in methods})
+    rv = agreement_verdicts(ag.repeat, ag.repeat_chance, ag.localizers, "repeatability", threshold,
+                            ag.repeat_undefined) if ag.repeat else {}
+    pv = agreement_verdicts(ag.reprod, ag.reprod_chance, ag.localizers, "reproducibility", threshold,
+                            ag.reprod_undefined) if ag.reprod else {}
+    never = Verdict.from_dict(not_run(plan.not_run.get("randomization", "cascading randomization was not run")))
+    verdicts: dict[str, dict[str, Verdict]] = {m: {} for m in methods}
+    state: dict[str, dict[str, np.ndarray]] = {"ssim": {}, "spearman": {}, "chance": {}}
     for m in methods:
         verdicts[m]["utility"] = Verdict.from_dict(uv[m])
+        verdicts[m]["randomization"] = never
         if maps.randomization:
-            rows = [r["states"].index(r["verdict_state"]) for r in maps.randomization]
-            # [replicates, images]: the verdict averages replicates per image (images are the unit, n = images).
-            final = np.stack([r["ssim"][m][k].numpy() for r, k in zip(maps.randomization, rows, strict=True)])
-            chance = np.stack([per_image_chance(r["baseline"][m], n).numpy() for r in maps.randomization])
-            pairs = [r["baseline"][m].numpy() for r in maps.randomization]
-            cascade = np.array([r["cascade_mean"][m] for r in maps.randomization], dtype=np.float64)
-            v = randomization_verdict(final, chance, maps.randomization[0]["verdict_state"], pairs,
-                                      cascade_mean=cascade)
-            verdicts[m]["randomization"] = Verdict.from_dict(v)
-            state_ssim[m] = _nanmean0(final)  # per image, averaged over replicates (the CSV and figures)
-            state_spearman[m] = _nanmean0(np.stack([r["spearman"][m][k].numpy()
-                                                    for r, k in zip(maps.randomization, rows, strict=True)]))
-            state_chance[m] = _nanmean0(chance)
-        else:
-            why = plan.not_run.get("randomization", "cascading randomization was not run")
-            verdicts[m]["randomization"] = Verdict.from_dict(not_run(why))
-        verdicts[m]["repeatability"] = Verdict.from_dict(rv[m] if m in rv else not_run("needs two replicates of "
-                                                                                       "one architecture"))
-        verdicts[m]["reproducibility"] = Verdict.from_dict(pv[m] if m in pv else not_run("needs a second "
-                                                                                         "architecture"))
-
-    def spearman_summary(r: dict, m: str) -> list:
-        return [summarize(row.numpy()) for row in r["spearman"][m]]
-
-    rand_out = []
-    for r, i in zip(maps.randomization, plan.randomized, strict=True):
-        k = r["states"].index(r["verdict_state"])
-        rand_out.append({
-            "model": plan.models[i]["path"], "replicate": plan.models[i]["replicate"],
-            "init_seed": replicate_seed(plan.seed, plan.models[i]["sha256"]),
-            "states": r["states"], "verdict_state": r["verdict_state"],
-            "verdict_state_source": plan.facts["verdict_block_source"].get(plan.models[i]["arch"]),
-            "cascade_mean": {m: r["cascade_mean"][m] for m in methods},
-            "beyond_paper": r["states"][k + 1 :], "class_changed": r["class_changed"],
-            "target": "trained" if plan.explain_class == "finding" else plan.randomization_target,
-            "ssim": {m: [summarize(row.numpy()) for row in r["ssim"][m]] for m in methods},
-            "ssim_undefined": {m: list(r["undefined"][m]) for m in methods},
-            "spearman": {m: spearman_summary(r, m) for m in methods},
-            "spearman_undefined": {m: list(r["spearman_undefined"][m]) for m in methods},
-            "baseline": {m: summarize(r["baseline"][m].numpy()) for m in methods}})
-    rank, world = _world()
-    dev = plan.device
-    provenance = {"versions": versions(), "config": plan.config, "device": str(dev), "processes": world,
-                  "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                  "recipe": {k: (list(v) if isinstance(v, tuple) else v)
-                             for k, v in get_recipe(plan.preset, **plan.overrides).__dict__.items()},
-                  "seconds": round(seconds, 1)}
+            verdicts[m]["randomization"], per_image = _randomization(plan, maps.randomization, m)
+            for k, v in per_image.items():
+                state[k][m] = v
+        verdicts[m]["repeatability"] = Verdict.from_dict(rv.get(m) or not_run("needs two replicates of one "
+                                                                               "architecture"))
+        verdicts[m]["reproducibility"] = Verdict.from_dict(pv.get(m) or not_run("needs a second architecture"))
     used = {c: [verdicts[m][c].n for m in methods] for c in CRITERIA}
     data = {**plan.data, "images_used": {c: {"min": min(v), "max": max(v), "unit": "images"}
                                          for c, v in used.items()}}
+
+    def agreement_summary(values: dict, undefined: dict, chance: dict) -> dict:
+        return {m: _summary(v, undefined=undefined[m], chance_mean=summarize(chance[m])["mean"])
+                for m, v in values.items()}
+
     results = Results(
         methods=methods, data=data,
         utility={m: _summary(util[m]["auprc"].numpy(), empty_mask=util[m]["empty_mask"],
                              blank_map=util[m]["constant_map"]) for m in methods},
-        randomization=rand_out,
-        repeatability={m: _summary(v, undefined=repeat_undef[m], chance_mean=summarize(repeat_chance[m])["mean"])
-                       for m, v in repeat.items()},
-        reproducibility={m: _summary(v, undefined=reprod_undef[m], chance_mean=summarize(reprod_chance[m])["mean"])
-                         for m, v in reprod.items()},
+        randomization=[_curve_record(plan, c, i) for c, i in zip(maps.randomization, plan.randomized, strict=True)],
+        repeatability=agreement_summary(ag.repeat, ag.repeat_undefined, ag.repeat_chance),
+        reproducibility=agreement_summary(ag.reprod, ag.reprod_undefined, ag.reprod_chance),
         baselines={"utility_prior": summarize(util_prior["auprc"].numpy()),
                    "not_run": dict(plan.not_run),
                    "utility_localization": summarize(util_loc["auprc"].numpy()) if util_loc else None,
                    "utility_untrained": {m: _summary(util_untrained[m]["auprc"].numpy(),
                                                      blank_map=util_untrained[m]["constant_map"]) for m in methods},
-                   "agreement_localization": summarize(loc_agree) if loc_agree is not None else None,
-                   "reference_line": plan.threshold},
-        verdicts=verdicts, provenance=provenance, deviations=deviations(plan))
+                   "agreement_localization": summarize(ag.localizers) if ag.localizers is not None else None,
+                   "reference_line": threshold},
+        verdicts=verdicts, provenance=_provenance(plan, seconds), deviations=deviations(plan))
     scores = Scores(
         auprc={m: util[m]["auprc"].numpy() for m in methods},
         auprc_untrained={m: util_untrained[m]["auprc"].numpy() for m in methods},
         auprc_prior=util_prior["auprc"].numpy(), auprc_localization=util_loc["auprc"].numpy() if util_loc else None,
-        blank={m: blank(primary[m]).numpy() for m in methods}, repeat=repeat, repeat_chance=repeat_chance,
-        reprod=reprod, reprod_chance=reprod_chance, loc_agreement=loc_agree, state_ssim=state_ssim,
-        state_spearman=state_spearman, state_chance=state_chance)
+        blank={m: blank(maps.trained[0][m]).numpy() for m in methods}, repeat=ag.repeat,
+        repeat_chance=ag.repeat_chance, reprod=ag.reprod, reprod_chance=ag.reprod_chance,
+        loc_agreement=ag.localizers, state_ssim=state["ssim"], state_spearman=state["spearman"],
+        state_chance=state["chance"])
     return results, scores
 
 
@@ -943,25 +1045,25 @@ def write_outputs(plan: Plan, maps: Maps, scores: Scores, results: Results, repo
     if report:
         from saliency_trust.report import ReportInputs, write_report
 
-        e, methods = plan.example, plan.methods
+        e, methods, cohort = plan.cohort.example, plan.methods, plan.cohort
         first = maps.randomization[0] if maps.randomization else None
-        columns = {f"{m['arch']} #{m['replicate']}": maps.trained[i] for i, m in enumerate(plan.models)}
+        columns = {f"{m.arch} #{m.replicate}": maps.trained[i] for i, m in enumerate(plan.models)}
         inputs = ReportInputs(
-            ids=plan.ids, images=plan.images01, masks=plan.masks.cpu().numpy().astype(bool), methods=methods,
+            ids=plan.ids, images=cohort.images01, masks=cohort.masks.cpu().numpy().astype(bool), methods=methods,
             auprc=scores.auprc, auprc_untrained=scores.auprc_untrained, auprc_prior=scores.auprc_prior,
             auprc_localization=scores.auprc_localization,
             trained_maps={m: maps.trained[0][m].numpy() for m in methods},
-            states=first["states"] if first else [], verdict_state=first["verdict_state"] if first else None,
-            state_ssim={m: first["ssim"][m].numpy() for m in methods} if first else {},
+            states=first.states if first else [], verdict_state=first.verdict_state if first else None,
+            state_ssim={m: first.ssim[m].numpy() for m in methods} if first else {},
             # The verdict's reference: the mean over the randomized replicates of each one's random-pair SSIM.
-            state_baseline={m: float(np.nanmean([r["baseline"][m].nanmean().item() for r in maps.randomization]))
+            state_baseline={m: float(np.nanmean([r.baseline[m].nanmean().item() for r in maps.randomization]))
                             for m in methods} if first else {},
-            state_examples={m: first["examples"][m].numpy() for m in methods} if first else {},
+            state_examples={m: first.examples[m].numpy() for m in methods} if first else {},
             repeat=scores.repeat, reprod=scores.reprod, agreement_baseline=scores.loc_agreement,
             repeat_chance=scores.repeat_chance, reprod_chance=scores.reprod_chance,
             agreement_examples={name: {m: mp[m][e].numpy() for m in methods} for name, mp in columns.items()},
-            threshold=plan.threshold, example=e,
-            state_replicates={m: np.stack([_nanmean0(r["ssim"][m].numpy().T) for r in maps.randomization])
+            threshold=plan.settings.agreement_threshold, example=e,
+            state_replicates={m: np.stack([_nanmean0(r.ssim[m].numpy().T) for r in maps.randomization])
                               for m in methods} if first else {})
         path = write_report(out, results, inputs)
         log.info("report: %s", path)
@@ -969,50 +1071,32 @@ def write_outputs(plan: Plan, maps: Maps, scores: Scores, results: Results, repo
     atomic_write_bytes(out / "results.json", results.to_json().encode())
 
 
-def run_assessment(
-    dataset_dir: str | Path,
-    output_dir: str | Path,
-    classifiers: Sequence[Any],
-    localizers: Sequence[Any] = (),
-    *,
-    report: bool = True,
-    progress: bool = True,
-    **options: Any,
-) -> Results:
+def run_assessment(settings: AssessmentSettings | str | Path, *args: Any, **options: Any) -> Results:
     """Score every method on the four criteria; returns the :class:`Results` written to ``results.json``.
 
-    ``classifiers`` are model folders (or weight files, see :func:`model_entries`): the first
-    folder's first two replicates give repeatability, its first three (the paper's 3) go through
-    cascading randomization (``randomize`` limits them), the first classifier of another
-    architecture gives reproducibility (a second folder of the same network is refused).
-    ``localizers``: the first gives the high utility baseline, the first two the agreement baseline.
-
-    ``options`` are :func:`plan_assessment`'s keywords. Images are read at the size the classifiers
-    were trained at. ``split``: ``auto`` (the split file's test set; without one, the hash split's
-    test part when a model's training record names this dataset, else every image), ``test``,
-    ``all`` (refused on a dataset the models were trained on unless ``include_training_images``) or
-    a file of image ids; lesion-positive images without ground truth are skipped and listed.
-    ``explain_class``: ``predicted`` (the paper) or ``finding`` (each model's own finding class).
-    ``randomization_target``: ``own`` (the paper's pipeline; the default with the ``paper`` preset) or
-    ``trained``. ``data_range`` for SSIM defaults to 2.0 with the ``paper`` preset (what scikit-image
-    <= 0.19 silently used on the paper's float maps) and to 1.0 otherwise. Under ``torchrun`` the map
-    computations are sharded across processes by blocks of ``block`` images and only rank 0 writes.
+    ``settings`` is an :class:`~saliency_trust.settings.AssessmentSettings` (what ``configs/trust.json``
+    builds; every option and its default is documented there), or the older call form
+    ``run_assessment(dataset_dir, output_dir, classifiers, localizers, **options)``. Under ``torchrun``
+    the map computations are sharded across processes by blocks of ``block`` images and only rank 0
+    writes.
     """
     t0 = time.time()
-    plan = plan_assessment(dataset_dir, output_dir, classifiers, localizers, **options)
+    s = settings if isinstance(settings, AssessmentSettings) else AssessmentSettings.from_options(settings, *args,
+                                                                                                   **options)
+    plan = plan_assessment(s)
     if _world()[0] == 0:
         for folder in (plan.out_dir, plan.out_dir / ".steps", plan.out_dir / "figures"):
             remove_stale_temporaries(folder)  # left by a run that was killed mid-write
-    maps = compute_maps(plan, progress=progress)
+    maps = compute_maps(plan, progress=s.progress)
     results, scores = score(plan, maps, seconds=time.time() - t0)
-    rank, _ = _world()
-    if rank == 0:
-        write_outputs(plan, maps, scores, results, report=report)
+    if _world()[0] == 0:
+        write_outputs(plan, maps, scores, results, report=s.report)
         for line in results.usage_lines():
             log.info("%s", line)
     return results
 
 
-__all__ = ["CRITERIA", "CSV_COLUMNS", "EXPLAIN_CLASSES", "FINDING_CLASS", "Maps", "Plan", "Scores",
+__all__ = ["CRITERIA", "CSV_COLUMNS", "EXPLAIN_CLASSES", "FINDING_CLASS", "AssessmentSettings", "Cohort", "Maps",
+           "ModelState", "Plan", "Roles", "Scores",
            "compute_maps", "deviations", "per_image_csv", "plan_assessment", "run_assessment", "score",
            "sharded", "write_outputs"]
