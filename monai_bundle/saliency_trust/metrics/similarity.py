@@ -24,12 +24,12 @@ def ssim(
     a: torch.Tensor,
     b: torch.Tensor,
     data_range: float | torch.Tensor,
+    *,
     win_size: int = 7,
     k1: float = 0.01,
     k2: float = 0.03,
     use_sample_covariance: bool = True,
     dtype: torch.dtype = torch.float64,
-    *,
     spatial_dims: int | None = None,
 ) -> torch.Tensor:
     """Mean SSIM per pair of maps or volumes, equal to ``skimage.metrics.structural_similarity``.
@@ -51,7 +51,8 @@ def ssim(
         raise ValueError(f"SSIM needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     nd, batched = _spatial_dims(a.ndim, spatial_dims)
     if not batched:
-        return ssim(a[None], b[None], data_range, win_size, k1, k2, use_sample_covariance, dtype, spatial_dims=nd)[0]
+        return ssim(a[None], b[None], data_range, win_size=win_size, k1=k1, k2=k2,
+                    use_sample_covariance=use_sample_covariance, dtype=dtype, spatial_dims=nd)[0]
     if win_size % 2 == 0 or win_size < 1:
         raise ValueError(f"win_size must be odd and positive (scikit-image's rule), got {win_size}")
     if min(a.shape[-nd:]) < win_size:

@@ -8,6 +8,7 @@ with ``j`` over noise samples (or baselines) and ``k`` over integration steps: G
 (one sample, one step), IG (steps), SG (samples), SIG (samples x steps) and XRAI's IG
 (two baselines x steps). A path without a baseline (SG) is one point per group with weight 1,
 fed to the model as it is: no interpolation arithmetic, and ``finalize`` gets only the sums.
+Images are ``[B, C, H, W]`` or volumes ``[B, C, D, H, W]``; nothing here depends on which.
 
 :func:`integrate` flattens all (b, j, k) rows, feeds them through the model in chunks of at
 most ``max_rows`` rows (balanced, so that no small ragged chunk is left at the end),
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +42,11 @@ class IntegrationPath:
     samples: int  # J groups per image
     alphas: torch.Tensor  # [K] on the device
     weights: torch.Tensor  # [K] on the device
-    point: GroupFn  # (b [n], j [n]) -> P [n, C, H, W]
-    baseline: GroupFn | None  # (b [n], j [n]) -> Z [n, C, H, W]; None: P itself, weight 1 (alphas unused)
+    point: GroupFn  # (b [n], j [n]) -> P [n, C, *spatial]
+    baseline: GroupFn | None  # (b [n], j [n]) -> Z [n, C, *spatial]; None: P itself, weight 1 (alphas unused)
     finalize: Callable[..., torch.Tensor]  # (S, P, Z) -> attr; (S, None, None) without a baseline
-    prepare: Callable[[int, int], None] | None = None  # (first, last image of a chunk), before point()
+    # (first, last (b, j) group of a chunk, host ints; group = b * samples + j), called before point()
+    prepare: Callable[[int, int], None] | None = None
 
 
 class GradientEngine:
@@ -103,8 +106,9 @@ class GradientEngine:
         return max(1, math.ceil(total / max(1, math.ceil(total / self.max_rows))))
 
     def integrate(self, images: torch.Tensor, targets: torch.Tensor, path: IntegrationPath) -> torch.Tensor:
-        """Attributions ``[B, C, H, W]`` of ``images`` along ``path`` (see module docstring)."""
+        """Attributions ``[B, C, *spatial]`` of ``images`` along ``path`` (see module docstring)."""
         B = images.shape[0]
+        per_row = (-1, *([1] * (images.ndim - 1)))
         pointwise = path.baseline is None
         J, K = path.samples, 1 if pointwise else len(path.alphas)
         total = B * J * K
@@ -114,7 +118,7 @@ class GradientEngine:
         for start in range(0, total, rows):
             stop = min(start + rows, total)
             if path.prepare is not None:
-                path.prepare(start // (J * K), (stop - 1) // (J * K))
+                path.prepare(start // K, (stop - 1) // K)
             r = torch.arange(start, stop, device=images.device)
             g, k = r // K, r % K
             b, j = g // J, g % J
@@ -122,9 +126,9 @@ class GradientEngine:
                 grads, _, _ = self.gradients(path.point(b, j), targets[b])
             else:
                 P, Z = path.point(b, j), path.baseline(b, j)
-                a = path.alphas[k].view(-1, 1, 1, 1)
+                a = path.alphas[k].view(per_row)
                 grads, _, _ = self.gradients(Z + a * (P - Z), targets[b])
-                grads = grads * path.weights[k].view(-1, 1, 1, 1)
+                grads = grads * path.weights[k].view(per_row)
             g0 = int(start // K)
             n_local = int((stop - 1) // K) - g0 + 1
             if K == 1:  # one row per group: the sums are the gradients themselves
@@ -151,20 +155,68 @@ class GradientEngine:
 
 
 _PER_ROW: weakref.WeakKeyDictionary[nn.Module, dict[tuple, float]] = weakref.WeakKeyDictionary()
+#: The CPU default for images (what it always was) and the cap for volumes on the CPU.
+CPU_ROWS = 32
+
+
+def _available_host_bytes() -> int:
+    """Memory the host can give now (``MemAvailable``; all physical memory where that is not readable)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _cpu_row_bytes(model: nn.Module, images: torch.Tensor, engine_dtype: str) -> float:
+    """Bytes one row of a chunk needs on the CPU, from a one-row forward pass.
+
+    What autograd saves for the backward pass (each storage once) is the activation memory a row
+    holds; the backward's gradient buffers are about as much again, and the engine keeps a few
+    input-sized tensors per row (point, baseline, interpolated input, its gradient, the sums).
+    """
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = images[:1].detach().clone().requires_grad_(True)
+    autocast = (torch.autocast(device_type="cpu", dtype=torch.bfloat16) if engine_dtype == "bfloat16"
+                else contextlib.nullcontext())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model(x)
+    return 2.0 * sum(sizes.values()) + 6.0 * x.numel() * x.element_size()
 
 
 def auto_max_rows(model: nn.Module, images: torch.Tensor, budget_mb: int | None, engine_dtype: str) -> int:
-    """Rows per chunk that fit ``budget_mb`` of activation memory (probe on CUDA, a default on CPU).
+    """Rows per chunk that fit ``budget_mb`` of activation memory.
 
-    ``budget_mb=None``: half of the device memory free now (what the caching allocator holds
-    unused counts as free). The probe -- one 2-row pass -- runs once per model, input shape and
-    dtype; later calls reuse its figure. At most 1024 rows.
+    On CUDA a probe (one 2-row pass) measures the memory a row takes; ``budget_mb=None`` means
+    half of the device memory free now (what the caching allocator holds unused counts as free).
+    At most 1024 rows. On the CPU, images (``[B, C, H, W]``) take 32 rows as they always did;
+    volumes (``[B, C, D, H, W]``) take as many rows as fit the budget (``None``: half of the
+    host memory available now), at most 32, with a row's size from what autograd saves in a
+    one-row forward pass (:func:`_cpu_row_bytes`). Either probe runs once per model, input
+    shape and dtype; later calls reuse its figure.
     """
-    if images.device.type != "cuda":
-        return 32
     dev = images.device
+    if dev.type != "cuda" and images.ndim <= 4:
+        return CPU_ROWS
     key = (tuple(images.shape[1:]), images.dtype, engine_dtype, str(dev))
     memo = _PER_ROW.setdefault(model, {})
+    if dev.type != "cuda":
+        if key not in memo:
+            memo[key] = max(_cpu_row_bytes(model, images, engine_dtype), 1.0)
+        budget = budget_mb * 2**20 if budget_mb is not None else _available_host_bytes() / 2
+        return max(1, min(int(budget // memo[key]), CPU_ROWS))
     if key not in memo:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)

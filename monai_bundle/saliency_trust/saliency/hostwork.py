@@ -91,6 +91,16 @@ def seed_from(state: Any, seed: int, model_key: str = "") -> int:
     return int.from_bytes(derived(state, tag)[:8], "little") & (2**63 - 1)
 
 
+def sample_seed(state: Any, seed: int, model_key: str, sample: int) -> int:
+    """The generator seed of one noise sample of a volume: :func:`seed_from`'s tag followed by ``#sample``.
+
+    Volumes draw each SG/SIG sample from its own generator, so any chunk of samples can be made
+    alone and the noise does not depend on how the samples are chunked.
+    """
+    tag = str(seed) + (f"|{model_key}" if model_key else "") + f"#{sample}"
+    return int.from_bytes(derived(state, tag)[:8], "little") & (2**63 - 1)
+
+
 #: Fingerprint per live module, with the (pointer, version) signature of its tensors it was made from.
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

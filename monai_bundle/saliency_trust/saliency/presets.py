@@ -31,6 +31,22 @@
 
 ``quick`` keeps every definition but cuts steps and samples so that the CPU demo finishes in
 minutes; every result made with it carries ``preset: quick``.
+
+Volumes (``[B, C, D, H, W]``) run every definition above unchanged, except two, stated as
+deviations (:data:`~saliency_trust.saliency.explain.VOLUME_CAM_DEVIATION`,
+:data:`~saliency_trust.saliency.xrai.VOLUME_XRAI_DEVIATION`):
+
+* Grad-CAM is upsampled trilinearly with half-pixel centres whatever ``cam_resize`` says; the TF1
+  legacy resize is a detail of the paper's 2-D code.
+* XRAI's over-segmentation is SLIC supervoxels (Felzenszwalb is 2-D only) at
+  ``xrai_volume_segments`` = 8/27/64/125/216 segments: SLIC seeds on a regular grid, so on a cube these
+  are 2 to 6 supervoxels per axis, five distinct levels from coarse to fine as PAIR's six Felzenszwalb
+  scales are (14 to 67 segments on a chest radiograph; counts between cubes give repeated levels).
+  Compactness ``xrai_volume_compactness`` 0.1 on the copy scaled to [-1, 1] (intensity edges
+  dominate, as in Felzenszwalb), Gaussian pre-smoothing ``xrai_sigma``, on a copy whose longest
+  side is at most ``xrai_volume_segment_size`` (64; never enlarged; linear anti-aliased shrinking);
+  masks dilated there by a ball of radius ``xrai_volume_dilation`` (2 voxels of that grid), then
+  taken to the volume's grid by nearest neighbour. The greedy is the same.
 """
 
 from __future__ import annotations
@@ -66,10 +82,16 @@ class Recipe:
     xrai_dilation: int = 5
     xrai_min_pixel_diff: int = 50
     xrai_area_threshold: float = 1.0
+    # XRAI on volumes (SLIC supervoxels; see the module docstring and saliency.xrai.VOLUME_XRAI_DEVIATION)
+    xrai_volume_segments: tuple[int, ...] = (8, 27, 64, 125, 216)  # SLIC n_segments, one segmentation each
+    xrai_volume_compactness: float = 0.1  # SLIC compactness on the copy scaled to [-1, 1]
+    xrai_volume_segment_size: int = 64  # longest side of the copy SLIC sees (volumes are never enlarged)
+    xrai_volume_dilation: int = 2  # ball radius, in voxels of that copy
     percentile: float = 99.0
     cam_layer: str | None = None  # None: the architecture's registered layer
     cam_post_relu: bool = False  # with cam_layer: apply the ReLU that follows that layer (see LayerCapture)
     cam_resize: str = "tf1_legacy"  # or "half_pixel" (geometrically correct; what is drawn on a patient's image)
+    # (volumes: always half_pixel, trilinear; the legacy resize is the paper's 2-D detail)
     seed: int = 0
     dtype: str = "float32"  # or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the gradient-only passes
@@ -79,6 +101,11 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.cam_resize not in CAM_RESIZE_MODES:
             raise ValueError(f"cam_resize must be one of {list(CAM_RESIZE_MODES)}, got {self.cam_resize!r}")
+        if not self.xrai_volume_segments or any(int(n) < 1 for n in self.xrai_volume_segments):
+            raise ValueError(f"xrai_volume_segments must be positive segment counts, got {self.xrai_volume_segments!r}")
+        if self.xrai_volume_segment_size < 1 or self.xrai_volume_dilation < 0:
+            raise ValueError("xrai_volume_segment_size must be >= 1 and xrai_volume_dilation >= 0, got "
+                             f"{self.xrai_volume_segment_size} and {self.xrai_volume_dilation}")
 
     def with_overrides(self, **overrides: Any) -> Recipe:
         """A copy with some settings changed; unknown names are an error."""
@@ -86,7 +113,7 @@ class Recipe:
         bad = sorted(set(overrides) - known)
         if bad:
             raise TypeError(f"unknown saliency setting(s) {bad}; known: {sorted(known)}")
-        for key in ("xrai_scales", "ig_baseline"):
+        for key in ("xrai_scales", "xrai_volume_segments", "ig_baseline"):
             if isinstance(overrides.get(key), list):
                 overrides[key] = tuple(overrides[key])
         return replace(self, **overrides)

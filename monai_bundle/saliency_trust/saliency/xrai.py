@@ -1,4 +1,5 @@
-"""XRAI's region part: Felzenszwalb segments (cached per image) and the full greedy, vectorized.
+"""XRAI's region part: Felzenszwalb segments (SLIC supervoxels on volumes, cached per image) and the full
+greedy, vectorized.
 
 Segmentation depends on the image only, so :class:`SegmentCache` keeps, per image content
 hash, the six label maps and the "atoms" derived from them: the pixels grouped by which
@@ -11,6 +12,14 @@ The greedy is PAIR's ``algorithm='full'``: repeatedly drop masks that would add 
 ``min_pixel_diff`` new pixels, take the mask with the highest mean attribution over its new
 pixels (first index on ties), give those pixels that gain, until the covered fraction exceeds
 ``area_threshold`` or no mask is left; uncovered pixels get their own mean attribution.
+
+Volumes (``[D, H, W, C]`` for the segmentation, ``[B, D, H, W]`` attributions) cannot use
+Felzenszwalb (scikit-image's is 2-D only). They are over-segmented by SLIC supervoxels at several
+segment counts (``Recipe.xrai_volume_segments``), on a copy scaled to [-1, 1] whose longest side is
+at most ``xrai_volume_segment_size`` voxels; the masks are dilated on that grid by a 3-D ball
+(``xrai_volume_dilation``), grouped into atoms there without ever holding all masks at once (one
+bit per mask and voxel, 63 to a word), and the atoms are taken to the volume's grid by nearest
+neighbour. The greedy is the same code. :func:`volume_xrai_deviation` says this in one sentence.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.segmentation import felzenszwalb
+from skimage.segmentation import felzenszwalb, slic
 from skimage.transform import resize
 
 from saliency_trust.saliency.hostwork import content_hash, derived, host_threads, pool
@@ -40,6 +49,48 @@ def _segment_input(image_hwc: np.ndarray, recipe: Recipe) -> np.ndarray:
     return resize(im, (size, size), order=3, mode="constant", preserve_range=True, anti_aliasing=True)
 
 
+def volume_xrai_deviation(recipe: Recipe) -> str:
+    """The sentence a report prints when XRAI ran on volumes under ``recipe``."""
+    counts = "/".join(str(n) for n in recipe.xrai_volume_segments)
+    return (f"XRAI on volumes: SLIC supervoxels ({counts} segments, compactness {recipe.xrai_volume_compactness:g}, "
+            f"sigma {recipe.xrai_sigma:g}) on a copy at most {recipe.xrai_volume_segment_size} voxels on its longest "
+            f"side, masks dilated there by a ball of radius {recipe.xrai_volume_dilation} and taken to the volume's "
+            "grid by nearest neighbour, instead of the paper's Felzenszwalb at six scales on a 224 px copy dilated "
+            "by disk(5) (Felzenszwalb is 2-D only); the same greedy ranking by attribution density.")
+
+
+#: :func:`volume_xrai_deviation` of the default recipe (both presets share the volume settings).
+VOLUME_XRAI_DEVIATION = volume_xrai_deviation(Recipe())
+
+
+def segment_grid(shape: Sequence[int], size: int) -> tuple[int, ...]:
+    """The grid a volume of ``shape`` is segmented on: longest side at most ``size``, aspect kept, never enlarged."""
+    f = min(1.0, size / max(shape))
+    return tuple(max(1, round(n * f)) for n in shape)
+
+
+def _volume_segment_input(image_dhwc: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """The copy SLIC sees: scaled to [-1, 1] over all channels, shrunk (linear, anti-aliased) to the segment grid."""
+    im = image_dhwc.astype(np.float64)
+    lo, hi = im.min(), im.max()
+    im = (im - lo) / (hi - lo) if hi > lo else np.zeros_like(im)
+    im = im * 2.0 - 1.0
+    grid = segment_grid(im.shape[:3], recipe.xrai_volume_segment_size)
+    if grid != im.shape[:3]:
+        # Linear with anti-aliasing: skimage's cubic resize of a volume takes seconds (11 s for 128^3 on one core).
+        im = resize(im, (*grid, im.shape[3]), order=1, mode="edge", preserve_range=True, anti_aliasing=True)
+    return im
+
+
+def _volume_segment_counts(image_dhwc: np.ndarray, recipe: Recipe, counts: Sequence[int]) -> np.ndarray:
+    small = _volume_segment_input(image_dhwc, recipe)
+    one = small.shape[3] == 1
+    labels = [slic(small[..., 0] if one else small, n_segments=int(n), compactness=recipe.xrai_volume_compactness,
+                   sigma=recipe.xrai_sigma, channel_axis=None if one else -1, start_label=0).astype(np.int32)
+              for n in counts]
+    return np.stack(labels)
+
+
 def _segment_scales(image_hwc: np.ndarray, recipe: Recipe, scales: Sequence[int]) -> np.ndarray:
     small = _segment_input(image_hwc, recipe)
     labels = []
@@ -52,7 +103,13 @@ def _segment_scales(image_hwc: np.ndarray, recipe: Recipe, scales: Sequence[int]
 
 
 def segment_labels(image_hwc: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """Felzenszwalb label maps ``[scales, H, W]`` (int32) on the image grid, as PAIR computes them."""
+    """Felzenszwalb label maps ``[scales, H, W]`` (int32) on the image grid, as PAIR computes them.
+
+    A volume ``[D, H, W, C]`` gets SLIC label maps ``[len(xrai_volume_segments), d, h, w]`` on its
+    segmentation grid (:func:`segment_grid`), not the volume's.
+    """
+    if image_hwc.ndim == 4:
+        return _volume_segment_counts(image_hwc, recipe, recipe.xrai_volume_segments)
     return _segment_scales(image_hwc, recipe, recipe.xrai_scales)
 
 
@@ -60,13 +117,16 @@ class _Pending:
     """One image's segmentation running on the pool, its scales split over ``parts`` tasks.
 
     Each task resizes the image itself: a few ms, repeated per task, against ~100 ms per scale.
+    A volume (``[D, H, W, C]``) splits its SLIC segment counts the same way.
     """
 
     def __init__(self, image_hwc: np.ndarray, recipe: Recipe, parts: int) -> None:
-        scales = list(recipe.xrai_scales)
+        volume = image_hwc.ndim == 4
+        scales = list(recipe.xrai_volume_segments if volume else recipe.xrai_scales)
+        run = _volume_segment_counts if volume else _segment_scales
         parts = max(1, min(parts, len(scales)))
         self.groups = [list(range(i, len(scales), parts)) for i in range(parts)]
-        self.futures = [pool("xrai-segments").submit(_segment_scales, image_hwc, recipe, [scales[k] for k in g])
+        self.futures = [pool("xrai-segments").submit(run, image_hwc, recipe, [scales[k] for k in g])
                         for g in self.groups]
 
     def result(self, timeout: float | None = None) -> np.ndarray:
@@ -81,6 +141,13 @@ def disk(radius: int) -> torch.Tensor:
     """skimage's ``disk(radius)`` footprint as a float tensor."""
     r = torch.arange(-radius, radius + 1, dtype=torch.float64)
     return ((r[:, None] ** 2 + r[None, :] ** 2) <= radius**2).float()
+
+
+def ball_offsets(radius: int, ndim: int = 3) -> torch.Tensor:
+    """Integer offsets ``[P, ndim]`` of skimage's ``ball(radius)`` (``disk`` for ``ndim=2``): |offset| <= radius."""
+    r = torch.arange(-radius, radius + 1)
+    grid = torch.stack(torch.meshgrid(*([r] * ndim), indexing="ij"), -1).reshape(-1, ndim)
+    return grid[(grid**2).sum(1) <= radius**2]
 
 
 def masks_from_labels(labels: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -99,12 +166,12 @@ def masks_from_labels(labels: torch.Tensor, dilation: int) -> torch.Tensor:
 
 @dataclass
 class Atoms:
-    """Pixels grouped by mask membership: ``membership [M, A]``, ``inverse [H*W]``, ``sizes [A]``."""
+    """Pixels (voxels) grouped by mask membership: ``membership [M, A]``, ``inverse [N]``, ``sizes [A]``."""
 
     membership: torch.Tensor
     inverse: torch.Tensor
     sizes: torch.Tensor
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
 
 
 def atoms_from_masks(masks: torch.Tensor) -> Atoms:
@@ -126,6 +193,86 @@ def atoms_from_masks(masks: torch.Tensor) -> Atoms:
     return Atoms(membership=membership, inverse=inverse, sizes=sizes, shape=(H, W))
 
 
+def membership_words(labels: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Which dilated masks hold each voxel, 63 masks to an int64 word: ``([N, words], M)``.
+
+    ``labels [S, *grid]``: one label map per scale; every label of every scale is a mask (ids
+    ``min..max`` per scale, scale after scale, as :func:`masks_from_labels` orders them), dilated by
+    the footprint ``offsets`` (:func:`ball_offsets`). A voxel is in a dilated mask when a voxel at
+    one of the offsets carries its label (the footprint is symmetric), so each offset and scale is
+    one gather and one scatter over the voxels; no ``[M, N]`` mask is ever made.
+    """
+    S, *grid = labels.shape
+    nd = len(grid)
+    N = int(np.prod(grid))
+    dev = labels.device
+    rel = torch.empty(labels.shape, dtype=torch.int64, device=dev)
+    base = 0
+    for s in range(S):
+        lo, hi = int(labels[s].min()), int(labels[s].max())
+        rel[s] = labels[s].long() - lo + base
+        base += hi - lo + 1
+    M = base
+    words = (M + 62) // 63
+    packed = torch.zeros((N, words), dtype=torch.int64, device=dev)
+    r = int(offsets.abs().max()) if offsets.numel() else 0
+    padded = F.pad(rel, (r, r) * nd, value=-1) if r else rel
+    one = torch.ones((), dtype=torch.int64, device=dev)
+    for off in offsets.tolist():
+        window = tuple(slice(r + o, r + o + n) for o, n in zip(off, grid, strict=True))
+        shifted = padded[(slice(None), *window)].reshape(S, N)
+        for s in range(S):
+            v = shifted[s]
+            valid = v >= 0
+            word = torch.where(valid, v // 63, 0)[:, None]
+            bit = torch.where(valid, torch.bitwise_left_shift(one, v.clamp(min=0) % 63), 0)[:, None]
+            packed.scatter_(1, word, packed.gather(1, word) | bit)
+    return packed, M
+
+
+def atoms_from_labels(labels: torch.Tensor, offsets: torch.Tensor) -> Atoms:
+    """:func:`atoms_from_masks` of the masks of ``labels [S, *grid]`` dilated by ``offsets``, from packed bits.
+
+    Equal to ``atoms_from_masks(masks_from_labels(labels, r))`` for 2-D labels and
+    ``ball_offsets(r, 2)``; for volumes it needs memory for the words, not for the masks.
+    """
+    grid = tuple(labels.shape[1:])
+    packed, M = membership_words(labels, offsets)
+    N = packed.shape[0]
+    uniq, inverse = torch.unique(packed, dim=0, return_inverse=True)
+    A = uniq.shape[0]
+    first = torch.full((A,), N, dtype=torch.long, device=packed.device)
+    first.scatter_reduce_(0, inverse, torch.arange(N, device=packed.device), reduce="amin")
+    m = torch.arange(M, device=packed.device)
+    membership = ((packed[first][:, m // 63] >> (m % 63)) & 1).bool().T.contiguous()  # [M, A]
+    sizes = torch.bincount(inverse, minlength=A)
+    return Atoms(membership=membership, inverse=inverse, sizes=sizes, shape=grid)
+
+
+def nearest_index(n_in: int, n_out: int, device: torch.device | None = None) -> torch.Tensor:
+    """For each of ``n_out`` output cells the nearest of ``n_in`` input cells (half-pixel centres)."""
+    i = torch.arange(n_out, dtype=torch.float64, device=device)
+    return torch.floor((i + 0.5) * (n_in / n_out)).long().clamp(max=n_in - 1)
+
+
+def volume_atoms(labels: torch.Tensor, recipe: Recipe, shape: Sequence[int]) -> Atoms:
+    """Atoms of a volume of ``shape`` from its SLIC ``labels [S, d, h, w]`` on the segmentation grid.
+
+    Masks are dilated by ``ball(xrai_volume_dilation)`` on that grid; each voxel of the volume
+    takes the atom of its nearest segmentation-grid voxel.
+    """
+    low = atoms_from_labels(labels, ball_offsets(recipe.xrai_volume_dilation, labels.ndim - 1).to(labels.device))
+    shape = tuple(int(n) for n in shape)
+    if shape == low.shape:
+        return low
+    dev = labels.device
+    idx = [nearest_index(n_in, n_out, dev) for n_in, n_out in zip(low.shape, shape, strict=True)]
+    grid = low.inverse.view(low.shape)
+    inverse = grid[idx[0]][:, idx[1]][:, :, idx[2]].reshape(-1)
+    sizes = torch.bincount(inverse, minlength=low.membership.shape[1])
+    return Atoms(membership=low.membership, inverse=inverse, sizes=sizes, shape=shape)
+
+
 class SegmentCache:
     """Per-image XRAI atoms, keyed by image content and segmentation settings (LRU).
 
@@ -143,15 +290,26 @@ class SegmentCache:
         self.misses = 0
 
     @staticmethod
-    def key_from(state: Any, recipe: Recipe) -> str:
-        """The key of an image given its :func:`~saliency_trust.saliency.hostwork.content_hash`."""
-        return derived(state, repr(("xrai", recipe.xrai_segment_size, recipe.xrai_scales, recipe.xrai_sigma,
-                                    recipe.xrai_min_segment, recipe.xrai_dilation))).hex()
+    def key_from(state: Any, recipe: Recipe, volume: bool = False) -> str:
+        """The key of an image given its :func:`~saliency_trust.saliency.hostwork.content_hash`.
+
+        ``volume=True``: the key of a volume, made from the settings its SLIC segmentation uses.
+        """
+        if volume:
+            settings: tuple = ("xrai-volume", recipe.xrai_volume_segments, recipe.xrai_volume_compactness,
+                               recipe.xrai_volume_segment_size, recipe.xrai_sigma, recipe.xrai_volume_dilation)
+        else:
+            settings = ("xrai", recipe.xrai_segment_size, recipe.xrai_scales, recipe.xrai_sigma,
+                        recipe.xrai_min_segment, recipe.xrai_dilation)
+        return derived(state, repr(settings)).hex()
 
     @staticmethod
     def key(image_hwc: np.ndarray, recipe: Recipe) -> str:
-        """An image's key: its content (hashed in ``[C, H, W]`` order, as ``explain`` does) and the settings."""
-        return SegmentCache.key_from(content_hash(np.moveaxis(image_hwc, -1, 0)), recipe)
+        """An image's key: its content (hashed in ``[C, H, W]`` order, as ``explain`` does) and the settings.
+
+        ``[D, H, W, C]`` is a volume (hashed in ``[C, D, H, W]`` order).
+        """
+        return SegmentCache.key_from(content_hash(np.moveaxis(image_hwc, -1, 0)), recipe, volume=image_hwc.ndim == 4)
 
     def prefetch(self, images_hwc: Sequence[np.ndarray], recipe: Recipe,
                  keys: Sequence[str] | None = None) -> list[str]:
@@ -181,7 +339,10 @@ class SegmentCache:
         self.misses += 1
         pending = self._pending.pop(k, None) or _Pending(image_hwc, recipe, host_threads())
         labels = torch.from_numpy(pending.result()).to(device)
-        atoms = atoms_from_masks(masks_from_labels(labels, recipe.xrai_dilation))
+        if image_hwc.ndim == 4:
+            atoms = volume_atoms(labels, recipe, image_hwc.shape[:3])
+        else:
+            atoms = atoms_from_masks(masks_from_labels(labels, recipe.xrai_dilation))
         self._store[k] = atoms
         if len(self._store) > self.capacity:
             self._store.popitem(last=False)
@@ -207,10 +368,10 @@ def xrai_greedy(
     min_pixel_diff: int = 50,
     area_threshold: float = 1.0,
 ) -> torch.Tensor:
-    """XRAI 'full' region maps ``[B, H, W]`` (float64) for 2-D ``attributions [B, H, W]``."""
-    B, H, W = attributions.shape
+    """XRAI 'full' region maps (float64) for ``attributions [B, H, W]`` or ``[B, D, H, W]``, same shape."""
+    B = attributions.shape[0]
     dev = attributions.device
-    N = H * W
+    N = int(np.prod(attributions.shape[1:]))
     Mmax = max(a.membership.shape[0] for a in atoms)
     Amax = max(a.membership.shape[1] for a in atoms)
     member = torch.zeros((B, Mmax, Amax), dtype=torch.float64, device=dev)
@@ -260,4 +421,4 @@ def xrai_greedy(
             v = v.clone()
             v[rest] = asum[i, :A][rest].sum() / size[i, :A][rest].sum()
         out[i] = v[a.inverse.to(dev)]
-    return out.view(B, H, W)
+    return out.view(attributions.shape)
