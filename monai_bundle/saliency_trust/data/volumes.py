@@ -41,6 +41,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -226,8 +227,7 @@ def _equal(a, b) -> bool:
 def _agreed(files: list[Path], slices: list[pydicom.Dataset], name: str, get, same):
     """The value most slices have; a DataError naming the first slice that differs from it."""
     values = [get(ds) for ds in slices]
-    counts = [sum(same(v, w) for w in values) for v in values]
-    ref = values[int(np.argmax(counts))]
+    ref = Counter(values).most_common(1)[0][0]  # exact repeats are the rule; the tolerance is for the others
     for path, v in zip(files, values, strict=True):
         if not same(v, ref):
             what = "inconsistent spacing: " if name == "PixelSpacing" else ""
