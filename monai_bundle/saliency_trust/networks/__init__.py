@@ -1,13 +1,16 @@
-"""Networks: model folders (``model.json``), the registry, randomization blocks."""
+"""Networks: model folders (``model.json``: :mod:`~saliency_trust.networks.manifest` without torch,
+:mod:`~saliency_trust.networks.modelfolder` with it), the registry, randomization blocks."""
 
-from saliency_trust.networks.modelfolder import (
+from saliency_trust.networks.manifest import (
     FAMILY_DEFAULTS,
     MANIFEST,
     SCHEMA,
+    SCHEMA_FILE,
     ManifestError,
-    ModelFolder,
-    find_models,
+    ModelManifest,
+    assessment_path,
 )
+from saliency_trust.networks.modelfolder import ModelFolder, find_models
 from saliency_trust.networks.randomize import UnchangedError, randomization_states, randomize_block, replicate_seed
 from saliency_trust.networks.registry import (
     CAM_LAYERS,
@@ -26,9 +29,12 @@ __all__ = [
     "FAMILY_DEFAULTS",
     "MANIFEST",
     "SCHEMA",
+    "SCHEMA_FILE",
     "ManifestError",
+    "ModelManifest",
     "UnchangedError",
     "ModelFolder",
+    "assessment_path",
     "file_sha256",
     "find_models",
     "get_network",

@@ -6,7 +6,7 @@ copied to three channels, exactly as the paper fed its Keras models (:func:`to_n
 They return pre-softmax logits ``[B, num_classes]``; saliency explains the predicted logit.
 
 The Grad-CAM layers and cascading randomization blocks of every family live in one table,
-:data:`saliency_trust.networks.modelfolder.FAMILY_DEFAULTS` (InceptionV3: ``fc``, ``Mixed_7c`` ...
+:data:`saliency_trust.networks.manifest.FAMILY_DEFAULTS` (InceptionV3: ``fc``, ``Mixed_7c`` ...
 ``Mixed_5b``, the paper's Logits, mixed10 ... mixed0, its verdict at mixed1 = ``Mixed_5c``;
 DenseNet121: ``classifier``, ``denseblock4`` (+ ``norm5``), ``transition3`` ... ``conv0``
 (+ ``norm0``)); the helpers below read it for the registry's names.
@@ -25,15 +25,19 @@ import torch
 from torch import nn
 from torchvision import models
 
-from saliency_trust.networks.modelfolder import file_sha256  # noqa: F401  (re-exported)
+from saliency_trust.networks.manifest import (  # file_sha256: re-exported
+    FAMILY_DEFAULTS,
+    REGISTRY_CLASSES,
+    expand_blocks,
+    family_defaults,
+    file_sha256,  # noqa: F401
+)
 
 #: The classifiers the bundle's own study trains (the paper's two).
 CLASSIFIERS = ("inception_v3", "densenet121")
 
 
 def _family(name: str) -> dict:
-    from saliency_trust.networks.modelfolder import FAMILY_DEFAULTS, REGISTRY_CLASSES
-
     return FAMILY_DEFAULTS.get(REGISTRY_CLASSES.get(name, ""), {})
 
 
@@ -130,8 +134,6 @@ def load_weights(net: nn.Module, path: str | Path, skip_mismatched: bool = False
 
 def _head_keys(net: nn.Module) -> set[str]:
     """State-dict keys of the classification head (the first randomization block of the network's family)."""
-    from saliency_trust.networks.modelfolder import family_defaults
-
     blocks = family_defaults(net).get("randomization_blocks") or []
     head = blocks[0]["modules"] if blocks and isinstance(blocks[0], dict) else []
     return {k for k in net.state_dict() if any(k == m or k.startswith(m + ".") for m in head)}
@@ -140,8 +142,6 @@ def _head_keys(net: nn.Module) -> set[str]:
 @functools.lru_cache(maxsize=8)
 def randomization_blocks(arch: str) -> list[tuple[str, tuple[str, ...]]]:
     """Named blocks of registry network ``arch`` for cascading randomization, head first."""
-    from saliency_trust.networks.modelfolder import expand_blocks
-
     blocks = _family(arch).get("randomization_blocks")
     if arch not in _BUILDERS or blocks is None:
         raise ValueError(f"no randomization blocks for {arch!r}; choose one of {sorted(CAM_LAYERS)}")
