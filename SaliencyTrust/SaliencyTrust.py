@@ -17,9 +17,8 @@ from typing import Annotated, Union  # noqa: UP035  (parameterNodeWrapper reads 
 import qt
 import slicer
 import vtk
+from SaliencyTrustLib import bundle, controller, deps, errors, inputs, process, scene, texts
 from SaliencyTrustLib import client as libclient
-from SaliencyTrustLib import controller, deps
-from SaliencyTrustLib import logic as lib
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLVectorVolumeNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -38,10 +37,20 @@ with contextlib.suppress(ImportError):
 MODULE_DIR = Path(__file__).resolve().parent
 
 
-DEFAULT_BUNDLE = lib.find_bundle(MODULE_DIR)
+DEFAULT_BUNDLE = bundle.find_bundle(MODULE_DIR)
 #: Where a first run trains the demo's models unless the user chooses another folder: a user-writable
 #: folder of their own (not the install tree, nor the settings folder, which roams on Windows).
 DEFAULT_TRAIN_DIR = Path.home() / "SaliencyTrust"
+
+
+def _methodNames() -> tuple:
+    """The bundle's saliency methods (key -> name) with '', or none with the sentence that says why."""
+    try:
+        return texts.METHOD_NAMES, ""
+    except errors.SaliencyTrustError as exc:
+        return {}, str(exc)
+
+
 #: Imported by the bundle process; SimpleITK, pydicom, numpy and scipy ship with Slicer.
 NEEDED_MODULES = ("torch", "torchvision", "monai", "fire", "ignite", "skimage", "tqdm", "matplotlib")
 
@@ -85,12 +94,12 @@ def _loadSynthStudy(source=None):
 
     folder = Path(tempfile.mkdtemp(prefix="SynthCXR-"))
     with slicer.util.tryWithErrorDisplay(_("Could not make the SynthCXR study."), waitCursor=True):
-        study = lib.make_sample_study(str(DEFAULT_BUNDLE), folder, timeout=300)
+        study = process.make_sample_study(str(DEFAULT_BUNDLE), folder, timeout=300)
         if not slicer.dicomDatabase or not slicer.dicomDatabase.isOpen:
             slicer.util.selectModule("DICOM")  # opens (or creates) the application's DICOM database
         if slicer.dicomDatabase and slicer.dicomDatabase.isOpen and DICOMUtils.importDicom(
                 str(study.parent), copyFiles=True):
-            loaded = DICOMUtils.loadSeriesByUID([lib.dicom_series_uid(study)])
+            loaded = DICOMUtils.loadSeriesByUID([inputs.dicom_series_uid(study)])
             if loaded:
                 return [slicer.mrmlScene.GetNodeByID(i) for i in loaded]
         # No DICOM database: load the file itself (no patient / study items then).
@@ -113,8 +122,8 @@ class SaliencyTrustParameterNode:
     trainDir: Path = DEFAULT_TRAIN_DIR  # where Train demo models writes (data/, models/<task>/, trust/)
     arch: str = ""  # the chosen model's name in the model folder (not bound: the choices depend on the folder)
     replicate: int = 0
-    methods: str = ",".join(lib.METHODS)  # filled from the method check boxes
-    preset: Annotated[str, Choice(list(lib.PRESETS))] = "quick"
+    methods: str = ",".join(_methodNames()[0])  # filled from the method check boxes
+    preset: Annotated[str, Choice(list(texts.PRESETS))] = "quick"
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     useServer: bool = False
     serverUrl: str = "http://127.0.0.1:8000"
@@ -149,12 +158,15 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.timeout.connect(self.onPoll)
         grid = qt.QGridLayout(self.ui.methodsBox)
         grid.setContentsMargins(0, 0, 0, 0)
-        for k, m in enumerate(lib.METHODS):
-            box = qt.QCheckBox(lib.METHOD_NAMES[m])
+        names, problem = _methodNames()
+        if problem:  # the bundle's method table could not be read: no method to choose, and the panel says why
+            self.ui.statusLabel.setText(problem)
+        for k, (m, name) in enumerate(names.items()):
+            box = qt.QCheckBox(name)
             box.toggled.connect(self.onMethodsToggled)
             grid.addWidget(box, k // 2, k % 2)
             self._methodBoxes[m] = box
-        for task, text in lib.DEMO_TASKS.items():
+        for task, text in process.DEMO_TASKS.items():
             self.ui.taskSelector.addItem(text, task)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -197,7 +209,8 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Reload & Test: reload the library too (Slicer reloads only this file by itself)."""
         import SaliencyTrustLib
 
-        for mod in (lib, libclient, controller, deps, SaliencyTrustLib):
+        # In import order, so that each room binds the reloaded names of the rooms it imports.
+        for mod in (errors, deps, bundle, texts, inputs, process, scene, libclient, controller, SaliencyTrustLib):
             importlib.reload(mod)
         ScriptedLoadableModuleWidget.onReload(self)
 
@@ -235,9 +248,9 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode.inputVolume:
             # The first volume the selector shows: a scalar or vector volume of exactly that class (a label
             # map is a scalar volume too, and the selector does not list it).
-            scene = slicer.mrmlScene
-            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
-                node = scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
+            mrmlScene = slicer.mrmlScene
+            for i in range(mrmlScene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
+                node = mrmlScene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
                 if node.GetClassName() in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"):
                     self._parameterNode.inputVolume = node
                     break
@@ -297,7 +310,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             choices = controller.model_choices(path, bundle)
             message = controller.no_models_message(path, bundle)
-        except lib.SaliencyTrustError as exc:  # the bundle folder holds no bundle: said, not raised in a slot
+        except errors.SaliencyTrustError as exc:  # the bundle folder holds no bundle: said, not raised in a slot
             choices, message = {}, str(exc)
         self._haveModels = bool(choices)
         self.ui.modelStatusLabel.setText(message)
@@ -351,7 +364,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.logic.startTraining(self._parameterNode, task, Path(self._parameterNode.trainDir))
             self._busy(True, _("Training the demo's models for {task} into {folder} (about 10 minutes)...").format(
-                task=lib.DEMO_TASKS[task], folder=self._parameterNode.trainDir), determinate=True)
+                task=process.DEMO_TASKS[task], folder=self._parameterNode.trainDir), determinate=True)
 
     # ---- run ------------------------------------------------------------------------------
 
@@ -403,10 +416,10 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             outcome = self.logic.finish(self._parameterNode)
-        except lib.CancelledError as exc:  # the user's own cancel: said quietly, not an error
+        except errors.CancelledError as exc:  # the user's own cancel: said quietly, not an error
             self.ui.statusLabel.setText(str(exc))
             return
-        except lib.SaliencyTrustError as exc:
+        except errors.SaliencyTrustError as exc:
             self.ui.statusLabel.setText(str(exc))
             slicer.util.errorDisplay(str(exc))
             return
@@ -414,7 +427,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._busy(self.logic.busy)
         if outcome is None:  # the run was dropped (scene closed)
             return
-        if isinstance(outcome, lib.TrainingOutcome):  # training ended: models were written
+        if isinstance(outcome, process.TrainingOutcome):  # training ended: models were written
             self.ui.progressBar.setValue(100)
             # The widget's node is gone when the scene was closed while the module was hidden: write to
             # the scene's node, which the panel binds when it is entered again.
@@ -442,8 +455,9 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainingWarningLabel.setVisible(bool(r.training_note))
         self.ui.methodSelector.blockSignals(True)
         self.ui.methodSelector.clear()
+        names = _methodNames()[0]
         for m in r.map_nodes:
-            self.ui.methodSelector.addItem(lib.METHOD_NAMES.get(m, m), m)
+            self.ui.methodSelector.addItem(names.get(m, m), m)
         self.ui.methodSelector.blockSignals(False)
         self.ui.tableView.setMRMLTableNode(r.table_node)
         server = f" ({_('server model')} {self.logic.lastServerModel})" if self.logic.lastServerModel else ""
@@ -461,7 +475,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _show(self, method, opacity: float) -> None:
         if controller.show_method(slicer.mrmlScene, self.results, method, opacity):
-            lib.show_legend(self.results, method, slicer.modules.colors.logic())
+            scene.show_legend(self.results, method, slicer.modules.colors.logic())
 
 
 class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
@@ -529,14 +543,14 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
         """A snapshot of the parameter node (read on the Qt thread); ``token`` is the server's, from the panel."""
         methods = [m.strip() for m in p.methods.split(",") if m.strip()]
         if not methods:
-            raise lib.SaliencyTrustError(_("Choose at least one saliency method."))
+            raise errors.SaliencyTrustError(_("Choose at least one saliency method."))
         choice = controller.model_choices(p.modelDir, p.bundleDir).get(p.arch)
         if choice is None and not p.useServer:
-            raise lib.SaliencyTrustError(_("Choose a model: {folder} has no model named '{name}'.").format(
+            raise errors.SaliencyTrustError(_("Choose a model: {folder} has no model named '{name}'.").format(
                 folder=p.modelDir, name=p.arch))
-        request = lib.Request(bundle_dir=str(p.bundleDir), model_dir=choice.folder if choice else str(p.modelDir),
-                              arch=choice.arch if choice else "", replicate=p.replicate, methods=methods,
-                              preset=p.preset)
+        request = process.Request(bundle_dir=str(p.bundleDir), model_dir=choice.folder if choice else str(p.modelDir),
+                                  arch=choice.arch if choice else "", replicate=p.replicate, methods=methods,
+                                  preset=p.preset)
         server_model = slicer.util.settingsValue("SaliencyTrust/ServerModel", "") or None
         return controller.Settings(volume=p.inputVolume, score_node=p.scoreAgainst, request=request,
                                    use_server=p.useServer, server_url=p.serverUrl, token=token or None,
@@ -551,7 +565,7 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
     def startTraining(self, p, task: str, root: Path) -> None:
         """The demo's models for ``task`` under ``root``, in the background."""
         self.cancel()
-        self.training = lib.TrainProcess(p.bundleDir, root, task).start()
+        self.training = process.TrainProcess(p.bundleDir, root, task).start()
 
     def poll(self) -> tuple:
         if self.training is not None:
@@ -621,8 +635,8 @@ class SaliencyTrustTest(ScriptedLoadableModuleTest):
 
         volume = slicer.util.addVolumeFromArray(np.zeros((5, 16, 16), np.int16), name="CT-like")
         before = slicer.mrmlScene.GetNumberOfNodes()
-        with self.assertRaises(lib.InputVolumeError):
-            lib.check_input_volume(volume)
+        with self.assertRaises(errors.InputVolumeError):
+            inputs.check_input_volume(volume)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
 
     def test_local_run(self) -> None:
@@ -630,21 +644,21 @@ class SaliencyTrustTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         root = Path(tempfile.mkdtemp(prefix="SaliencyTrustTest-"))
-        models = lib.make_fixture_models(str(DEFAULT_BUNDLE), root / "models")
-        study = lib.make_sample_study(str(DEFAULT_BUNDLE), root / "study")
+        models = process.make_fixture_models(str(DEFAULT_BUNDLE), root / "models")
+        study = process.make_sample_study(str(DEFAULT_BUNDLE), root / "study")
         volume = slicer.util.loadVolume(str(study), {"singleFile": True})
-        request = lib.Request(bundle_dir=str(DEFAULT_BUNDLE), model_dir=str(models), methods=("grad", "gradcam", "gbp"),
-                              preset="quick")
-        results = lib.run_local(slicer.mrmlScene, volume, request, root / "work", timeout=900)
+        request = process.Request(bundle_dir=str(DEFAULT_BUNDLE), model_dir=str(models),
+                                  methods=("grad", "gradcam", "gbp"), preset="quick")
+        results = controller.run_local(slicer.mrmlScene, volume, request, root / "work", timeout=900)
         self.assertEqual(set(results.map_nodes), {"grad", "gradcam", "gbp"})
         for node in results.map_nodes.values():
             self.assertEqual(node.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
             values = slicer.util.arrayFromVolume(node)
             self.assertTrue(values.min() >= 0 and values.max() <= 1)
             self.assertTrue(np.allclose(node.GetSpacing(), volume.GetSpacing()))
-            self.assertEqual(lib.map_input(slicer.mrmlScene, node), volume)
+            self.assertEqual(scene.map_input(slicer.mrmlScene, node), volume)
         self.assertTrue(controller.show_method(slicer.mrmlScene, results, "gradcam", 0.5) > 0)
-        self.assertIsNotNone(lib.show_legend(results, "gradcam", slicer.modules.colors.logic()))
+        self.assertIsNotNone(scene.show_legend(results, "gradcam", slicer.modules.colors.logic()))
         self.assertEqual(results.table_node.GetNumberOfRows(), 3)
         self.assertTrue(results.table_node.GetLocked())
         self.delayDisplay("Test passed")

@@ -1,23 +1,16 @@
-"""SaliencyTrust module logic without Qt (testable with the slicer-core wheel)."""
+"""SaliencyTrust module logic without Qt (testable with the slicer-core wheel), one room per concern.
 
-from SaliencyTrustLib.logic import (
-    CRITERIA,
-    METHODS,
-    TABLE_COLUMNS,
-    BundleError,
-    BundleProcess,
-    InputVolumeError,
-    Request,
-    Results,
-    SaliencyTrustError,
-    check_input_volume,
-    load_results,
-    prepare,
-    run_bundle,
-    run_local,
-    show_overlay,
-)
+* :mod:`~SaliencyTrustLib.inputs`: the scene's input checked and written for the bundle (volume, DICOM
+  de-identified copy, intensity range, the mask to score against);
+* :mod:`~SaliencyTrustLib.process`: the bundle out of process (request, child process, cancel, the demo's
+  training, sample study and fixture models);
+* :mod:`~SaliencyTrustLib.scene`: a finished run into MRML nodes (overlays, trust table, legends);
+* :mod:`~SaliencyTrustLib.texts`: what the panel says (method and criterion names, help, sentences);
+* :mod:`~SaliencyTrustLib.bundle`: where the bundle is, and its standard-library modules loaded by path
+  (the model-folder reader, the method table);
+* :mod:`~SaliencyTrustLib.errors`, :mod:`~SaliencyTrustLib.deps`, :mod:`~SaliencyTrustLib.client` (server
+  mode) and :mod:`~SaliencyTrustLib.controller` (what the panel does, on top of the others).
 
-__all__ = ["CRITERIA", "METHODS", "TABLE_COLUMNS", "BundleError", "BundleProcess", "InputVolumeError", "Request",
-           "Results", "SaliencyTrustError", "check_input_volume", "load_results", "prepare",
-           "run_bundle", "run_local", "show_overlay"]
+The flow: ``inputs.check_input_volume`` -> ``inputs.prepare`` -> ``process.BundleProcess(...).start()`` ->
+``scene.load_run_output`` (``controller.run_local`` does all four, blocking).
+"""

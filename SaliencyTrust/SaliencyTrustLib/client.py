@@ -2,7 +2,7 @@
 
 Standard library only (urllib), so it runs in Slicer's Python without extra packages. The
 downloaded folder has the same ``prediction.json`` + ``maps/`` layout as the bundle writes, so
-``logic.load_results`` builds the same scene from either mode.
+``scene.load_run_output`` builds the same scene from either mode.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from SaliencyTrustLib.logic import BundleError, CancelledError, Request
+from SaliencyTrustLib.errors import BundleError, CancelledError
+from SaliencyTrustLib.process import Request
 
 
 def _multipart(fields: dict[str, str], files: dict[str, Path]) -> tuple[bytes, str]:

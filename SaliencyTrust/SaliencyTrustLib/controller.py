@@ -6,7 +6,7 @@ calls :meth:`Run.finish` when it says so, and routes the method switcher and the
 :func:`show_method`. Everything here is tested with the ``slicer-core`` wheel and a real service.
 
 Threading rule: only the caller's (Qt) thread touches MRML. The server round trip runs in a worker
-thread that sees plain values (paths, strings, a :class:`~SaliencyTrustLib.logic.Request`) and
+thread that sees plain values (paths, strings, a :class:`~SaliencyTrustLib.process.Request`) and
 nothing else.
 """
 
@@ -19,7 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from SaliencyTrustLib import logic as lib
+from SaliencyTrustLib import bundle, inputs, process, scene, texts
+from SaliencyTrustLib.errors import BundleError, CancelledError, SaliencyTrustError
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Settings:
 
     volume: object  # vtkMRMLScalarVolumeNode
     score_node: object | None  # vtkMRMLSegmentationNode | vtkMRMLMarkupsROINode | None
-    request: lib.Request
+    request: process.Request
     use_server: bool = False
     server_url: str = ""
     token: str | None = None
@@ -42,7 +43,7 @@ class Run:
     def __init__(self, settings: Settings, work_dir: str | Path | None = None) -> None:
         self.settings = settings
         self.work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="SaliencyTrust-"))
-        self.process: lib.BundleProcess | None = None
+        self.process: process.BundleProcess | None = None
         self._thread: threading.Thread | None = None
         self._box: dict = {}
         self._cancel = threading.Event()
@@ -56,7 +57,7 @@ class Run:
     def start(self) -> Run:
         """Check and export the input (MRML: on this thread), then launch; returns at once."""
         s = self.settings
-        image, mask = lib.prepare(s.volume, s.score_node, self.work / "input")
+        image, mask = inputs.prepare(s.volume, s.score_node, self.work / "input")
         out = self.work / "output"
         if s.use_server:
             from SaliencyTrustLib import client
@@ -79,7 +80,7 @@ class Run:
             self._thread = threading.Thread(target=call, name="SaliencyTrust-server", daemon=True)
             self._thread.start()
         else:
-            self.process = lib.BundleProcess(s.request, image, out, mask).start()
+            self.process = process.BundleProcess(s.request, image, out, mask).start()
         return self
 
     def poll(self) -> tuple[list[str], bool]:
@@ -112,29 +113,29 @@ class Run:
         self._cancel.set()
         self._cleanup()
 
-    def finish(self, scene, input_node=None) -> lib.Results:
-        """The ended run's results into ``scene`` (MRML: call on the Qt thread).
+    def finish(self, mrml_scene, input_node=None) -> scene.RunOutput:
+        """The ended run's results into ``mrml_scene`` (MRML: call on the Qt thread).
 
-        Raises :class:`~SaliencyTrustLib.logic.CancelledError` after a cancel (not an error to show)
-        and :class:`~SaliencyTrustLib.logic.SaliencyTrustError` with the reason otherwise. The
+        Raises :class:`~SaliencyTrustLib.errors.CancelledError` after a cancel (not an error to show)
+        and :class:`~SaliencyTrustLib.errors.SaliencyTrustError` with the reason otherwise. The
         work folder goes in every case, except while a cancelled server thread still writes to it.
         """
         volume = input_node if input_node is not None else self.settings.volume
         try:
             if self.cancelled:
-                raise lib.CancelledError()
+                raise CancelledError()
             if self._thread is not None:
                 if "error" in self._box:
                     err = self._box["error"]
-                    raise err if isinstance(err, lib.SaliencyTrustError) else lib.BundleError(str(err))
+                    raise err if isinstance(err, SaliencyTrustError) else BundleError(str(err))
                 self.model_name = self._box.get("model")
                 out = self._box["out"]
-                note = lib.SYNTHETIC_TRAINING_NOTE if self._box.get("synthetic") else ""
+                note = texts.SYNTHETIC_TRAINING_NOTE if self._box.get("synthetic") else ""
             else:
                 assert self.process is not None, "start() first"
                 out = self.process.result()
                 note = self.settings.training_note
-            results = lib.load_results(scene, volume, out)
+            results = scene.load_run_output(mrml_scene, volume, out)
             results.training_note = note
             return results
         finally:
@@ -153,7 +154,7 @@ class Run:
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-def show_method(scene, results: lib.Results | None, method: str | None, opacity: float) -> int:
+def show_method(mrml_scene, results: scene.RunOutput | None, method: str | None, opacity: float) -> int:
     """Show ``method``'s map over the volume it was computed on (not whatever is selected now).
 
     ``opacity`` is the slider's own new value. Returns the number of slice views set (0 when there
@@ -162,12 +163,12 @@ def show_method(scene, results: lib.Results | None, method: str | None, opacity:
     if results is None or not method or method not in results.map_nodes:
         return 0
     node = results.map_nodes[method]
-    if not scene.IsNodePresent(node):  # the run was replaced or the user deleted the map
+    if not mrml_scene.IsNodePresent(node):  # the run was replaced or the user deleted the map
         return 0
-    background = lib.map_input(scene, node)
+    background = scene.map_input(mrml_scene, node)
     if background is None:
         return 0
-    return lib.show_overlay(scene, background, node, opacity)
+    return scene.show_overlay(mrml_scene, background, node, opacity)
 
 
 @dataclass
@@ -187,11 +188,11 @@ def model_choices(model_dir: str | Path, bundle_dir: str | Path | None = None) -
     if not Path(model_dir).is_dir():
         return {}
     out = {}
-    for name, found in lib.find_models(model_dir, bundle_dir).items():
+    for name, found in bundle.find_models(model_dir, bundle_dir).items():
         if isinstance(found, Exception) or found.kind != "classifier":
             continue
         try:
-            note = lib.training_note(found.record())
+            note = texts.training_note(found.record())
         except Exception:  # an unreadable record: no note rather than no model
             note = ""
         out[name] = ModelChoice(str(found.folder), found.network_label, list(found.replicates), note)
@@ -202,7 +203,7 @@ def model_problems(model_dir: str | Path, bundle_dir: str | Path | None = None) 
     """One sentence per model folder under ``model_dir`` that cannot be used (a broken ``model.json``)."""
     if not Path(model_dir).is_dir():
         return []
-    return [str(found) for found in lib.find_models(model_dir, bundle_dir).values() if isinstance(found, Exception)]
+    return [str(found) for found in bundle.find_models(model_dir, bundle_dir).values() if isinstance(found, Exception)]
 
 
 def no_models_message(model_dir: str | Path, bundle_dir: str | Path | None = None) -> str:
@@ -214,3 +215,12 @@ def no_models_message(model_dir: str | Path, bundle_dir: str | Path | None = Non
         return f"No usable model in {model_dir}: {problems[0]}"
     return (f"No trained models in {model_dir}: choose a model folder (with a model.json) or a folder of them, "
             "or train the demo's models for a task (Train demo models).")
+
+
+def run_local(mrml_scene, volume, request: process.Request, work_dir: str | Path, score_node=None,
+              timeout: float | None = None) -> scene.RunOutput:
+    """The whole local flow, blocking (the widget drives the same steps through :class:`Run`)."""
+    work = Path(work_dir)
+    image, mask = inputs.prepare(volume, score_node, work / "input")
+    out = process.run_bundle(request, image, work / "output", mask, timeout=timeout)
+    return scene.load_run_output(mrml_scene, volume, out)

@@ -35,9 +35,10 @@ def _scene():
 def study(out: Path, report: dict) -> tuple:
     """The sample study through the Lib (bundle child process), read by the bundle's reader and Slicer's."""
     from saliency_trust.data.dicom import read_dicom
-    from SaliencyTrustLib import logic as L
+    from SaliencyTrustLib.inputs import dicom_series_uid
+    from SaliencyTrustLib.process import make_sample_study
 
-    path = L.make_sample_study(BUNDLE, out / "study", python=sys.executable)
+    path = make_sample_study(BUNDLE, out / "study", python=sys.executable)
     img, geometry = read_dicom(path)
     np.save(out / "study_image.npy", img)
     slicer, scene = _scene()
@@ -49,7 +50,7 @@ def study(out: Path, report: dict) -> tuple:
     if not storage.ReadData(volume):
         raise RuntimeError("Slicer's storage node could not read the sample study")
     raw = pydicom.dcmread(path).pixel_array
-    report.update(study=str(path), series_uid=L.dicom_series_uid(path), bits_stored=geometry["bits_stored"],
+    report.update(study=str(path), series_uid=dicom_series_uid(path), bits_stored=geometry["bits_stored"],
                   slicer_equals_pydicom=bool(np.array_equal(slicer.util.arrayFromVolume(volume)[0], raw)))
     return slicer, scene, volume
 
@@ -67,14 +68,15 @@ def training_data(out: Path, report: dict) -> None:
 def run(out: Path, report: dict) -> None:
     """The sample study, fixture models and the Lib's whole local run (bundle out of process), and the
     demo training's data."""
-    from SaliencyTrustLib import logic as L
+    from SaliencyTrustLib.controller import run_local
+    from SaliencyTrustLib.process import Request, make_fixture_models
 
     training_data(out, report)
     slicer, scene, volume = study(out, report)
-    models = L.make_fixture_models(BUNDLE, out / "models", python=sys.executable)
-    request = L.Request(bundle_dir=BUNDLE, model_dir=str(models), methods=("grad", "gradcam"), preset="quick",
+    models = make_fixture_models(BUNDLE, out / "models", python=sys.executable)
+    request = Request(bundle_dir=BUNDLE, model_dir=str(models), methods=("grad", "gradcam"), preset="quick",
                         device="cpu", checks=False, python=sys.executable)
-    results = L.run_local(scene, volume, request, out / "work", timeout=600)
+    results = run_local(scene, volume, request, out / "work", timeout=600)
     for m, node in results.map_nodes.items():
         np.save(out / f"map_{m}.npy", slicer.util.arrayFromVolume(node)[0])
     sent = next((out / "work" / "input").glob("input.*"))  # what the Lib handed the bundle
@@ -86,7 +88,7 @@ def dicom(out: Path, report: dict) -> None:
     """The bundle's DICOM writer and reader, and the Lib's input checks and export, on these packages."""
     from saliency_trust.data.dicom import read_dicom, write_dicom
     from SaliencyTrustLib import deps
-    from SaliencyTrustLib import logic as L
+    from SaliencyTrustLib.inputs import check_input_volume, prepare
 
     pixels = (np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) % 4096).astype(np.uint16)
     path = write_dicom(out / "twelve.dcm", pixels, patient_id="p", study_uid="2.25.1", series_uid="2.25.2",
@@ -95,8 +97,8 @@ def dicom(out: Path, report: dict) -> None:
     np.save(out / "twelve.npy", img)
     slicer, scene = _scene()
     volume = slicer.util.addVolumeFromArray(pixels[None], name="CXR")
-    L.check_input_volume(volume)
-    image, _ = L.prepare(volume, None, out / "input")
+    check_input_volume(volume)
+    image, _ = prepare(volume, None, out / "input")
     report.update(dicom=str(path), exported=str(image), python_problem=deps.python_problem())
 
 

@@ -18,7 +18,11 @@ slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is not inst
 sys.path.insert(0, str(REPO / "SaliencyTrust"))
 
 from SaliencyTrustLib import controller  # noqa: E402
-from SaliencyTrustLib import logic as L  # noqa: E402
+from SaliencyTrustLib.errors import BundleError  # noqa: E402
+from SaliencyTrustLib.inputs import mask_from_roi, score_mask, write_volume  # noqa: E402
+from SaliencyTrustLib.process import ASSESSMENT_SHARE, TrainProcess, TrainProgress  # noqa: E402
+from SaliencyTrustLib.scene import load_run_output, map_input, nodes_by_class, run_nodes  # noqa: E402
+from SaliencyTrustLib.texts import training_note  # noqa: E402
 
 
 def _volume(scene, name: str, shape=(1, 32, 40), seed: int = 0):
@@ -30,7 +34,7 @@ def _volume(scene, name: str, shape=(1, 32, 40), seed: int = 0):
 def _fake_output(volume, folder: Path) -> Path:
     """What the bundle leaves: prediction.json and one map on the input's grid."""
     (folder / "maps").mkdir(parents=True)
-    L.write_volume(volume, folder / "maps" / "grad.nrrd")
+    write_volume(volume, folder / "maps" / "grad.nrrd")
     (folder / "prediction.json").write_text(json.dumps({
         "maps": {"grad": "maps/grad.nrrd"}, "methods": ["grad"], "probabilities": [0.3, 0.7], "predicted_class": 1,
         "preset": "quick", "task": "lung opacity", "model": {"arch": "densenet121", "replicate": 0}}))
@@ -42,7 +46,7 @@ def test_maps_keep_their_input_after_a_saved_scene_is_imported_into_a_nonempty_o
     maps pointed at the open scene's volume, and its next run deleted the imported results."""
     saved = slicer.vtkMRMLScene()
     patient_a = _volume(saved, "patient A")
-    res = L.load_results(saved, patient_a, _fake_output(patient_a, tmp_path / "a"))
+    res = load_run_output(saved, patient_a, _fake_output(patient_a, tmp_path / "a"))
     saved.SetSaveToXMLString(1)
     saved.Commit()
     xml = saved.GetSceneXMLString()
@@ -52,17 +56,17 @@ def test_maps_keep_their_input_after_a_saved_scene_is_imported_into_a_nonempty_o
     scene.SetLoadFromXMLString(1)
     scene.SetSceneXMLString(xml)
     scene.Import()
-    imported_a = next(n for n in L.nodes_by_class(scene, "vtkMRMLScalarVolumeNode") if n.GetName() == "patient A")
-    imported_map = next(n for n in L.nodes_by_class(scene, "vtkMRMLScalarVolumeNode")
+    imported_a = next(n for n in nodes_by_class(scene, "vtkMRMLScalarVolumeNode") if n.GetName() == "patient A")
+    imported_map = next(n for n in nodes_by_class(scene, "vtkMRMLScalarVolumeNode")
                         if n.GetName() == res.map_nodes["grad"].GetName())
     assert imported_a.GetID() != patient_b.GetID()
-    assert L.map_input(scene, imported_map) is imported_a
-    assert L.run_nodes(scene, patient_b) == []
+    assert map_input(scene, imported_map) is imported_a
+    assert run_nodes(scene, patient_b) == []
     # A run on patient B replaces B's results only: the imported ones stay.
     slicer.mrmlScene = scene
-    L.load_results(scene, patient_b, _fake_output(patient_b, tmp_path / "b"))
+    load_run_output(scene, patient_b, _fake_output(patient_b, tmp_path / "b"))
     assert scene.IsNodePresent(imported_map)
-    assert L.map_input(scene, imported_map) is imported_a
+    assert map_input(scene, imported_map) is imported_a
     saved.Clear(1)
 
 
@@ -111,7 +115,7 @@ def test_roi_mask_equals_the_full_grid_computation_on_a_rotated_roi(scene):
     axis = [0.0, 0.0, 0.0]
     roi.GetXAxisWorld(axis)
     assert abs(axis[1]) > 0.4  # it is turned
-    mask = L.mask_from_roi(volume, roi, rows_per_block=7)
+    mask = mask_from_roi(volume, roi, rows_per_block=7)
     ref = _reference_roi_mask(volume, roi)
     assert mask.any() and not mask.all()
     np.testing.assert_array_equal(mask, ref)
@@ -127,7 +131,7 @@ def test_roi_scoring_on_a_3000_by_2500_radiograph_builds_no_big_arrays(scene, tm
     roi.SetSize(60.0, 40.0, 10.0)
     tracemalloc.start()
     try:
-        mask = L.score_mask(volume, roi)
+        mask = score_mask(volume, roi)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -136,18 +140,18 @@ def test_roi_scoring_on_a_3000_by_2500_radiograph_builds_no_big_arrays(scene, tm
 
 
 def test_training_progress_is_determinate_from_the_demos_own_lines():
-    progress = L.TrainProgress()
+    progress = TrainProgress()
     seen = [(progress.fraction(), progress.text())]
     for line in DEMO_LINES:
         progress.feed([line])
         seen.append((progress.fraction(), progress.text()))
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[0] == 0.0
-    assert fractions[-1] == pytest.approx(1.0 - L.ASSESSMENT_SHARE)  # the assessment is left
+    assert fractions[-1] == pytest.approx(1.0 - ASSESSMENT_SHARE)  # the assessment is left
     assert seen[0][1].startswith("Making the SynthCXR images")
     assert any(t == "Training inception_v3 copy 0 (3 of 5), epoch 2 of at most 6..." for _, t in seen)
     assert seen[-1][1].startswith("Assessing")
-    train_only = L.TrainProgress(assessment=False)
+    train_only = TrainProgress(assessment=False)
     train_only.feed(DEMO_LINES)
     assert train_only.fraction() == pytest.approx(0.99)
 
@@ -164,30 +168,30 @@ def test_train_demo_models_succeeds_when_models_were_written_and_says_what_else_
         tmp_path, fixture_model, exit_code):
     """Part 5: a validation AUC below the demo's bar (exit 1 from the demo before it trained to the bar)
     made the panel report failure although the models were there."""
-    train = L.TrainProcess(REPO / "monai_bundle", tmp_path / "chosen", "opacity", python=sys.executable)
+    train = TrainProcess(REPO / "monai_bundle", tmp_path / "chosen", "opacity", python=sys.executable)
     train.command = [sys.executable, fake_demo(tmp_path, fixture_model, exit_code, True), *train.command[3:]]
     train.start()
     train._proc.wait(60)
     outcome = train.outcome()
     assert outcome.model_dir == tmp_path / "chosen" / "models" / "opacity"
     assert "below validation AUC 0.9" in outcome.note
-    assert train.progress()[0] == pytest.approx(1.0 - L.ASSESSMENT_SHARE)
+    assert train.progress()[0] == pytest.approx(1.0 - ASSESSMENT_SHARE)
     assert "densenet121" in controller.model_choices(outcome.model_dir)
 
 
 def test_train_demo_models_fails_when_no_model_was_written(tmp_path, fixture_model):
-    train = L.TrainProcess(REPO / "monai_bundle", tmp_path / "chosen", "opacity", python=sys.executable)
+    train = TrainProcess(REPO / "monai_bundle", tmp_path / "chosen", "opacity", python=sys.executable)
     train.command = [sys.executable, fake_demo(tmp_path, fixture_model, 1, False), *train.command[3:]]
     train.start()
     train._proc.wait(60)
-    with pytest.raises(L.BundleError, match="exit code 1"):
+    with pytest.raises(BundleError, match="exit code 1"):
         train.outcome()
 
 
 def test_a_model_trained_on_synthetic_images_is_said_so(tmp_path, fixture_model):
-    assert L.training_note({}) == "" and L.training_note({"dataset_dir": str(tmp_path)}) == ""
+    assert training_note({}) == "" and training_note({"dataset_dir": str(tmp_path)}) == ""
     (tmp_path / "synthcxr.json").write_text("{}")
-    note = L.training_note({"dataset_dir": str(tmp_path)})
+    note = training_note({"dataset_dir": str(tmp_path)})
     assert "synthetic SynthCXR images" in note
     # The untrained fixture replicates carry no training data: no note; their choice says so too.
     assert controller.model_choices(fixture_model.parent)["densenet121"].training_note == ""

@@ -24,7 +24,10 @@ from saliency_trust.data.dicom import read_dicom, write_dicom  # noqa: E402
 from saliency_trust.data.groundtruth import resize_image  # noqa: E402
 from saliency_trust.data.imageio import read_image, read_input  # noqa: E402
 from saliency_trust.networks import to_network_input  # noqa: E402
-from SaliencyTrustLib import logic as L  # noqa: E402
+from SaliencyTrustLib.errors import InputVolumeError  # noqa: E402
+from SaliencyTrustLib.inputs import IDENTIFYING, INTENSITY_ATTRIBUTE, check_input_volume, prepare, source_dicom  # noqa: E402
+from SaliencyTrustLib.process import Request  # noqa: E402
+from SaliencyTrustLib.scene import RunOutput  # noqa: E402
 
 SOP = "2.25.4242"
 
@@ -78,14 +81,14 @@ def test_a_dim_12_bit_dicom_gives_the_model_the_input_the_bundle_reader_gives(sc
     from_database.SetAttribute("DICOM.instanceUIDs", SOP)
     from_file = _load(scene, dicom)
     for k, volume in enumerate((from_database, from_file)):
-        image, _ = L.prepare(volume, None, tmp_path / f"in{k}")
+        image, _ = prepare(volume, None, tmp_path / f"in{k}")
         assert image.suffix == ".dcm"
         import pydicom
 
         sent, original = pydicom.dcmread(str(image)), pydicom.dcmread(str(dicom))
         np.testing.assert_array_equal(sent.pixel_array, original.pixel_array)
-        assert not any(k in sent for k in L.IDENTIFYING) and "PatientName" in original  # nothing identifying leaves
-        request = L.Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(tmp_path))
+        assert not any(k in sent for k in IDENTIFYING) and "PatientName" in original  # nothing identifying leaves
+        request = Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(tmp_path))
         cmd = request.command(image, tmp_path / "out")
         assert "--intensity_range" not in cmd
         got, _ = read_input(cmd[cmd.index("--image") + 1])  # what run_inference reads from that command
@@ -97,7 +100,7 @@ def test_a_dim_12_bit_dicom_gives_the_model_the_input_the_bundle_reader_gives(sc
     arr = slicer.util.arrayFromVolume(from_file)
     arr[:] = arr // 2
     slicer.util.arrayFromVolumeModified(from_file)
-    image, _ = L.prepare(from_file, None, tmp_path / "changed")
+    image, _ = prepare(from_file, None, tmp_path / "changed")
     assert image.suffix == ".nrrd"
     got, _ = read_input(image)
     assert got.max() == pytest.approx(500 / 65535, abs=1e-6)
@@ -113,20 +116,20 @@ def test_a_volume_not_from_dicom_goes_with_its_intensity_range(scene, tmp_path):
     png = tmp_path / "sixteen.png"
     Image.fromarray(pixels).save(png)
     volume = slicer.util.addVolumeFromArray(np.asarray(Image.open(png))[None], name="picture")
-    assert L.source_dicom(volume) is None
-    image, _ = L.prepare(volume, None, tmp_path / "in")
+    assert source_dicom(volume) is None
+    image, _ = prepare(volume, None, tmp_path / "in")
     assert image.suffix == ".nrrd" and b"saliency_trust_intensity_range:=0.0 65535.0" in image.read_bytes()[:2000]
     notes: list[str] = []
     got, _ = read_input(image, notes=notes)
     want, _ = read_image(png)
     np.testing.assert_allclose(got, want, atol=1e-7)
     assert got.max() == pytest.approx(1000 / 65535) and "intensity range [0, 65535]" in notes[0]
-    volume.SetAttribute(L.INTENSITY_ATTRIBUTE, "0 4095")
-    image, _ = L.prepare(volume, None, tmp_path / "user")
+    volume.SetAttribute(INTENSITY_ATTRIBUTE, "0 4095")
+    image, _ = prepare(volume, None, tmp_path / "user")
     assert read_input(image)[0].max() == pytest.approx(1000 / 4095)
-    volume.SetAttribute(L.INTENSITY_ATTRIBUTE, "4095 0")
-    with pytest.raises(L.InputVolumeError, match="low < high"):
-        L.prepare(volume, None, tmp_path / "bad")
+    volume.SetAttribute(INTENSITY_ATTRIBUTE, "4095 0")
+    with pytest.raises(InputVolumeError, match="low < high"):
+        prepare(volume, None, tmp_path / "bad")
 
 
 def test_a_ct_dicom_is_refused_in_one_sentence_and_the_override_runs_it(scene, tmp_path):
@@ -136,14 +139,14 @@ def test_a_ct_dicom_is_refused_in_one_sentence_and_the_override_runs_it(scene, t
     ds = pydicom.dcmread(dicom)
     ds.Modality = "CT"
     ds.save_as(dicom)
-    image, _ = L.prepare(_load(scene, dicom), None, tmp_path / "in")
+    image, _ = prepare(_load(scene, dicom), None, tmp_path / "in")
     with pytest.raises(Exception, match="modality CT: the model explains one frontal chest radiograph; set "
                                         "accept_any_input to run it anyway"):
         read_input(image)
     notes: list[str] = []
     read_input(image, accept_any=True, notes=notes)
     assert "accept_any_input" in notes[0] and "modality CT" in notes[0]
-    request = L.Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(tmp_path), accept_any_input=True)
+    request = Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(tmp_path), accept_any_input=True)
     assert request.command(image, tmp_path / "out")[-2:] == ["--accept_any_input", "True"]
 
 
@@ -157,20 +160,20 @@ def test_a_picture_loaded_in_colour_reaches_the_bundle_and_grey_content_is_read_
     rgb = np.dstack([grey] * 3)
     rgb[10:16, 10:16] = (250, 30, 30)  # an arrow head on 0.8 % of the pixels
     volume = slicer.util.addVolumeFromArray(rgb[None], name="case", nodeClassName="vtkMRMLVectorVolumeNode")
-    image, _ = L.prepare(volume, None, tmp_path / "in")
+    image, _ = prepare(volume, None, tmp_path / "in")
     notes: list[str] = []
     got, _ = read_input(image, notes=notes)
     assert "coloured annotation" in notes[0] and "intensity range [0, 255]" in notes[1]
     np.testing.assert_array_equal(got[20:], grey[20:] / np.float32(255))
     colour = slicer.util.addVolumeFromArray(np.random.default_rng(4).integers(0, 255, (1, 64, 72, 3), np.uint8),
                                             name="photo", nodeClassName="vtkMRMLVectorVolumeNode")
-    image, _ = L.prepare(colour, None, tmp_path / "colour")
+    image, _ = prepare(colour, None, tmp_path / "colour")
     with pytest.raises(DataError, match="colour image"):
         read_input(image)
     two = slicer.util.addVolumeFromArray(np.zeros((1, 32, 32, 2), np.uint8), name="two",
                                          nodeClassName="vtkMRMLVectorVolumeNode")
-    with pytest.raises(L.InputVolumeError, match="2 components per voxel"):
-        L.check_input_volume(two)
+    with pytest.raises(InputVolumeError, match="2 components per voxel"):
+        check_input_volume(two)
 
 
 def test_the_readers_notes_are_said_beside_the_prediction(scene):
@@ -179,7 +182,7 @@ def test_the_readers_notes_are_said_beside_the_prediction(scene):
                   "model": {"arch": "densenet121", "replicate": 0},
                   "input": {"notes": ["RGB picture of a grey radiograph with a coloured annotation on 0.78% of the "
                                       "pixels: read as luminance"]}}
-    line = L.Results(prediction, {}, None, {}, Path(".")).summary()
+    line = RunOutput(prediction, {}, None, {}, Path(".")).summary()
     assert line.startswith("Lung opacity: predicted present (p = 0.800)")
     assert line.endswith("quick preset. Input: RGB picture of a grey radiograph with a coloured annotation on 0.78% "
                          "of the pixels: read as luminance.")

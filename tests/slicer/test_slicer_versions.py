@@ -92,18 +92,19 @@ def test_a_slicer_too_old_for_the_bundle_is_told_so_before_anything_starts(tmp_p
     """Slicer 5.8 (Python 3.9): one sentence naming Slicer 5.10, before any install, generation or launch."""
     sys.path.insert(0, str(LIB.parent))
     from SaliencyTrustLib import deps
-    from SaliencyTrustLib import logic as L
+    from SaliencyTrustLib.errors import SaliencyTrustError
+    from SaliencyTrustLib.process import BundleProcess, Request, TrainProcess, make_fixture_models, make_sample_study
 
     assert deps.python_problem() == ""
     monkeypatch.setattr(sys, "version_info", (3, 9, 10, "final", 0))
     sentence = deps.python_problem()
     assert "needs Slicer 5.10 or later" in sentence and "3.9.10" in sentence and sentence.count(". ") == 0
-    for call in (lambda: L.make_sample_study(REPO / "monai_bundle", tmp_path / "study", python=sys.executable),
-                 lambda: L.make_fixture_models(REPO / "monai_bundle", tmp_path / "models", python=sys.executable),
-                 lambda: L.TrainProcess(REPO / "monai_bundle", tmp_path / "train", python=sys.executable).start(),
-                 lambda: L.BundleProcess(L.Request(str(REPO / "monai_bundle"), str(tmp_path), python=sys.executable),
+    for call in (lambda: make_sample_study(REPO / "monai_bundle", tmp_path / "study", python=sys.executable),
+                 lambda: make_fixture_models(REPO / "monai_bundle", tmp_path / "models", python=sys.executable),
+                 lambda: TrainProcess(REPO / "monai_bundle", tmp_path / "train", python=sys.executable).start(),
+                 lambda: BundleProcess(Request(str(REPO / "monai_bundle"), str(tmp_path), python=sys.executable),
                                          tmp_path / "x.nrrd", tmp_path / "out").start()):
-        with pytest.raises(L.SaliencyTrustError, match="needs Slicer 5.10 or later"):
+        with pytest.raises(SaliencyTrustError, match="needs Slicer 5.10 or later"):
             call()
     assert list(tmp_path.iterdir()) == []  # nothing was generated or launched
 

@@ -32,8 +32,13 @@ MODULE_DIR = REPO / "SaliencyTrust"
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is not installed")
 sys.path.insert(0, str(MODULE_DIR))
 
-from SaliencyTrustLib import client, controller, deps  # noqa: E402
-from SaliencyTrustLib import logic as L  # noqa: E402
+from SaliencyTrustLib import client, controller, deps, texts  # noqa: E402
+from SaliencyTrustLib.bundle import find_bundle  # noqa: E402
+from SaliencyTrustLib.errors import BundleError, CancelledError, SaliencyTrustError  # noqa: E402
+from SaliencyTrustLib.inputs import dicom_series_uid  # noqa: E402
+from SaliencyTrustLib.process import Request, TrainProcess, make_fixture_models, make_sample_study  # noqa: E402
+from SaliencyTrustLib.scene import OVERLAY_FLOOR, RunOutput, map_input, nodes_by_class, run_nodes, show_legend  # noqa: E402
+from SaliencyTrustLib.texts import CRITERIA, PRESETS, trust_word  # noqa: E402
 
 from tests.slicer.test_module import load_dicom, request, table_rows  # noqa: E402
 
@@ -76,7 +81,7 @@ def _parameter_annotations(source: str) -> dict:
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SaliencyTrustParameterNode")
     namespace = {name: getattr(slicer, name) for name in dir(slicer) if name.startswith("vtkMRML")}
     namespace.update(typing.__dict__)
-    namespace.update(Path=Path, WithinRange=_Validator, Choice=_Validator, lib=L)
+    namespace.update(Path=Path, WithinRange=_Validator, Choice=_Validator, texts=texts)
     return {n.target.id: eval(compile(ast.Expression(n.annotation), "<annotation>", "eval"), namespace)  # noqa: S307
             for n in cls.body if isinstance(n, ast.AnnAssign)}
 
@@ -98,7 +103,7 @@ def test_every_parameter_node_node_field_names_concrete_classes():
 def test_choice_fields_hold_their_default_and_the_bound_widgets_exist():
     fields = _parameter_annotations((MODULE_DIR / "SaliencyTrust.py").read_text())
     preset = typing.get_args(fields["preset"])
-    assert preset[0] is str and list(preset[1].args[0]) == list(L.PRESETS)
+    assert preset[0] is str and list(preset[1].args[0]) == list(PRESETS)
     ui = (MODULE_DIR / "Resources" / "UI" / "SaliencyTrust.ui").read_text()
     bound = set(__import__("re").findall(r'SlicerParameterName" stdset="0"><string>(\w+)</string>', ui))
     assert bound <= set(fields), bound - set(fields)
@@ -125,7 +130,7 @@ def scene():
 
 
 def _composites(scene) -> list:
-    return L.nodes_by_class(scene, "vtkMRMLSliceCompositeNode")
+    return nodes_by_class(scene, "vtkMRMLSliceCompositeNode")
 
 
 @pytest.mark.slow
@@ -142,16 +147,16 @@ def test_switcher_pairs_each_map_with_its_own_volume_and_applies_the_sliders_val
         assert c.GetBackgroundVolumeID() == a.GetID() and c.GetForegroundVolumeID() == res_a.map_nodes[
             "gradcam"].GetID()
         assert c.GetForegroundOpacity() == pytest.approx(0.35)  # the value given, not a stale parameter
-    assert L.map_input(scene, res_a.map_nodes["grad"]) is a and b is not a
+    assert map_input(scene, res_a.map_nodes["grad"]) is a and b is not a
     # Low values are transparent: Slicer's threshold on the map's display node.
     disp = res_a.map_nodes["gradcam"].GetDisplayNode()
-    assert disp.GetApplyThreshold() and disp.GetLowerThreshold() == pytest.approx(L.OVERLAY_FLOOR)
+    assert disp.GetApplyThreshold() and disp.GetLowerThreshold() == pytest.approx(OVERLAY_FLOOR)
     # A colour legend for the shown map only.
     colors = slicer.vtkSlicerColorLogic()
     colors.SetMRMLScene(scene)
-    legend = L.show_legend(res_a, "gradcam", colors)
+    legend = show_legend(res_a, "gradcam", colors)
     assert legend is not None and legend.GetVisibility()
-    L.show_legend(res_a, "grad", colors)
+    show_legend(res_a, "grad", colors)
     assert not colors.GetColorLegendDisplayNode(res_a.map_nodes["gradcam"]).GetVisibility()
     # The work folder is gone.
     assert not ra.work.exists()
@@ -166,7 +171,7 @@ def test_a_second_run_replaces_the_first_under_the_inputs_study_and_the_table_re
     study = sh.CreateStudyItem(patient, "Study")
     sh.CreateItem(study, volume)  # what the DICOM module does when it loads a series
 
-    def run(folder: str) -> L.Results:
+    def run(folder: str) -> RunOutput:
         r = controller.Run(controller.Settings(volume, None, request(trained_bundle, methods=("grad", "gradcam"))),
                            tmp_path / folder).start()
         r.process.wait(600)
@@ -183,7 +188,7 @@ def test_a_second_run_replaces_the_first_under_the_inputs_study_and_the_table_re
     assert sh.GetNumberOfItemChildren(study) == 2  # the volume and the new run's folder; the old folder went
     assert sh.GetItemParent(second.folder_item) == study and second.folder_item != first.folder_item
     assert scene.GetNumberOfNodes() == n_nodes  # replaced, not piled up
-    assert len(L.run_nodes(scene, volume)) == 3
+    assert len(run_nodes(scene, volume)) == 3
 
     # The table: headers in words, method names, read-only, rules in the header tooltips.
     table = second.table_node
@@ -196,7 +201,7 @@ def test_a_second_run_replaces_the_first_under_the_inputs_study_and_the_table_re
     assert [r["method"] for r in rows] == ["Gradient", "Grad-CAM"]
     saved = json.loads((trained_bundle["model"] / "results.json").read_text())
     for r, m in zip(rows, ("grad", "gradcam"), strict=True):
-        passed = [saved["verdicts"][m][c]["passed"] for c in L.CRITERIA]
+        passed = [saved["verdicts"][m][c]["passed"] for c in CRITERIA]
         if False in passed:
             assert r["trust"].startswith("Fails: ")
         elif all(p is True for p in passed):
@@ -210,14 +215,14 @@ def test_a_second_run_replaces_the_first_under_the_inputs_study_and_the_table_re
 
 
 def test_trust_word_never_counts_na_as_a_pass():
-    assert L.trust_word({c: True for c in L.CRITERIA}) == ("Passes all four", [])
-    word, fails = L.trust_word({"utility": True, "randomization": None, "repeatability": True,
+    assert trust_word({c: True for c in CRITERIA}) == ("Passes all four", [])
+    word, fails = trust_word({"utility": True, "randomization": None, "repeatability": True,
                                 "reproducibility": True})
     assert word.startswith("Not fully judged") and "changes when weights are randomized" in word and not fails
-    word, fails = L.trust_word({"utility": False, "randomization": None, "repeatability": True,
+    word, fails = trust_word({"utility": False, "randomization": None, "repeatability": True,
                                 "reproducibility": False})
     assert fails == ["utility", "reproducibility"] and word.startswith("Fails: points at the lesion")
-    assert L.trust_word(None) == ("Unknown (no assessment)", [])
+    assert trust_word(None) == ("Unknown (no assessment)", [])
 
 
 @pytest.mark.slow
@@ -229,7 +234,7 @@ def test_cancel_stops_the_bundles_process_tree_quietly_and_cleans_up(scene, trai
     run.cancel()
     lines, finished = run.poll()
     assert finished
-    with pytest.raises(L.CancelledError):
+    with pytest.raises(CancelledError):
         run.finish(scene)
     assert run.process._proc.poll() is not None
     with pytest.raises(ProcessLookupError):
@@ -243,26 +248,26 @@ def test_server_model_is_chosen_from_info_by_architecture():
     assert client.choose_model(info, "inception_v3") == "default"
     assert client.choose_model(info, "densenet121") == "opacity"  # several: the first by name
     assert client.choose_model(info, None, "pneumothorax") == "pneumothorax"
-    with pytest.raises(L.BundleError, match="no resnet50 model; it offers: default"):
+    with pytest.raises(BundleError, match="no resnet50 model; it offers: default"):
         client.choose_model(info, "resnet50")
-    with pytest.raises(L.BundleError, match="no model named 'x'"):
+    with pytest.raises(BundleError, match="no model named 'x'"):
         client.choose_model(info, "densenet121", "x")
-    with pytest.raises(L.BundleError, match="offers no model"):
+    with pytest.raises(BundleError, match="offers no model"):
         client.choose_model({"models": {}}, "densenet121")
 
 
 @pytest.mark.slow
 def test_train_demo_models_runs_in_the_background_and_can_be_cancelled(tmp_path):
     """The panel's first-run offer: the demo's training for one task, as a child process (tiny settings here)."""
-    with pytest.raises(L.SaliencyTrustError, match="Unknown task"):
-        L.TrainProcess(REPO / "monai_bundle", tmp_path / "x", "fracture")
-    stopped = L.TrainProcess(REPO / "monai_bundle", tmp_path / "stopped", "opacity", python=sys.executable).start()
+    with pytest.raises(SaliencyTrustError, match="Unknown task"):
+        TrainProcess(REPO / "monai_bundle", tmp_path / "x", "fracture")
+    stopped = TrainProcess(REPO / "monai_bundle", tmp_path / "stopped", "opacity", python=sys.executable).start()
     stopped.cancel()
-    with pytest.raises(L.CancelledError):
+    with pytest.raises(CancelledError):
         stopped.result()
     tiny = ["--n", "48", "--size", "80", "--epochs", "1", "--densenet-epochs", "1", "--baseline-epochs", "1",
             "--skip-assessment", "--min-auc", "0"]
-    train = L.TrainProcess(REPO / "monai_bundle", tmp_path / "demo", "pneumothorax", python=sys.executable,
+    train = TrainProcess(REPO / "monai_bundle", tmp_path / "demo", "pneumothorax", python=sys.executable,
                            extra_args=tiny).start()
     fractions = []
     while train.running:  # what the panel's progress bar shows, from the demo's own lines as they come
@@ -288,9 +293,9 @@ def test_the_libs_copies_of_the_engines_names_agree_with_the_engine():
     from saliency_trust.saliency import METHODS
     from saliency_trust.saliency.presets import PRESETS
 
-    assert tuple(L.METHODS) == tuple(METHODS) and set(L.METHOD_NAMES) == set(METHODS)
-    assert set(L.PRESETS) == set(PRESETS)
-    assert L.CRITERION_TITLES == CRITERION_TITLES
+    assert tuple(texts.METHODS) == tuple(METHODS) and set(texts.METHOD_NAMES) == set(METHODS)
+    assert set(texts.PRESETS) == set(PRESETS)
+    assert texts.CRITERION_TITLES == CRITERION_TITLES
 
 
 def test_model_folder_choices_and_the_empty_folder_sentence(tmp_path):
@@ -379,7 +384,7 @@ def test_the_installed_extension_carries_the_bundle_and_runs_outside_the_checkou
     assert (modules / "SaliencyTrust.py").is_file()
     for rel in ("SaliencyTrustLib/controller.py", "SaliencyTrustLib/deps.py", "Resources/requirements.txt"):
         assert (modules / rel).is_file(), rel
-    bundle = L.find_bundle(modules)
+    bundle = find_bundle(modules)
     assert bundle == modules / "SaliencyTrustBundle"
     for rel in ("configs/inference.json", "configs/metadata.json", "configs/trust.json", "configs/train.json",
                 "saliency_trust/workflows/infer.py", "saliency_trust/workflows/sample.py"):
@@ -394,12 +399,12 @@ def test_the_installed_extension_carries_the_bundle_and_runs_outside_the_checkou
     slicer.mrmlScene = scene
     env_path = os.environ.pop("PYTHONPATH", None)
     try:
-        models = L.make_fixture_models(bundle, tmp_path / "models", python=sys.executable)
-        study = L.make_sample_study(bundle, tmp_path / "study", python=sys.executable)
-        assert L.dicom_series_uid(study).startswith("2.25.")
+        models = make_fixture_models(bundle, tmp_path / "models", python=sys.executable)
+        study = make_sample_study(bundle, tmp_path / "study", python=sys.executable)
+        assert dicom_series_uid(study).startswith("2.25.")
         volume = load_dicom(scene, study)
         assert volume.GetImageData().GetDimensions() == (320, 320, 1)
-        req = L.Request(bundle_dir=str(bundle), model_dir=str(models), arch="densenet121",
+        req = Request(bundle_dir=str(bundle), model_dir=str(models), arch="densenet121",
                         methods=("grad", "gradcam"), preset="quick", device="cpu", python=sys.executable)
         run = controller.Run(controller.Settings(volume, None, req), tmp_path / "work").start()
         run.process.wait(600)

@@ -405,7 +405,7 @@ def test_train_demo_models_into_the_chosen_folder_with_determinate_progress(app,
     """Part 5: trains into the folder the user chose (not the settings folder), shows progress from the
     demo's own lines, and reports success when models were written even if an AUC stayed below the bar.
     The demo is stood in for by a script printing its lines (the real one is in tests/slicer/test_widget.py)."""
-    lib = sys.modules["SaliencyTrustLib.logic"]
+    lib = sys.modules["SaliencyTrustLib.process"]
     script = fake_demo(app.tmp, model_folders["A"] / "densenet121", exit_code=1, write_models=True)
 
     class Demo(lib.TrainProcess):

@@ -23,12 +23,12 @@ class SaliencyTrustLibTest(unittest.TestCase):
                     self.assertFalse(name.split(".")[0] in ("qt", "ctk", "PythonQt"), f"{path.name} imports {name}")
 
     def test_three_d_volume_is_refused(self):
-        from SaliencyTrustLib import logic
+        from SaliencyTrustLib import errors, inputs
 
         volume = slicer.util.addVolumeFromArray(np.zeros((4, 8, 8), np.int16))
         before = slicer.mrmlScene.GetNumberOfNodes()
-        with self.assertRaises(logic.InputVolumeError):
-            logic.check_input_volume(volume)
+        with self.assertRaises(errors.InputVolumeError):
+            inputs.check_input_volume(volume)
         self.assertEqual(before, slicer.mrmlScene.GetNumberOfNodes())
 
 
