@@ -71,6 +71,7 @@ from saliency_trust.networks.modelfolder import ManifestError, ModelFolder, find
 from saliency_trust.results import load_results
 from saliency_trust.saliency import METHODS
 from saliency_trust.saliency.presets import PRESETS
+from saliency_trust.settings import InferenceRequest
 
 log = logging.getLogger("saliency_trust.serve")
 TOKEN_ENV = "SALIENCY_TRUST_TOKEN"
@@ -224,7 +225,7 @@ class RequestShape:
 
 
 def request_shape(image: UploadFile | None, file: UploadFile | None, mask: UploadFile | None,
-                  label: UploadFile | None, params: str | None, image_id: str | None,
+                  label: UploadFile | None, *, params: str | None, image_id: str | None,
                   output: str | None, stored: Path | None = None) -> RequestShape:
     """Which shape a request has (any of MONAI Label's fields makes it MONAI Label's) and what it asks for.
     ``stored`` is the image uploaded ahead under the request's image id or session, used when none is sent."""
@@ -372,7 +373,7 @@ def create_app(state: State) -> FastAPI:
         return path
 
     @app.post("/infer/{model:path}")
-    async def infer(model: str, image: UploadFile | None = File(None), mask: UploadFile | None = File(None),
+    async def infer(model: str, *, image: UploadFile | None = File(None), mask: UploadFile | None = File(None),
                     methods: str | None = Form(None), preset: str | None = Form(None),
                     replicate: int | None = Form(None), checks: bool | None = Form(None),
                     accept_any_input: bool | None = Form(None), request_id: str | None = Form(None),
@@ -390,7 +391,8 @@ def create_app(state: State) -> FastAPI:
             if session_id and stored is None:
                 raise HTTPException(422, "no such session (never created, removed or expired): create one with "
                                          "PUT /session/ or send the image as 'file'")
-        shape = request_shape(image, file, mask, label, params, image_id, output, stored)
+        shape = request_shape(image, file, mask, label, params=params, image_id=image_id, output=output,
+                              stored=stored)
         options = shape.options | {k: v for k, v in {"methods": methods, "preset": preset, "replicate": replicate,
                                                      "checks": checks, "accept_any_input": accept_any_input}.items()
                                  if v is not None}
@@ -438,8 +440,11 @@ def create_app(state: State) -> FastAPI:
                 state.pending += 1
             waiting = None
             try:
-                running = state.executor.submit(_run, state, m, rep, img_path, mask_path, folder / "out", wanted,
-                                                preset, checks, accept_any)
+                request = InferenceRequest(image=img_path, output_dir=folder / "out", model_dir=m.folder.folder,
+                                           arch=m.folder.arch, replicate=rep, methods=tuple(wanted), preset=preset,
+                                           mask=mask_path, map_format="nifti", device=state.device, checks=checks,
+                                           cache_networks=True, accept_any_input=accept_any)
+                running = state.executor.submit(_run, m, request)
                 waiting = asyncio.wrap_future(running)
                 if request_id is not None:
                     state.jobs[request_id] = waiting
@@ -572,18 +577,15 @@ def create_app(state: State) -> FastAPI:
     return app
 
 
-def _run(state: State, m: Model, rep: int, image: Path, mask: Path | None, out: Path, methods, preset, checks,
-         accept_any: bool = False) -> dict:
+def _run(m: Model, request: InferenceRequest) -> dict:
     """The bundle's inference workflow in the worker thread; user errors come back as a dict."""
     from saliency_trust.data.errors import DataError
     from saliency_trust.workflows.infer import run_inference
 
     try:
-        return run_inference(image, out, m.folder.folder, arch=m.folder.arch, replicate=rep, methods=methods,
-                             preset=preset,
-                             mask=mask, map_format="nifti", device=state.device, checks=checks,
-                             cache_networks=True, accept_any_input=accept_any)
+        return run_inference(request)
     except DataError as exc:  # name the upload, never the server's path
+        mask = request.mask
         what = "mask" if mask is not None and Path(exc.source).name == mask.name else "image"
         return {"error": {"type": "DataError", "message": f"uploaded {what}: {exc.problem}"}}
     except (ValueError, FileNotFoundError) as exc:

@@ -29,7 +29,7 @@ PRESETS = ("paper", "quick")
 #: Randomization evidence: "pass" when the upper CI bound of SSIM minus chance is at most this.
 EQUIVALENCE_MARGIN = 0.05
 #: The map files inference writes.
-MAP_FORMATS = ("nrrd", "nifti", "png", "npy")
+MAP_FORMATS = ("nrrd", "nifti")
 
 
 def _frozen(value: Any) -> Any:

@@ -70,9 +70,9 @@ def test_a_blank_map_is_counted_and_does_not_move_a_mean():
     assert out["constant_map"] == 2 and np.isnan(out["auprc"][[2, 7]].numpy()).all()
     prior = np.full(n, 0.2)
     v = utility_verdicts({"gradcam": out["auprc"].numpy()}, prior)["gradcam"]
-    assert v["n"] == n - 2 and v["n_undefined"] == 2
-    assert v["value"] == pytest.approx(full[keep].mean(), abs=1e-12)
-    assert v["comparisons"]["prior"]["n_pairs"] == n - 2
+    assert v.n == n - 2 and v.n_undefined == 2
+    assert v.value == pytest.approx(full[keep].mean(), abs=1e-12)
+    assert v.comparisons["prior"]["n_pairs"] == n - 2
     # SSIM: a blank map against another blank map would score 1.0; it is undefined instead.
     other = maps.copy()
     other[[2, 7]] = 0.0
@@ -81,7 +81,7 @@ def test_a_blank_map_is_counted_and_does_not_move_a_mean():
     ref = [structural_similarity(blanked[i], other[i], data_range=1.0) for i in (2, 7)]
     assert ref == [1.0, 1.0]  # what skimage says, and what must not enter a mean
     r = randomization_verdict(agree, np.full(n, 0.5), "logits", np.full(3 * n, 0.5), n_undefined=2)
-    assert r["n"] == n - 2 and r["value"] == pytest.approx(agree[keep].mean())
+    assert r.n == n - 2 and r.value == pytest.approx(agree[keep].mean())
     # Spearman of a constant map is undefined too (scipy says nan).
     from saliency_trust.metrics import spearman
 

@@ -102,20 +102,20 @@ def test_utility_verdict_against_prior_and_localization_network():
     bad = prior - rng.uniform(0.0, 0.05, n)
     loc_close = good + rng.normal(0, 0.01, n)  # a localization network about as good as "good"
     v = utility_verdicts({"good": good, "bad": bad, "empty": np.full(n, np.nan)}, prior, loc_close)
-    assert v["good"]["passed"] is True and v["bad"]["passed"] is False and v["empty"]["passed"] is None
-    assert v["bad"]["why"] == "not above the prior" and v["empty"]["n_undefined"] == n
-    c = v["good"]["comparisons"]
+    assert v["good"].passed is True and v["bad"].passed is False and v["empty"].passed is None
+    assert v["bad"].why == "not above the prior" and v["empty"].n_undefined == n
+    c = v["good"].comparisons
     assert set(c) == {"prior", "localization"} and c["prior"]["p_holm"] >= c["prior"]["p"]
     assert c["prior"]["p"] == pytest.approx(wilcoxon(good, prior, alternative="greater").pvalue)
     assert c["localization"]["p"] == pytest.approx(wilcoxon(loc_close, good, alternative="greater").pvalue)
     # The paper's headline: a much better localization network makes every method fail utility.
     strong = good + 0.3
     w = utility_verdicts({"good": good, "bad": bad}, prior, strong)
-    assert w["good"]["passed"] is False and w["good"]["why"] == "the localization network is better"
-    assert "Wilcoxon" in w["good"]["rule"] and w["good"]["plain"] and w["good"]["paper_rule"]
+    assert w["good"].passed is False and w["good"].why == "the localization network is better"
+    assert "Wilcoxon" in w["good"].rule and w["good"].plain and w["good"].paper_rule
     # Without a localization network: judged against the prior only, and the verdict says so.
     only = utility_verdicts({"good": good}, prior)["good"]
-    assert only["passed"] is True and "localization" not in only["comparisons"] and only["deviation"]
+    assert only.passed is True and "localization" not in only.comparisons and only.deviation
 
 
 def test_randomization_verdict_is_the_papers_rule_with_evidence_beside_it():
@@ -125,18 +125,18 @@ def test_randomization_verdict_is_the_papers_rule_with_evidence_beside_it():
     pairs = np.repeat(chance, 5)
     degraded = chance - rng.uniform(0.05, 0.15, n)
     v = randomization_verdict(degraded, chance, "Mixed_5c", pairs)
-    diff = v["comparisons"]["chance"]
-    assert v["passed"] is True and v["state"] == "Mixed_5c" and diff["difference_ci95"][1] < 0
-    assert v["evidence"] == "pass" and v["decided_by"] == ""
+    diff = v.comparisons["chance"]
+    assert v.passed is True and v.state == "Mixed_5c" and diff["difference_ci95"][1] < 0
+    assert v.evidence == "pass" and v.decided_by == ""
     assert diff["difference"] == pytest.approx((degraded - chance).mean())
-    assert v["value"] == pytest.approx(degraded.mean()) and v["reference"] == pytest.approx(pairs.mean())
+    assert v.value == pytest.approx(degraded.mean()) and v.reference == pytest.approx(pairs.mean())
     stuck = chance + rng.uniform(0.2, 0.4, n)  # e.g. guided backprop: barely changes
     s = randomization_verdict(stuck, chance, "Mixed_5c", pairs)
-    assert s["passed"] is False and s["evidence"] == "fail" and s["decided_by"] == "chance"
-    assert s["comparisons"]["chance"]["difference_ci95"][0] > 0
+    assert s.passed is False and s.evidence == "fail" and s.decided_by == "chance"
+    assert s.comparisons["chance"]["difference_ci95"][0] > 0
     with pytest.raises(ValueError):
         randomization_verdict(stuck[:3], chance, "x", pairs)
-    assert randomization_verdict(np.full(n, np.nan), chance, "x", pairs)["passed"] is None
+    assert randomization_verdict(np.full(n, np.nan), chance, "x", pairs).passed is None
 
 
 def test_above_chance_with_a_ci_straddling_zero_does_not_pass():
@@ -148,9 +148,9 @@ def test_above_chance_with_a_ci_straddling_zero_does_not_pass():
     d = np.array([0.50, -0.10, 0.32, -0.11, 0.28, 0.02, 0.36, -0.09, 0.05, 0.21, -0.10, 0.19])
     d = d - d.mean() + 0.091  # mean SSIM 0.385
     v = randomization_verdict(chance + d, chance, "Mixed_5c", np.full(600, 0.294))
-    lo, hi = v["comparisons"]["chance"]["difference_ci95"]
+    lo, hi = v.comparisons["chance"]["difference_ci95"]
     assert lo < 0 < hi and hi > 0.05, (lo, hi)
-    assert v["value"] == pytest.approx(0.385) and v["passed"] is False and v["evidence"] == "inconclusive"
+    assert v.value == pytest.approx(0.385) and v.passed is False and v.evidence == "inconclusive"
 
 
 def test_randomization_counts_images_not_replicate_image_pairs():
@@ -161,26 +161,26 @@ def test_randomization_counts_images_not_replicate_image_pairs():
     ssim = chance + rng.normal(0.0, 0.05, (r, n))
     pairs = [rng.uniform(0.2, 0.3, 50) for _ in range(r)]
     v = randomization_verdict(ssim, chance, "Mixed_5c", pairs, cascade_mean=[0.6, 0.5, 0.55])
-    assert v["n"] == n and v["comparisons"]["chance"]["n_pairs"] == n
+    assert v.n == n and v.comparisons["chance"]["n_pairs"] == n
     per_image = ssim.mean(0) - chance.mean(0)
-    assert v["comparisons"]["chance"]["difference"] == pytest.approx(per_image.mean())
+    assert v.comparisons["chance"]["difference"] == pytest.approx(per_image.mean())
     from saliency_trust.criteria.statistics import bootstrap_ci
 
-    assert v["comparisons"]["chance"]["difference_ci95"] == pytest.approx(list(bootstrap_ci(per_image)))
-    reps = v["comparisons"]["replicates"]
+    assert v.comparisons["chance"]["difference_ci95"] == pytest.approx(list(bootstrap_ci(per_image)))
+    reps = v.comparisons["replicates"]
     assert reps["n_replicates"] == 3 and reps["means"] == pytest.approx(list(ssim.mean(1)))
     assert reps["sd"] == pytest.approx(ssim.mean(1).std(ddof=1))
-    assert v["value"] == pytest.approx(ssim.mean(1).mean())
-    assert v["reference"] == pytest.approx(np.mean([p.mean() for p in pairs]))
-    assert v["comparisons"]["cascade"]["mean_ssim_over_states"] == pytest.approx(0.55) and v["deviation"] == ""
+    assert v.value == pytest.approx(ssim.mean(1).mean())
+    assert v.reference == pytest.approx(np.mean([p.mean() for p in pairs]))
+    assert v.comparisons["cascade"]["mean_ssim_over_states"] == pytest.approx(0.55) and v.deviation == ""
     one = randomization_verdict(ssim[:1], chance[:1], "x", pairs[:1])
-    assert "1 randomized replicate" in one["deviation"]
+    assert "1 randomized replicate" in one.deviation
     # A replicate blank on an image drops out of that image's SSIM and of its chance alike (paired).
     gappy = ssim.copy()
     gappy[0, 0] = np.nan
     g = randomization_verdict(gappy, chance, "x", pairs)
     want = np.concatenate([[gappy[1:, 0].mean() - chance[1:, 0].mean()], (ssim.mean(0) - chance.mean(0))[1:]])
-    assert g["comparisons"]["chance"]["difference"] == pytest.approx(want.mean())
+    assert g.comparisons["chance"]["difference"] == pytest.approx(want.mean())
 
 
 def test_only_legs_whose_rejection_passes_are_holm_corrected():
@@ -200,14 +200,14 @@ def test_only_legs_whose_rejection_passes_are_holm_corrected():
     assert 0.01 < p < 0.05, p
     values["edge"] = base
     v = utility_verdicts(values, prior, loc)
-    c = v["edge"]["comparisons"]["localization"]
+    c = v["edge"].comparisons["localization"]
     from saliency_trust.criteria.statistics import holm
 
-    raw = [v[m]["comparisons"]["localization"]["p"] for m in values]
+    raw = [v[m].comparisons["localization"]["p"] for m in values]
     assert holm(raw)[list(values).index("edge")] > 0.05  # Holm would have let "edge" pass
     assert c["p"] == pytest.approx(p) and c["p_holm"] is None and c["correction"] == "none"
-    assert v["edge"]["passed"] is False and v["edge"]["decided_by"] == "localization"
-    assert v["edge"]["comparisons"]["prior"]["correction"] == "holm"
+    assert v["edge"].passed is False and v["edge"].decided_by == "localization"
+    assert v["edge"].comparisons["prior"]["correction"] == "holm"
     # Paired: the reference on the same images, the paired difference and its CI.
     both = np.isfinite(base) & np.isfinite(loc)
     assert c["reference_mean"] == pytest.approx(loc[both].mean()) and c["method_mean"] == pytest.approx(base.mean())
@@ -220,14 +220,14 @@ def test_a_leg_without_data_is_undetermined_never_a_pass():
     prior = rng.uniform(0.05, 0.1, n)
     good = prior + rng.uniform(0.1, 0.2, n)
     v = utility_verdicts({"good": good}, prior, np.full(n, np.nan))["good"]
-    assert v["comparisons"]["localization"]["n_pairs"] == 0 and v["comparisons"]["localization"]["significant"] is None
-    assert v["passed"] is None and v["decided_by"] == "localization"
+    assert v.comparisons["localization"]["n_pairs"] == 0 and v.comparisons["localization"]["significant"] is None
+    assert v.passed is None and v.decided_by == "localization"
     chance = rng.uniform(0.1, 0.2, n)
     a = agreement_verdicts({"m": chance + 0.3}, {"m": chance}, np.full(n, np.nan), "repeatability")["m"]
-    assert a["passed"] is None
+    assert a.passed is None
     # A leg that fails still decides, whatever the other leg lacks.
     bad = agreement_verdicts({"m": chance}, {"m": chance + 0.2}, np.full(n, np.nan), "repeatability")["m"]
-    assert bad["passed"] is False and bad["decided_by"] == "chance"
+    assert bad.passed is False and bad.decided_by == "chance"
 
 
 def test_agreement_verdicts_against_chance_and_localization_networks():
@@ -238,13 +238,13 @@ def test_agreement_verdicts_against_chance_and_localization_networks():
     values = {"high": loc + rng.normal(0, 0.01, n), "mid": chance + 0.2, "low": chance + rng.normal(0, 0.01, n)}
     ch = {m: chance for m in values}
     v = agreement_verdicts(values, ch, loc, "repeatability", undefined={"high": 0, "mid": 0, "low": 0})
-    assert v["high"]["passed"] is True
-    assert v["mid"]["passed"] is False and v["mid"]["why"] == "localization networks agree better"
-    assert v["mid"]["decided_by"] == "localization" and v["low"]["decided_by"] == "chance"
-    assert v["low"]["passed"] is False and v["low"]["why"] == "not above chance"
+    assert v["high"].passed is True
+    assert v["mid"].passed is False and v["mid"].why == "localization networks agree better"
+    assert v["mid"].decided_by == "localization" and v["low"].decided_by == "chance"
+    assert v["low"].passed is False and v["low"].why == "not above chance"
     # The 0.5 line is a reference only: "mid" is above 0.5 nowhere, "high" everywhere; neither decides.
-    assert v["high"]["threshold"] == 0.5 and "reference" in v["high"]["threshold_role"]
+    assert v["high"].threshold == 0.5 and "reference" in v["high"].threshold_role
     no_loc = agreement_verdicts(values, ch, None, "reproducibility")
-    assert no_loc["mid"]["passed"] is True and no_loc["mid"]["deviation"]
+    assert no_loc["mid"].passed is True and no_loc["mid"].deviation
     with pytest.raises(ValueError):
         agreement_verdicts(values, ch, loc, "utility")

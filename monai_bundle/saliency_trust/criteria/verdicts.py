@@ -37,6 +37,7 @@ import warnings
 import numpy as np
 
 from saliency_trust.criteria.statistics import bootstrap_ci, holm, summarize, wilcoxon_greater
+from saliency_trust.results import Verdict
 
 # Randomization evidence: a CI upper bound within EQUIVALENCE_MARGIN SSIM of chance counts as "at chance"
 # (the default; an assessment may set its own).
@@ -111,7 +112,7 @@ def _base(values: np.ndarray, n_undefined: int, undefined_why: str) -> dict:
 
 
 def utility_verdicts(auprc: dict[str, np.ndarray], prior: np.ndarray, localization: np.ndarray | None = None,
-                     undefined: dict[str, int] | None = None, alpha: float = ALPHA) -> dict[str, dict]:
+                     undefined: dict[str, int] | None = None, alpha: float = ALPHA) -> dict[str, Verdict]:
     """Verdict per method from per-image AUPRCs (NaN = undefined) against the two utility baselines."""
     undefined = undefined or {}
     low = _comparisons(auprc, prior, "average-mask prior", True, alpha, correct=True)
@@ -141,14 +142,14 @@ def utility_verdicts(auprc: dict[str, np.ndarray], prior: np.ndarray, localizati
             passed, by, _ = _decide([("prior", low[m], True), ("localization", high.get(m), False)])
             v.update(passed=passed, decided_by=by,
                      why="" if passed else (whys[by] if passed is False else f"no image pair to compare with the {by}"))
-        out[m] = v
+        out[m] = Verdict.from_dict(v)
     return out
 
 
 def randomization_verdict(state_ssim: np.ndarray, chance: np.ndarray, state: str,
-                          baseline_pairs: np.ndarray | list, n_undefined: int | None = None,
+                          baseline_pairs: np.ndarray | list, *, n_undefined: int | None = None,
                           margin: float = EQUIVALENCE_MARGIN, n_boot: int = 10000, seed: int = 0,
-                          cascade_mean: np.ndarray | None = None) -> dict:
+                          cascade_mean: np.ndarray | None = None) -> Verdict:
     """Verdict from SSIM at ``state`` per replicate and image, ``[R, N]`` (or ``[N]`` for one replicate).
 
     ``chance``: each image's chance level per replicate, same shape (paired); ``baseline_pairs``: each
@@ -229,12 +230,12 @@ def randomization_verdict(state_ssim: np.ndarray, chance: np.ndarray, state: str
         v["passed"] = bool(value < reference)
         v["decided_by"] = "" if v["passed"] else "chance"
         v["why"] = "" if v["passed"] else "randomized maps stay more alike to the trained maps than chance"
-    return v
+    return Verdict.from_dict(v)
 
 
 def agreement_verdicts(ssim_values: dict[str, np.ndarray], chance: dict[str, np.ndarray],
-                       localization: np.ndarray | None, criterion: str, threshold: float = 0.5,
-                       undefined: dict[str, int] | None = None, alpha: float = ALPHA) -> dict[str, dict]:
+                       localization: np.ndarray | None, criterion: str, *, threshold: float = 0.5,
+                       undefined: dict[str, int] | None = None, alpha: float = ALPHA) -> dict[str, Verdict]:
     """Repeatability or reproducibility verdict per method (per-image SSIM, chance and localization paired)."""
     if criterion not in ("repeatability", "reproducibility"):
         raise ValueError(f"criterion must be repeatability or reproducibility, got {criterion!r}")
@@ -268,15 +269,13 @@ def agreement_verdicts(ssim_values: dict[str, np.ndarray], chance: dict[str, np.
             passed, by, _ = _decide([("chance", above_chance[m], True), ("localization", below_loc.get(m), False)])
             v.update(passed=passed, decided_by=by,
                      why="" if passed else (whys[by] if passed is False else f"no image pair to compare with {by}"))
-        out[m] = v
+        out[m] = Verdict.from_dict(v)
     return out
 
 
-def not_run(why: str) -> dict:
+def not_run(why: str) -> Verdict:
     """A verdict for a criterion that was not computed."""
-    return {"passed": None, "why": why, "rule": "not run", "plain": why, "value": None, "ci95": None, "n": 0,
-            "n_undefined": 0, "undefined_why": "", "comparisons": {}, "paper_rule": "", "deviation": "",
-            "reference": None}
+    return Verdict(passed=None, why=why, rule="not run", plain=why)
 
 
 __all__ = ["ALPHA", "EQUIVALENCE_MARGIN", "EVIDENCE", "agreement_verdicts", "bootstrap_ci", "not_run",

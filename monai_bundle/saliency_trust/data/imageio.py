@@ -22,7 +22,7 @@ from saliency_trust.data.errors import DataError
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
-MAP_FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
+MAP_FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}  # keys: saliency_trust.settings.MAP_FORMATS
 #: Sizes a radiograph may have: at least MIN_SIDE px a side, at most MAX_PIXELS (64 Mpx, from dicom.py).
 #: Checked from the header before any pixel is decoded, so a hostile header cannot make a reader allocate.
 MIN_SIDE = 16

@@ -163,7 +163,7 @@ def _inside(root: Path, relative: str, where: str) -> Path:
     return root / norm
 
 
-def _finish(rid: str, path: Path, img: np.ndarray, spacing, mask, label: int, image_size) -> Record:
+def _finish(rid: str, path: Path, img: np.ndarray, spacing, mask, *, label: int, image_size) -> Record:
     if image_size is not None:
         size = (int(image_size), int(image_size))
         spacing = (spacing[0] * img.shape[0] / size[0], spacing[1] * img.shape[1] / size[1])
@@ -208,7 +208,7 @@ def _read_rsna(root: Path, image_size: int | None) -> Iterator[Record | DataErro
                 mask = np.zeros(dst or img.shape, bool)
                 for lineno, box in boxes.get(pid, []):
                     mask |= rasterize_boxes([box], img.shape, dst, f"{labels}:{lineno} (patientId {pid})")
-            rec = _finish(pid, path, img, spacing, None, targets[pid], image_size)
+            rec = _finish(pid, path, img, spacing, None, label=targets[pid], image_size=image_size)
             rec.mask = mask
             yield rec
         except DataError as err:
@@ -230,7 +230,8 @@ def _read_siim(root: Path, image_size: int | None) -> Iterator[Record | DataErro
             for lineno, rle in rows:
                 mask |= decode_siim_rle(rle, img.shape, source=f"{labels}:{lineno} (ImageId {image_id})")
             positive = any(r.strip() != "-1" for _, r in rows)
-            yield _finish(image_id, path, img, spacing, mask if positive else None, int(positive), image_size)
+            yield _finish(image_id, path, img, spacing, mask if positive else None, label=int(positive),
+                          image_size=image_size)
         except DataError as err:
             yield err
 
@@ -277,7 +278,7 @@ def _read_generic(root: Path, image_size: int | None) -> Iterator[Record | DataE
             if mask is not None and not mask.any():
                 mask = None
             # Box masks are already on the target grid; mask images are resized with the image.
-            rec = _finish(rid, path, img, spacing, mask if mode == "mask" else None, label, image_size)
+            rec = _finish(rid, path, img, spacing, mask if mode == "mask" else None, label=label, image_size=image_size)
             if mode == "box":
                 rec.mask = mask
             yield rec

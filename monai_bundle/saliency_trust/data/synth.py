@@ -287,6 +287,7 @@ def render(
     index: int,
     size: int = 256,
     seed: int = 0,
+    *,
     positive: bool | None = None,
     shortcut: bool = False,
     shortcut_rate: float = 1.0,
@@ -335,6 +336,7 @@ def generate(
     n: int,
     size: int = 256,
     seed: int = 0,
+    *,
     shortcut: bool = False,
     shortcut_rate: float = 1.0,
     progress: bool = True,
@@ -414,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shortcut", action="store_true", help="mark training-split positives in a corner")
     p.add_argument("--shortcut-rate", type=float, default=1.0, help="fraction of training positives marked")
     a = p.parse_args(argv)
-    out = generate(a.out, a.task, a.n, a.size, a.seed, a.shortcut, a.shortcut_rate)
+    out = generate(a.out, a.task, a.n, a.size, a.seed, shortcut=a.shortcut, shortcut_rate=a.shortcut_rate)
     print(f"wrote {a.n} {a.task} images to {out}")
     return 0
 

@@ -68,10 +68,11 @@ def _render_figures(inputs: ReportInputs) -> dict[str, bytes]:
     r, e = inputs, inputs.example
     out = {
         "utility.png": figures.utility_figure(r.methods, r.auprc, r.auprc_untrained, r.auprc_prior,
-                                              r.auprc_localization, r.images[e], r.masks[e],
-                                              {m: r.trained_maps[m][e] for m in r.methods}, r.ids[e], e),
+                                              r.auprc_localization, image=r.images[e], mask=r.masks[e],
+                                              maps={m: r.trained_maps[m][e] for m in r.methods},
+                                              example_id=r.ids[e], example=e),
         "agreement.png": figures.agreement_figure(r.methods, r.repeat, r.reprod, r.agreement_baseline, r.threshold,
-                                                  r.repeat_chance, r.reprod_chance),
+                                                  repeat_chance=r.repeat_chance, reprod_chance=r.reprod_chance),
     }
     if r.states:
         out["randomization.png"] = figures.randomization_figure(r.methods, r.states, r.state_ssim, r.state_baseline,

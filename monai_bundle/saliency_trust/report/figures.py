@@ -68,7 +68,7 @@ def _overlay(ax, image: np.ndarray, sal: np.ndarray | None, mask: np.ndarray | N
 
 
 def utility_figure(methods: Sequence[str], auprc: Mapping[str, np.ndarray], untrained: Mapping[str, np.ndarray],
-                   prior: np.ndarray, localization: np.ndarray | None, image: np.ndarray, mask: np.ndarray,
+                   prior: np.ndarray, localization: np.ndarray | None, *, image: np.ndarray, mask: np.ndarray,
                    maps: Mapping[str, np.ndarray], example_id: str, example: int = 0) -> bytes:
     """Box plots of per-image AUPRC per method with both baselines, and overlays of image ``example``."""
     plt = _plt()
@@ -176,7 +176,7 @@ def state_examples_figure(methods: Sequence[str], states: Sequence[str], image: 
 
 
 def agreement_figure(methods: Sequence[str], repeat: Mapping[str, np.ndarray], reprod: Mapping[str, np.ndarray],
-                     baseline: np.ndarray | None, threshold: float,
+                     baseline: np.ndarray | None, threshold: float, *,
                      repeat_chance: Mapping[str, np.ndarray] | None = None,
                      reprod_chance: Mapping[str, np.ndarray] | None = None) -> bytes:
     """Repeatability and reproducibility SSIM box plots with chance, the U-Net baseline and the 0.5 line."""

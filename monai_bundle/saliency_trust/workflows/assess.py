@@ -909,7 +909,7 @@ def _randomization(plan: Plan, curves: list[RandomizationCurve], m: str) -> tupl
                               cascade_mean=np.array([c.cascade_mean[m] for c in curves], dtype=np.float64))
     per_image = {"ssim": _nanmean0(final), "chance": _nanmean0(chance),
                  "spearman": _nanmean0(np.stack([c.spearman[m][c.verdict_index].numpy() for c in curves]))}
-    return Verdict.from_dict(v), per_image
+    return v, per_image
 
 
 def _curve_record(plan: Plan, c: RandomizationCurve, i: int) -> dict:
@@ -949,23 +949,22 @@ def score(plan: Plan, maps: Maps, seconds: float = 0.0) -> tuple[Results, Scores
     uv = utility_verdicts({m: util[m]["auprc"].numpy() for m in methods}, util_prior["auprc"].numpy(),
                           util_loc["auprc"].numpy() if util_loc else None,
                           {m: util[m]["constant_map"] + util[m]["empty_mask"] for m in methods})
-    rv = agreement_verdicts(ag.repeat, ag.repeat_chance, ag.localizers, "repeatability", threshold,
-                            ag.repeat_undefined) if ag.repeat else {}
-    pv = agreement_verdicts(ag.reprod, ag.reprod_chance, ag.localizers, "reproducibility", threshold,
-                            ag.reprod_undefined) if ag.reprod else {}
-    never = Verdict.from_dict(not_run(plan.not_run.get("randomization", "cascading randomization was not run")))
+    rv = agreement_verdicts(ag.repeat, ag.repeat_chance, ag.localizers, "repeatability", threshold=threshold,
+                            undefined=ag.repeat_undefined) if ag.repeat else {}
+    pv = agreement_verdicts(ag.reprod, ag.reprod_chance, ag.localizers, "reproducibility", threshold=threshold,
+                            undefined=ag.reprod_undefined) if ag.reprod else {}
+    never = not_run(plan.not_run.get("randomization", "cascading randomization was not run"))
     verdicts: dict[str, dict[str, Verdict]] = {m: {} for m in methods}
     state: dict[str, dict[str, np.ndarray]] = {"ssim": {}, "spearman": {}, "chance": {}}
     for m in methods:
-        verdicts[m]["utility"] = Verdict.from_dict(uv[m])
+        verdicts[m]["utility"] = uv[m]
         verdicts[m]["randomization"] = never
         if maps.randomization:
             verdicts[m]["randomization"], per_image = _randomization(plan, maps.randomization, m)
             for k, v in per_image.items():
                 state[k][m] = v
-        verdicts[m]["repeatability"] = Verdict.from_dict(rv.get(m) or not_run("needs two replicates of one "
-                                                                               "architecture"))
-        verdicts[m]["reproducibility"] = Verdict.from_dict(pv.get(m) or not_run("needs a second architecture"))
+        verdicts[m]["repeatability"] = rv.get(m) or not_run("needs two replicates of one architecture")
+        verdicts[m]["reproducibility"] = pv.get(m) or not_run("needs a second architecture")
     used = {c: [verdicts[m][c].n for m in methods] for c in CRITERIA}
     data = {**plan.data, "images_used": {c: {"min": min(v), "max": max(v), "unit": "images"}
                                          for c, v in used.items()}}

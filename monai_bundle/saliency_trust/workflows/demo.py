@@ -65,7 +65,7 @@ def train(config: str, **overrides) -> dict:
     return json.loads(record_file(training_weights(overrides["output_dir"], arch, seed)).read_text())
 
 
-def assess(data: Path, models: Path, out: Path, a: argparse.Namespace, classifiers: list[str],
+def assess(data: Path, models: Path, out: Path, a: argparse.Namespace, *, classifiers: list[str],
            localizers: bool, randomize: int) -> Results:
     """The trust assessment of one task's model folders (quick preset, demo recipe): the first
     architecture's first two replicates, the others' first, the U-Net folder's two replicates."""
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_assessment:
         for k, (task, _) in enumerate(tasks):
             results[task] = assess(out / "data" / task, out / "models" / task, out / "trust" / task, a,
-                                   list(dict.fromkeys(arch for arch, _ in CLASSIFIERS)), localizers=True,
+                                   classifiers=list(dict.fromkeys(arch for arch, _ in CLASSIFIERS)), localizers=True,
                                    randomize=1 if k == 0 or a.randomize_all else 0)
             reports[task] = out / "trust" / task / "report.html"
             # Into the primary model's folder, so inference.json, the Slicer module and the service show
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_assessment and shortcut:
         # The shortcut model, scored on the clean opacity test images (utility only).
         results["opacity_shortcut"] = assess(out / "data" / "opacity", sc_models, out / "trust" / "opacity_shortcut",
-                                             a, [primary], localizers=False, randomize=0)
+                                             a, classifiers=[primary], localizers=False, randomize=0)
         reports["opacity_shortcut"] = out / "trust" / "opacity_shortcut" / "report.html"
     minutes = (time.time() - t0) / 60
     timings["assessment_min"] = minutes - timings["training_min"]

@@ -30,8 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from saliency_trust.data.readers import finding_name
 from saliency_trust.networks import ModelFolder, randomization_states
 from saliency_trust.results import load_results
 from saliency_trust.saliency import METHODS, explain, predict
+from saliency_trust.settings import InferenceRequest
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -117,6 +117,7 @@ def _scored(values: dict[str, torch.Tensor]) -> tuple[dict[str, float | None], l
 class _Explained:
     """One image explained by one model: what every live check needs."""
 
+    request: InferenceRequest
     folder: ModelFolder
     net: torch.nn.Module
     replicate: int
@@ -124,11 +125,8 @@ class _Explained:
     maps: dict  # method -> [1, S, S]
     target: torch.Tensor  # the explained class [1]
     methods: list[str]
-    preset: str
-    seed: int
     settings: dict  # explain settings (Grad-CAM layer, IG baseline, resize)
     device: torch.device
-    cache: bool
     explain_class: str  # "predicted" or "finding": the assessment's rule
     weights_sha: str  # seeds the randomization as the assessment seeded this replicate
 
@@ -149,12 +147,12 @@ def _live_checks(e: _Explained, grid_maps: dict, gt: np.ndarray | None, assessed
     if cfg.get("data_range") is not None:
         data_range, source = float(cfg["data_range"]), "the results.json beside the model"
     else:
-        data_range, source = (2.0 if e.preset == "paper" else 1.0), f"the {e.preset} preset's default"
-    rule = cfg.get("randomization_target") or ("own" if e.preset == "paper" else "trained")
+        data_range, source = (2.0 if e.request.preset == "paper" else 1.0), f"the {e.request.preset} preset's default"
+    rule = cfg.get("randomization_target") or ("own" if e.request.preset == "paper" else "trained")
     live: dict = {"data_range": data_range, "data_range_source": source, "blank": {}}
     if full:
         live["repeatability"] = _repeatability_here(e, data_range, live["blank"])
-        study_seed = int(cfg.get("seed", e.seed))
+        study_seed = int(cfg.get("seed", e.request.seed))
         live["randomization"] = _randomization_here(e, data_range, rule, live["blank"], study_seed)
     if gt is not None and not gt.any():
         live["auprc"] = {m: None for m in e.methods}
@@ -175,10 +173,10 @@ def _repeatability_here(e: _Explained, data_range: float, blank: dict) -> dict:
     others = [k for k in e.folder.replicates if k != e.replicate]
     if not others:
         return {"against": None, "ssim": None, "why": "the model folder has no other replicate"}
-    other, _ = _network(e.folder, others[0], e.device, e.cache)
+    other, _ = _network(e.folder, others[0], e.device, e.request.cache_networks)
     # As in the study, each replicate explains its own prediction (or the finding class when it did).
     t = e.target if e.explain_class == "finding" else predict(other, e.x).argmax(1)
-    om = explain(other, e.x, e.methods, targets=t, preset=e.preset, seed=e.seed, **e.settings)
+    om = explain(other, e.x, e.methods, targets=t, preset=e.request.preset, seed=e.request.seed, **e.settings)
     values, blank["repeatability"] = _scored({m: defined_ssim(e.maps[m], om[m], data_range) for m in e.methods})
     return {"against": e.folder.weights(others[0]).name, "replicate": others[0], "explained_class": int(t[0]),
             "ssim": values}
@@ -203,75 +201,64 @@ def _randomization_here(e: _Explained, data_range: float, rule: str, blank: dict
         return {"state": verdict, "ssim": None, "why": str(exc)}
     # The study: a finding-class assessment explains that class in every state, else the rule decides.
     t = predict(state, e.x).argmax(1) if rule == "own" and e.explain_class != "finding" else e.target
-    rm = explain(state, e.x, e.methods, targets=t, preset=e.preset, seed=e.seed, **e.settings)
+    rm = explain(state, e.x, e.methods, targets=t, preset=e.request.preset, seed=e.request.seed, **e.settings)
     values, blank["randomization"] = _scored({m: defined_ssim(e.maps[m], rm[m], data_range) for m in e.methods})
     return {"state": verdict, "mode": "cascading", "target": "trained" if e.explain_class == "finding" else rule,
             "explained_class": int(t[0]), "init_seed": init, "ssim": values}
 
 
-def run_inference(
-    image: str | Path,
-    output_dir: str | Path,
-    model_dir: str | Path,
-    arch: str | None = None,
-    replicate: int | None = None,
-    methods: Sequence[str] | None = None,
-    preset: str = "paper",
-    mask: str | Path | None = None,
-    map_format: str = "nrrd",
-    image_size: int | None = None,
-    device: str | None = None,
-    seed: int = 0,
-    intensity_range: Sequence[float] | None = None,
-    checks: bool = True,
-    cache_networks: bool = False,
-    accept_any_input: bool = False,
-) -> dict:
+def run_inference(request: InferenceRequest | str | Path, *args: Any, **options: Any) -> dict:
     """Explain one image with one trained replicate; returns what ``prediction.json`` holds.
 
-    ``model_dir`` is a model folder (``model.json``) or an older folder of ``<arch>_seed<k>.pt``
-    files, where ``arch`` picks the architecture; ``replicate`` None is the first. Methods the
-    model cannot give (guided backprop without ReLUs) are refused when asked for and left out,
-    with the reason in ``prediction.json``, when ``methods`` is None. ``cache_networks`` keeps loaded
-    networks for the next call (the service's one instance per worker). A DICOM the model was not made
-    for (CT, a lateral view, a multi-frame image) is refused unless ``accept_any_input``; what the reader
-    decided about the input (luminance of a grey RGB picture, a header's intensity range) is in
-    ``prediction.json``'s ``input.notes``.
+    ``request`` is an :class:`~saliency_trust.settings.InferenceRequest` (what ``configs/inference.json``
+    builds; every option is documented there), or the older call form ``run_inference(image,
+    output_dir, model_dir, **options)``. Methods the model cannot give (guided backprop without ReLUs)
+    are refused when asked for and left out, with the reason in ``prediction.json``, when ``methods``
+    is None. A DICOM the model was not made for (CT, a lateral view, a multi-frame image) is refused
+    unless ``accept_any_input``; what the reader decided about the input (luminance of a grey RGB
+    picture, a header's intensity range) is in ``prediction.json``'s ``input.notes``. A refused input
+    leaves ``error.json`` (the file and the problem) in the output folder.
     """
     t0 = time.time()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    r = request if isinstance(request, InferenceRequest) else _request(request, *args, **options)
+    r.output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(image, out, Path(model_dir), arch, replicate, methods, preset, mask, map_format,
-                    image_size, device, seed, intensity_range, checks, cache_networks, t0, accept_any_input)
+        return _run(r, t0)
     except (DataError, ValueError, FileNotFoundError) as exc:
         source, problem = (exc.source, exc.problem) if isinstance(exc, DataError) else ("", str(exc))
-        atomic_write_bytes(out / "error.json", json.dumps({"source": source, "problem": problem,
-                                                          "type": type(exc).__name__}).encode())
+        atomic_write_bytes(r.output_dir / "error.json", json.dumps({"source": source, "problem": problem,
+                                                                    "type": type(exc).__name__}).encode())
         raise
 
 
-def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, mask, map_format, image_size, device,
-         seed, intensity_range, checks, cache, t0, accept_any=False) -> dict:
-    if map_format not in MAP_FORMATS:
-        raise ValueError(f"map_format must be one of {sorted(MAP_FORMATS)}, got {map_format!r}")
-    folder = ModelFolder.open(model_dir, arch)
+def _request(image: str | Path, output_dir: str | Path, model_dir: str | Path, **options: Any) -> InferenceRequest:
+    """An :class:`InferenceRequest` from the older call form; unknown options are refused by name."""
+    known = {f.name for f in fields(InferenceRequest)}
+    bad = sorted(set(options) - known)
+    if bad:
+        raise TypeError(f"unknown inference option(s) {bad}; known: {sorted(known)}")
+    return InferenceRequest(image=image, output_dir=output_dir, model_dir=model_dir, **options)
+
+
+def _run(r: InferenceRequest, t0: float) -> dict:
+    out = r.output_dir
+    folder = ModelFolder.open(r.model_dir, r.arch)
     if folder.kind != "classifier":
-        raise ValueError(f"{model_dir}: a {folder.kind}, not a classifier to explain")
-    replicate = next(iter(folder.replicates)) if replicate is None else int(replicate)
+        raise ValueError(f"{r.model_dir}: a {folder.kind}, not a classifier to explain")
+    replicate = next(iter(folder.replicates)) if r.replicate is None else r.replicate
     weights = folder.weights(replicate)
     notes: list[str] = []
-    img, ref = read_input(image, intensity_range, accept_any=bool(accept_any), notes=notes)
-    gt = read_mask(mask, img.shape) if mask else None
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    size = _image_size(folder, image_size)
+    img, ref = read_input(r.image, r.intensity_range, accept_any=r.accept_any_input, notes=notes)
+    gt = read_mask(r.mask, img.shape) if r.mask else None
+    dev = torch.device(r.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = _image_size(folder, r.image_size)
     x = folder.to_input(torch.from_numpy(resize_image(img, (size, size)))[None]).to(dev)
-    net, weights_sha = _network(folder, replicate, dev, cache)
+    net, weights_sha = _network(folder, replicate, dev, r.cache_networks)
     unavailable = folder.unavailable(net)
-    if methods is not None and [m for m in methods if m in unavailable]:
-        bad = [m for m in methods if m in unavailable]
+    if r.methods is not None and [m for m in r.methods if m in unavailable]:
+        bad = [m for m in r.methods if m in unavailable]
         raise ValueError(f"method(s) {bad} cannot be computed for {folder.name}: {unavailable[bad[0]]}")
-    methods = list(methods or [m for m in METHODS if m not in unavailable])
+    methods = list(r.methods or [m for m in METHODS if m not in unavailable])
     with torch.no_grad():
         probs = torch.softmax(predict(net, x).float(), 1)[0].cpu()
     assessed, verdicts = _assessment_beside(folder, methods, weights_sha)
@@ -281,7 +268,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     target = torch.tensor([folder.finding_class if explain_class == "finding" else int(probs.argmax())], device=dev)
     # Drawn on a patient's image: Grad-CAM with half-pixel centres (the geometrically correct resize).
     settings = {**folder.explain_settings(net), "cam_resize": DISPLAY_CAM_RESIZE}
-    maps = explain(net, x, methods, targets=target, preset=preset, seed=seed, **settings)
+    maps = explain(net, x, methods, targets=target, preset=r.preset, seed=r.seed, **settings)
 
     def on_grid(m: torch.Tensor) -> np.ndarray:
         return np.clip(resize_image(m[0].float().cpu().numpy(), img.shape), 0.0, 1.0)
@@ -291,12 +278,12 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
     grid_maps = {}
     for m in methods:
         grid_maps[m] = on_grid(maps[m])
-        files[m] = f"maps/{m}{MAP_FORMATS[map_format]}"
+        files[m] = f"maps/{m}{MAP_FORMATS[r.map_format]}"
         write_map(out / files[m], grid_maps[m], ref)
 
-    explained = _Explained(folder, net, replicate, x, maps, target, methods, preset, seed, settings, dev, cache,
-                           explain_class, weights_sha)
-    live = _live_checks(explained, grid_maps, gt, assessed, full=checks) if checks or gt is not None else {}
+    explained = _Explained(r, folder, net, replicate, x, maps, target, methods, settings, dev, explain_class,
+                           weights_sha)
+    live = _live_checks(explained, grid_maps, gt, assessed, full=r.checks) if r.checks or gt is not None else {}
     result = {
         "schema_version": SCHEMA_VERSION,
         "input": {"shape": list(img.shape), "spacing": list(ref.GetSpacing()),
@@ -305,7 +292,7 @@ def _run(image, out: Path, model_dir: Path, arch, replicate, methods, preset, ma
                   "sha256": weights_sha, "image_size": size, "classes": folder.classes,
                   "finding_class": folder.finding_class, "implied_manifest": folder.implied},
         "task": _task(folder, replicate),
-        "preset": preset, "cam_resize": DISPLAY_CAM_RESIZE, "methods": methods, "device": str(dev),
+        "preset": r.preset, "cam_resize": DISPLAY_CAM_RESIZE, "methods": methods, "device": str(dev),
         "probabilities": [float(p) for p in probs], "predicted_class": int(probs.argmax()),
         "explained_class": int(target[0]), "explain_class": explain_class, "maps": files, "checks": live,
         "verdicts": verdicts,

@@ -123,7 +123,7 @@ class BestModelSaver:
     """
 
     def __init__(self, evaluator: Engine, model: torch.nn.Module, model_file: str | Path,
-                 metric: str, info: dict[str, Any] | None = None, stop_at: float | None = None,
+                 metric: str, *, info: dict[str, Any] | None = None, stop_at: float | None = None,
                  min_epochs: int = 1) -> None:
         self.evaluator = evaluator
         self.model = model
