@@ -8,8 +8,9 @@ and the rules derived from several options (which class a randomized model expla
 range) are properties here, so no stage decides them again. ``to_config()`` is the settings part of
 the resume key and of ``results.json``'s ``provenance.config``.
 
-A new assessment option is one field here (with its check in ``__post_init__``), one line in
-``trust.json``'s ``settings`` block, and the place that uses it.
+A new assessment option is one field here (with its check in ``__post_init__``), its line in
+``trust.json`` (the default, and its ``@`` reference in the ``settings`` block), and the place that
+uses it; ``to_config()`` takes every field by itself.
 """
 
 from __future__ import annotations
@@ -212,17 +213,20 @@ class AssessmentSettings:
 
     def to_config(self) -> dict[str, Any]:
         """The settings that decide the numbers, resolved, as JSON: the resume key's and ``provenance.config``'s
-        settings part (``report``, ``progress`` and ``device`` change no number and are left out)."""
-        return {
-            "dataset_dir": str(self.dataset_dir.resolve()), "split": self.split,
-            "include_training_images": bool(self.include_training_images), "n_requested": self.n_images,
-            "methods_asked": list(self.methods) if self.methods is not None else None, "preset": self.preset,
-            "recipe_overrides": _thawed(dict(self.recipe_overrides)), "seed": self.seed,
-            "data_range": self.ssim_data_range, "pairs_per_image": self.pairs_per_image,
-            "agreement_threshold": self.agreement_threshold, "equivalence_margin": self.equivalence_margin,
-            "explain_class": self.explain_class, "randomization_target": self.own_target,
-            "full_cascade": bool(self.full_cascade), "block": self.block,
-        }
+        settings part. Every field is in it (a new option needs no line here) except those that change no
+        number (:data:`_NOT_IN_CONFIG`) and the models, which the plan records with their weights' hashes."""
+        out = {_CONFIG_NAMES.get(f.name, f.name): _thawed(getattr(self, f.name)) for f in fields(self)
+               if f.name not in _NOT_IN_CONFIG}
+        out.update(dataset_dir=str(self.dataset_dir.resolve()), data_range=self.ssim_data_range,
+                   randomization_target=self.own_target)
+        return out
+
+
+#: Assessment fields that change no number (or that the plan records resolved): not in ``to_config()``.
+_NOT_IN_CONFIG = frozenset({"output_dir", "classifiers", "localizers", "device", "report", "progress"})
+#: Fields whose resolved value the plan records under the plain name (the number of images used, the
+#: methods computed): ``to_config()`` names what was asked.
+_CONFIG_NAMES = {"n_images": "n_requested", "methods": "methods_asked"}
 
 
 @dataclass(frozen=True, kw_only=True)

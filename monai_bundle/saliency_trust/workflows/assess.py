@@ -766,10 +766,14 @@ PAPER = {"image_size": 320, "randomized_replicates": 3, "primary": "inception_v3
 def deviations(plan: Plan) -> list[str]:
     """Every way this run differs from the paper's experiment, in sentences, derived from the plan (also in
     the report). Each line appears exactly when its condition holds; ``tests/workflows`` checks both ways."""
-    s = plan.settings
+    return (_recipe_deviations(plan) + _randomization_deviations(plan) + _model_deviations(plan)
+            + _data_deviations(plan))
+
+
+def _recipe_deviations(plan: Plan) -> list[str]:
+    """The saliency recipe, the image size and Grad-CAM grid, the metrics' settings."""
+    s, f, out = plan.settings, plan.facts, []
     recipe = get_recipe(s.preset, **s.overrides)
-    f = plan.facts
-    out = []
     if s.preset != "paper" or s.overrides:
         out.append(f"Saliency recipe '{s.preset}'" + (f" with overrides {s.overrides}" if s.overrides else "")
                    + ": fewer integration steps / noise samples than the paper's; a demonstration, not its numbers.")
@@ -791,6 +795,12 @@ def deviations(plan: Plan) -> list[str]:
                "the paper drew fresh noise per call. Either way no two models share noise.")
     out.append("XRAI maps: absolute value before the paper's 99th-percentile clip (the paper's own grayscale "
                "helper crashes on XRAI's 2-D output, so its exact post-processing is unknown).")
+    return out
+
+
+def _randomization_deviations(plan: Plan) -> list[str]:
+    """The randomization scheme, the replicates and the classes explained."""
+    s, out = plan.settings, []
     if "randomization" not in plan.not_run:
         out.append("Randomization re-initializes each block as freshly constructed PyTorch layers, each replicate "
                    "with its own seed; the paper did not state its scheme.")
@@ -802,6 +812,12 @@ def deviations(plan: Plan) -> list[str]:
                    "model's own prediction.")
     if s.explain_class == "finding":
         out.append("Maps explain each model's finding (lesion) class; the paper explained the predicted class.")
+    return out
+
+
+def _model_deviations(plan: Plan) -> list[str]:
+    """The architectures, their input scales and IG baselines, pretraining, the localization networks."""
+    f, out = plan.facts, []
     if f["primary"] != PAPER["primary"]:
         out.append(f"Primary architecture {f['primary']} (the paper's: InceptionV3).")
     norms = f["normalization"]
@@ -829,6 +845,12 @@ def deviations(plan: Plan) -> list[str]:
     if len(plan.localizers) == 1:
         out.append("One localization network: utility is judged against it, but agreement (repeatability, "
                    "reproducibility) against chance only; the paper compared with two localization replicates.")
+    return out
+
+
+def _data_deviations(plan: Plan) -> list[str]:
+    """Methods left out or caveated, baselines not run, the images assessed, the statistics, the prior."""
+    f, out = plan.facts, []
     for m, why in plan.dropped.items():
         out.append(f"{m} not computed: {why}.")
     for m, why in f["method_notes"].items():

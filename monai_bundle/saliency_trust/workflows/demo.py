@@ -113,8 +113,7 @@ def _gt(a: float | None, b: float | None) -> bool:
     return a is not None and b is not None and a > b
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns 0 unless something failed (``--strict``: also when a classifier misses the AUC bar)."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m saliency_trust.workflows.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out")
     p.add_argument("--n", type=int, default=240, help="images per task")
@@ -140,19 +139,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train a DenseNet121 on a shortcut copy of the opacity set and score its maps on the "
                         "clean test images (about 1.5 min more)")
     p.add_argument("--no-shortcut", action="store_true", help="no shortcut-trained model (the default now)")
-    a = p.parse_args(argv)
-    tasks = [(t, s) for t, s in TASKS if t in a.tasks]
-    shortcut = a.shortcut and not a.no_shortcut and any(t == "opacity" for t, _ in tasks)
-    logging.getLogger("ignite").setLevel(logging.WARNING)
-    out = Path(a.out)
-    t0 = time.time()
-    rows, timings = [], {}
+    return p
+
+
+def _train_all(a: argparse.Namespace, out: Path, tasks: list[tuple[str, int]], shortcut: bool) -> list[tuple]:
+    """Data and models of every task (and the shortcut model); one row per model: task, arch, seed, metric, value."""
+    rows = []
     for task, seed in tasks:
         data = out / "data" / task
         if not (data / "split.csv").is_file():
             generate(data, task, n=a.n, size=a.size, seed=seed)
-        models = out / "models" / task
-        common = {"dataset_dir": str(data), "output_dir": str(models), "image_size": a.size}
+        common = {"dataset_dir": str(data), "output_dir": str(out / "models" / task), "image_size": a.size}
         for arch, s in CLASSIFIERS:
             epochs = a.densenet_epochs if arch == "densenet121" else a.epochs
             m = train("train.json", arch=arch, seed=s, max_epochs=epochs, learning_rate=0.001, stop_at=a.stop_auc,
@@ -161,47 +158,45 @@ def main(argv: list[str] | None = None) -> int:
         for s in (0, 1):
             m = train("train_baseline.json", seed=s, max_epochs=a.baseline_epochs, **common)
             rows.append((task, "unet", s, "val_dice", m["val_dice"]))
-    shortcut_data = out / "data" / "opacity_shortcut"
-    sc_models = out / "models" / "opacity_shortcut"
-    primary = CLASSIFIERS[0][0]
     if shortcut:
+        shortcut_data = out / "data" / "opacity_shortcut"
         if not (shortcut_data / "split.csv").is_file():
             generate(shortcut_data, "opacity", n=a.n, size=a.size, seed=TASKS[0][1], shortcut=True)
-        m = train("train.json", arch=primary, seed=0, max_epochs=a.shortcut_epochs, learning_rate=0.001,
-                  dataset_dir=str(shortcut_data), output_dir=str(sc_models), image_size=a.size)
-        rows.append(("opacity+shortcut", primary, 0, "val_auc", m["val_auc"]))
-    timings["training_min"] = (time.time() - t0) / 60
+        m = train("train.json", arch=CLASSIFIERS[0][0], seed=0, max_epochs=a.shortcut_epochs, learning_rate=0.001,
+                  dataset_dir=str(shortcut_data), output_dir=str(out / "models" / "opacity_shortcut"),
+                  image_size=a.size)
+        rows.append(("opacity+shortcut", CLASSIFIERS[0][0], 0, "val_auc", m["val_auc"]))
+    return rows
 
+
+def _assess_all(a: argparse.Namespace, out: Path, tasks: list[tuple[str, int]], shortcut: bool
+                ) -> tuple[dict[str, Results], dict[str, Path]]:
+    """The trust assessment of each task (randomization on the first, or all with --randomize-all) and of the
+    shortcut model on the clean opacity test images (utility only); results and report paths by task."""
+    primary = CLASSIFIERS[0][0]
     reports, results = {}, {}
-    if not a.skip_assessment:
-        for k, (task, _) in enumerate(tasks):
-            results[task] = assess(out / "data" / task, out / "models" / task, out / "trust" / task, a,
-                                   classifiers=list(dict.fromkeys(arch for arch, _ in CLASSIFIERS)), localizers=True,
-                                   randomize=1 if k == 0 or a.randomize_all else 0)
-            reports[task] = out / "trust" / task / "report.html"
-            # Into the primary model's folder, so inference.json, the Slicer module and the service show
-            # the verdicts beside its maps (they are about its maps).
-            shutil.copy(out / "trust" / task / "results.json", out / "models" / task / primary / "results.json")
-    if not a.skip_assessment and shortcut:
-        # The shortcut model, scored on the clean opacity test images (utility only).
-        results["opacity_shortcut"] = assess(out / "data" / "opacity", sc_models, out / "trust" / "opacity_shortcut",
-                                             a, classifiers=[primary], localizers=False, randomize=0)
+    for k, (task, _) in enumerate(tasks):
+        results[task] = assess(out / "data" / task, out / "models" / task, out / "trust" / task, a,
+                               classifiers=list(dict.fromkeys(arch for arch, _ in CLASSIFIERS)), localizers=True,
+                               randomize=1 if k == 0 or a.randomize_all else 0)
+        reports[task] = out / "trust" / task / "report.html"
+        # Into the primary model's folder, so inference.json, the Slicer module and the service show
+        # the verdicts beside its maps (they are about its maps).
+        shutil.copy(out / "trust" / task / "results.json", out / "models" / task / primary / "results.json")
+    if shortcut:
+        results["opacity_shortcut"] = assess(out / "data" / "opacity", out / "models" / "opacity_shortcut",
+                                             out / "trust" / "opacity_shortcut", a, classifiers=[primary],
+                                             localizers=False, randomize=0)
         reports["opacity_shortcut"] = out / "trust" / "opacity_shortcut" / "report.html"
-    minutes = (time.time() - t0) / 60
-    timings["assessment_min"] = minutes - timings["training_min"]
+    return results, reports
 
-    print("\nSaliencyTrust demo on SynthCXR (quick profile, "
-          f"{a.size} px, {a.n} images per task; maps with the quick preset, lighter for CPU: {DEMO_RECIPE})")
-    print(f"{'task':<18}{'model':<14}{'seed':>5}  {'metric':<9}{'value':>7}")
-    for task, arch, s, metric, v in rows:
-        print(f"{task:<18}{arch:<14}{s:>5}  {metric:<9}{v:>7.3f}")
+
+def _sanity_checks(results: dict[str, Results]) -> dict[str, bool]:
+    """What a working pipeline shows: trained maps localize better than untrained ones; a shortcut model's worse."""
     checks = {}
     for task, res in results.items():
         if task == "opacity_shortcut":
             continue
-        print(f"\nVerdicts, {task} ({res.n_images} images; mean/reference and n used):")
-        print("\n".join(verdict_lines(res)))
-        print("\n".join(res.usage_lines()))
         for meth in ("gradcam", "xrai"):
             tr = res.utility[meth]["mean"]
             un = res.baselines["utility_untrained"][meth]["mean"]
@@ -214,10 +209,42 @@ def main(argv: list[str] | None = None) -> int:
         mean_sc = sum(sc[m]["mean"] for m in both) / max(len(both), 1)
         checks[f"shortcut model: mean AUPRC over methods {mean_sc:.3f} < clean model {mean_clean:.3f} "
                f"(lower for {len(drops)} of {len(clean)} methods)"] = mean_sc < mean_clean
+    return checks
+
+
+def _print_results(a: argparse.Namespace, rows: list[tuple], results: dict[str, Results],
+                   checks: dict[str, bool]) -> None:
+    print("\nSaliencyTrust demo on SynthCXR (quick profile, "
+          f"{a.size} px, {a.n} images per task; maps with the quick preset, lighter for CPU: {DEMO_RECIPE})")
+    print(f"{'task':<18}{'model':<14}{'seed':>5}  {'metric':<9}{'value':>7}")
+    for task, arch, s, metric, v in rows:
+        print(f"{task:<18}{arch:<14}{s:>5}  {metric:<9}{v:>7.3f}")
+    for task, res in results.items():
+        if task != "opacity_shortcut":
+            print(f"\nVerdicts, {task} ({res.n_images} images; mean/reference and n used):")
+            print("\n".join(verdict_lines(res)))
+            print("\n".join(res.usage_lines()))
     if checks:
         print("\nSanity checks:")
         for text, ok in checks.items():
             print(f"  [{'ok' if ok else 'NOT MET'}] {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns 0 unless something failed (``--strict``: also when a classifier misses the AUC bar)."""
+    a = _parser().parse_args(argv)
+    tasks = [(t, s) for t, s in TASKS if t in a.tasks]
+    shortcut = a.shortcut and not a.no_shortcut and any(t == "opacity" for t, _ in tasks)
+    logging.getLogger("ignite").setLevel(logging.WARNING)
+    out = Path(a.out)
+    t0 = time.time()
+    rows = _train_all(a, out, tasks, shortcut)
+    timings = {"training_min": (time.time() - t0) / 60}
+    results, reports = _assess_all(a, out, tasks, shortcut) if not a.skip_assessment else ({}, {})
+    minutes = (time.time() - t0) / 60
+    timings["assessment_min"] = minutes - timings["training_min"]
+    checks = _sanity_checks(results)
+    _print_results(a, rows, results, checks)
     print(f"\nfinished in {minutes:.1f} min (training {timings['training_min']:.1f}, "
           f"assessment {timings['assessment_min']:.1f}); models under {out / 'models'}")
     for task, path in reports.items():
