@@ -445,6 +445,9 @@ def test_resample_mask_keeps_every_lesion():
     m[12:14, 1, 1] = True  # two voxels in another corner
     out = resample_mask(m, (4, 4, 4))
     assert out.sum() == 2 and out[1, 1, 1] and out[3, 0, 0]
+    row = np.zeros((16, 16, 16), bool)
+    row[5, 6, 7:10] = True  # centres in new voxels x = 1, 2, 2: the one holding most of it is kept
+    assert np.argwhere(resample_mask(row, (4, 4, 4))).tolist() == [[1, 1, 2]]
     assert not resample_mask(np.zeros((8, 8, 8), bool), (3, 3, 3)).any()
     big = _boxes((16, 16, 16), [np.s_[0:8, 0:8, 0:8]])
     big[15, 15, 15] = True

@@ -18,7 +18,7 @@ used. Images: linear interpolation between voxel centres (``align_corners=False`
 shrinking by a tent filter widened by the factor, axis by axis: the rule of PIL and of
 ``torch.nn.functional.interpolate(..., antialias=True)``. Masks: the share of each new voxel the lesion
 covers (exact volume overlap) at least one half; a lesion (connected component) that would vanish keeps
-the new voxel it covers most, so no lesion is lost.
+the new voxel holding most of its voxel centres, so no lesion is lost.
 
 Dataset layouts (:func:`load_volume_dataset`)
 ---------------------------------------------
@@ -533,8 +533,8 @@ def resample_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     """Resample a lesion mask ``[D, H, W]`` to ``size``: new voxels at least half covered, no lesion lost.
 
     Coverage is the exact volume overlap of each new voxel with the lesion (so integer enlargement is
-    nearest-neighbour and integer shrinking a block mean). A connected lesion (26-neighbourhood) that would
-    leave no voxel keeps the new voxel it covers most.
+    nearest-neighbour and integer shrinking a block mean). A connected lesion (26-neighbourhood) none of whose
+    voxel centres falls in a kept new voxel gets the new voxel that holds most of its voxel centres.
     """
     from scipy import ndimage
 
@@ -545,16 +545,22 @@ def resample_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     if mask.shape == size:
         return mask.copy()
     mats = [_overlap_weights(n, m) for n, m in zip(mask.shape, size, strict=True)]
-    out = _separable(mask, mats) >= 0.5 - 1e-9
+    out = np.ascontiguousarray(_separable(mask, mats) >= 0.5 - 1e-9)
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    for c, box in enumerate(ndimage.find_objects(labels), start=1):
-        sub = [m[:, s] for m, s in zip(mats, box, strict=True)]
-        rows = [np.flatnonzero(m.any(axis=1)) for m in sub]
-        spans = tuple(slice(int(r[0]), int(r[-1]) + 1) for r in rows)
-        share = _separable(labels[box] == c, [m[s] for m, s in zip(sub, spans, strict=True)])
-        region = out[spans]
-        if not (region & (share > 0)).any():
-            region[np.unravel_index(int(np.argmax(share)), share.shape)] = True
+    if n:
+        where = np.nonzero(mask)
+        comp = labels[where]
+        # The new voxel holding each old voxel's centre, in integers: floor((2 i + 1) m / (2 s)).
+        cell = np.ravel_multi_index(tuple((2 * i + 1) * m // (2 * s) for i, s, m in zip(where, mask.shape, size,
+                                                                                         strict=True)), size)
+        alive = np.zeros(n + 1, dtype=bool)
+        alive[comp[out.ravel()[cell]]] = True
+        lost = ~alive[comp]
+        if lost.any():  # each lost lesion gets the new voxel that holds most of its voxel centres
+            pairs, counts = np.unique(np.stack([comp[lost], cell[lost]]), axis=1, return_counts=True)
+            order = np.lexsort((-counts, pairs[0]))
+            first = order[np.r_[True, pairs[0][order][1:] != pairs[0][order][:-1]]]
+            out.ravel()[pairs[1][first]] = True
     return out
 
 
