@@ -32,9 +32,11 @@ from saliency_trust.saliency.xrai import (
     atoms_from_labels,
     atoms_from_masks,
     ball_offsets,
+    greedy_by_updates,
     masks_from_labels,
     segment_grid,
     segment_labels,
+    xrai_greedy,
 )
 from skimage.transform import resize
 
@@ -265,6 +267,21 @@ def test_packed_atoms_equal_the_mask_atoms_in_2d():
         ours = atoms_from_labels(labels, ball_offsets(r, 2))
         assert torch.equal(ours.membership, ref.membership) and torch.equal(ours.inverse, ref.inverse)
         assert torch.equal(ours.sizes, ref.sizes)
+
+
+def test_greedy_by_updates_equals_the_batched_greedy():
+    """The volume greedy (running counts and sums) against the image greedy (recounted each step, tested
+    against PAIR in test_references) on the same atoms and attributions, including early stops."""
+    recipe = get_recipe("quick", xrai_segment_size=48)
+    hwc = images(2, size=48).permute(0, 2, 3, 1).numpy()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        atoms = atoms_from_labels(torch.from_numpy(segment_labels(hwc[i], recipe)), ball_offsets(2, 2))
+        attr = torch.tensor(rng.normal(size=(1, 48, 48)) + np.linspace(0, 2, 48)[:, None])
+        for min_diff, area in ((50, 1.0), (5, 0.4), (400, 1.0)):
+            ref = xrai_greedy(attr, [atoms], min_diff, area)[0]
+            ours = greedy_by_updates(attr[0], atoms, min_diff, area)
+            assert torch.allclose(ours, ref, rtol=0, atol=1e-12), (i, min_diff, area)
 
 
 def test_xrai_on_a_volume_equals_pairs_greedy_on_slic_masks():
