@@ -118,13 +118,16 @@ def test_each_bad_field_is_refused_with_its_name(tmp_path, case):
     assert words in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize("target", ["subprocess.run", "os.system", "builtins.exec"])
+@pytest.mark.parametrize("target", ["subprocess.run", "os.system", "builtins.exec", "torch.save", "numpy.save"])
 def test_a_target_that_is_not_a_module_class_is_never_called(tmp_path, target):
-    """model.json names a callable with arguments that would create a file: refused before any call."""
+    """model.json names a callable with arguments that would create a file: refused before any call (a standard
+    library one before its module is even imported; torch's and NumPy's by the Module check)."""
     marker = tmp_path / "created"
     args = {"subprocess.run": {"args": ["touch", str(marker)]},
             "os.system": {"command": f"touch {marker}"},
-            "builtins.exec": {"source": f"open({str(marker)!r}, 'w').close()"}}[target]
+            "builtins.exec": {"source": f"open({str(marker)!r}, 'w').close()"},
+            "torch.save": {"obj": 1, "f": str(marker)},
+            "numpy.save": {"file": str(marker), "arr": [1]}}[target]
     manifest = _set(_valid(), {"_target_": target, **args}, "network")
     folder = tmp_path / "evil"
     folder.mkdir()
@@ -133,11 +136,21 @@ def test_a_target_that_is_not_a_module_class_is_never_called(tmp_path, target):
     for attempt in (lambda f: f.build(), lambda f: f.load()):
         with pytest.raises(ManifestError, match="not a torch.nn.Module class"):
             attempt(ModelFolder.open(folder))
-    assert not marker.exists()
+    assert not marker.exists() and not (tmp_path / "created.npy").exists()
     # torchvision's registered builders and Module classes stay allowed.
     ok = _set(_valid(), {"_target_": "torchvision.models.resnet18", "num_classes": 2}, "network")
     ok["input"] = {"size": 64, "channels": 3, "normalization": {"preset": "imagenet"}}
     assert ModelFolder.open(_folder(tmp_path, ok, name="builder")).load() is not None
+
+
+def test_a_standard_library_target_is_not_even_imported(tmp_path):
+    """``this`` prints a poem when imported: a manifest naming it is refused before the import."""
+    assert "this" not in sys.modules
+    folder = _folder(tmp_path, _set(_valid(), {"_target_": "this.s"}, "network"),
+                     ModelFolder(tmp_path, _valid())._construct())
+    with pytest.raises(ManifestError, match="standard library; nothing was imported or called"):
+        ModelFolder.open(folder).load()
+    assert "this" not in sys.modules
 
 
 def test_layers_and_outputs_are_checked_when_the_network_is_built(tmp_path):

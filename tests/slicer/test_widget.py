@@ -382,7 +382,8 @@ def test_the_installed_extension_carries_the_bundle_and_runs_outside_the_checkou
         assert r.returncode == 0, r.stdout + r.stderr
     modules = prefix / "lib" / "Slicer-5.10" / "qt-scripted-modules"
     assert (modules / "SaliencyTrust.py").is_file()
-    for rel in ("SaliencyTrustLib/controller.py", "SaliencyTrustLib/deps.py", "Resources/requirements.txt"):
+    lib_files = [p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "SaliencyTrustLib").glob("*.py")]
+    for rel in (*lib_files, "Resources/requirements.txt"):
         assert (modules / rel).is_file(), rel
     bundle = find_bundle(modules)
     assert bundle == modules / "SaliencyTrustBundle"
@@ -392,6 +393,9 @@ def test_the_installed_extension_carries_the_bundle_and_runs_outside_the_checkou
     # Every engine source file is there (nothing forgotten by the glob).
     engine = {p.relative_to(REPO / "monai_bundle") for p in (REPO / "monai_bundle" / "saliency_trust").rglob("*.py")}
     assert engine <= {p.relative_to(bundle) for p in bundle.rglob("*.py")}
+    # And its data: the model.json schema the manifest part reads (loaded by path by the panel, without torch).
+    data = {p.relative_to(REPO / "monai_bundle") for p in (REPO / "monai_bundle" / "saliency_trust").rglob("*.json")}
+    assert data and data <= {p.relative_to(bundle) for p in bundle.rglob("*.json")}
 
     # The module's self-test scenario from the install tree: fixture models, a SynthCXR study, the
     # bundle, with nothing of the checkout on the path (the engine comes from the install tree).
@@ -400,6 +404,9 @@ def test_the_installed_extension_carries_the_bundle_and_runs_outside_the_checkou
     env_path = os.environ.pop("PYTHONPATH", None)
     try:
         models = make_fixture_models(bundle, tmp_path / "models", python=sys.executable)
+        # The panel lists them and names the methods with the installed bundle's own files.
+        assert list(controller.model_choices(models, bundle)) == ["densenet121"]
+        assert texts.method_names(bundle) == texts.METHOD_NAMES
         study = make_sample_study(bundle, tmp_path / "study", python=sys.executable)
         assert dicom_series_uid(study).startswith("2.25.")
         volume = load_dicom(scene, study)

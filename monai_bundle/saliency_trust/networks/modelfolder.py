@@ -17,6 +17,7 @@ keeps every name it had.
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,10 @@ class ModelFolder(ModelManifest):
             return get_network(net_spec, num_classes=max(len(self.classes), 2))
         target = net_spec["_target_"]
         module_name, _, attr = target.rpartition(".")
+        if module_name.split(".")[0] in sys.stdlib_module_names:  # no network lives there: not even imported
+            raise ManifestError(f"{self.folder / MANIFEST}: field 'network._target_' names {target!r}, which is not a "
+                                "torch.nn.Module class but part of Python's standard library; nothing was imported "
+                                "or called")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
