@@ -43,7 +43,8 @@ from skimage.transform import resize
 from tests.saliency.models import images, tiny3d, volumes
 
 TOL = 1e-10  # float64 models and volumes
-pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU activations")
+pytestmark = [pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU activations"),
+              pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")]
 
 
 @pytest.fixture(scope="module")
