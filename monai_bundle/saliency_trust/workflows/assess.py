@@ -54,11 +54,12 @@ from saliency_trust.criteria import (
 from saliency_trust.data import load_dataset
 from saliency_trust.data.imageio import atomic_write_bytes, remove_stale_temporaries
 from saliency_trust.data.split import split_of
+from saliency_trust.explainer import Explainer
 from saliency_trust.networks import ManifestError, ModelFolder, replicate_seed
 from saliency_trust.networks.modelfolder import LEGACY_FILE
 from saliency_trust.provenance import code_fingerprint, versions
 from saliency_trust.results import CRITERIA, Results, Verdict
-from saliency_trust.saliency import METHODS, SegmentCache, explain, get_recipe, predict
+from saliency_trust.saliency import METHODS, SegmentCache, get_recipe, predict
 from saliency_trust.settings import EXPLAIN_CLASSES, AssessmentSettings
 
 log = logging.getLogger(__name__)
@@ -622,11 +623,11 @@ class _Explainer:
     def __call__(self, net: torch.nn.Module, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         faults.point(f"explain:{next(self.calls)}")
         s = self.plan.settings
-        settings = {**self.folder.explain_settings(net), **s.overrides}  # the user's overrides win
+        bound = Explainer(self.folder, net)  # the folder's explain settings; the user's overrides win
 
         def part(block: slice) -> dict[str, torch.Tensor]:
-            maps = explain(net, self.x[block], self.plan.methods, targets=targets[block], preset=s.preset,
-                           segment_cache=self.cache, seed=s.seed, **settings)
+            maps = bound.explain_input(self.x[block], self.plan.methods, target=targets[block], preset=s.preset,
+                                       segment_cache=self.cache, seed=s.seed, **s.overrides)
             return {k: v.cpu() for k, v in maps.items()}
 
         return sharded(part, len(self.plan.ids), s.block)

@@ -41,9 +41,10 @@ from saliency_trust.data.errors import DataError
 from saliency_trust.data.groundtruth import resize_image
 from saliency_trust.data.imageio import MAP_FORMATS, atomic_write_bytes, read_input, read_mask, write_map
 from saliency_trust.data.readers import finding_name
+from saliency_trust.explainer import Explainer
 from saliency_trust.networks import ModelFolder, randomization_states
 from saliency_trust.results import load_results
-from saliency_trust.saliency import METHODS, explain, predict
+from saliency_trust.saliency import predict
 from saliency_trust.settings import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _image_size(folder: ModelFolder, image_size: int | None) -> int:
 
 def _assessment_beside(folder: ModelFolder, methods: list[str], weights_sha: str) -> tuple[Any, dict | None]:
     """The ``results.json`` beside the model (None when absent) and the verdict copy prediction.json carries."""
-    results_file = folder.folder / "results.json"
+    results_file = folder.assessment_file
     if not results_file.is_file():
         return None, None
     try:
@@ -176,7 +177,8 @@ def _repeatability_here(e: _Explained, data_range: float, blank: dict) -> dict:
     other, _ = _network(e.folder, others[0], e.device, e.request.cache_networks)
     # As in the study, each replicate explains its own prediction (or the finding class when it did).
     t = e.target if e.explain_class == "finding" else predict(other, e.x).argmax(1)
-    om = explain(other, e.x, e.methods, targets=t, preset=e.request.preset, seed=e.request.seed, **e.settings)
+    om = Explainer(e.folder, other).explain_input(e.x, e.methods, target=t, preset=e.request.preset,
+                                                  seed=e.request.seed, cam_resize=DISPLAY_CAM_RESIZE)
     values, blank["repeatability"] = _scored({m: defined_ssim(e.maps[m], om[m], data_range) for m in e.methods})
     return {"against": e.folder.weights(others[0]).name, "replicate": others[0], "explained_class": int(t[0]),
             "ssim": values}
@@ -201,7 +203,8 @@ def _randomization_here(e: _Explained, data_range: float, rule: str, blank: dict
         return {"state": verdict, "ssim": None, "why": str(exc)}
     # The study: a finding-class assessment explains that class in every state, else the rule decides.
     t = predict(state, e.x).argmax(1) if rule == "own" and e.explain_class != "finding" else e.target
-    rm = explain(state, e.x, e.methods, targets=t, preset=e.request.preset, seed=e.request.seed, **e.settings)
+    rm = Explainer(e.folder, state).explain_input(e.x, e.methods, target=t, preset=e.request.preset,
+                                                  seed=e.request.seed, cam_resize=DISPLAY_CAM_RESIZE)
     values, blank["randomization"] = _scored({m: defined_ssim(e.maps[m], rm[m], data_range) for m in e.methods})
     return {"state": verdict, "mode": "cascading", "target": "trained" if e.explain_class == "finding" else rule,
             "explained_class": int(t[0]), "init_seed": init, "ssim": values}
@@ -254,11 +257,9 @@ def _run(r: InferenceRequest, t0: float) -> dict:
     size = _image_size(folder, r.image_size)
     x = folder.to_input(torch.from_numpy(resize_image(img, (size, size)))[None]).to(dev)
     net, weights_sha = _network(folder, replicate, dev, r.cache_networks)
-    unavailable = folder.unavailable(net)
-    if r.methods is not None and [m for m in r.methods if m in unavailable]:
-        bad = [m for m in r.methods if m in unavailable]
-        raise ValueError(f"method(s) {bad} cannot be computed for {folder.name}: {unavailable[bad[0]]}")
-    methods = list(r.methods or [m for m in METHODS if m not in unavailable])
+    bound = Explainer(folder, net, replicate)  # the folder's explain settings, checked against the network
+    unavailable = bound.unavailable
+    methods = bound.methods(r.methods)  # a method the network cannot give is refused with the reason
     with torch.no_grad():
         probs = torch.softmax(predict(net, x).float(), 1)[0].cpu()
     assessed, verdicts = _assessment_beside(folder, methods, weights_sha)
@@ -267,8 +268,8 @@ def _run(r: InferenceRequest, t0: float) -> dict:
                      else None) or "predicted"
     target = torch.tensor([folder.finding_class if explain_class == "finding" else int(probs.argmax())], device=dev)
     # Drawn on a patient's image: Grad-CAM with half-pixel centres (the geometrically correct resize).
-    settings = {**folder.explain_settings(net), "cam_resize": DISPLAY_CAM_RESIZE}
-    maps = explain(net, x, methods, targets=target, preset=r.preset, seed=r.seed, **settings)
+    settings = {**bound.settings, "cam_resize": DISPLAY_CAM_RESIZE}
+    maps = bound.explain_input(x, methods, target=target, preset=r.preset, seed=r.seed, cam_resize=DISPLAY_CAM_RESIZE)
 
     def on_grid(m: torch.Tensor) -> np.ndarray:
         return np.clip(resize_image(m[0].float().cpu().numpy(), img.shape), 0.0, 1.0)
