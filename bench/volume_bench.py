@@ -7,8 +7,9 @@ a parent that has only imported the libraries, so that its memory figure is its 
 
 * CPU: the child's peak resident memory during the ``explain`` call (read from /proc every
   millisecond), minus its resident memory just before it (model and input built, a warm-up call on
-  a small input done). ``tracemalloc`` does not see torch's allocations; this does, including the
-  allocator's reuse, so it is what the process actually needed.
+  a small input done), with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``, set by the
+  bench for itself) so that freed tensors leave the resident set. ``tracemalloc`` does not see
+  torch's allocations; this does.
 * CUDA: ``torch.cuda.max_memory_allocated`` during the call, minus what was allocated before it.
 
 Time is the wall time of one ``explain`` call (synchronized on CUDA), the first in the process
@@ -30,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -170,6 +172,13 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per child (1: steadiest on a shared CPU)")
     ap.add_argument("--methods", nargs="*", default=None)
     args = ap.parse_args(argv)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        # glibc keeps freed heap memory resident and raises its mmap threshold as large blocks are
+        # freed, so a warm-up's memory would hide the measured call's. With a fixed threshold every
+        # large tensor is its own mapping, returned on free: resident memory follows live memory.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()),
+                                   *(sys.argv[1:] if argv is None else argv)], env)
     import monai.networks.nets  # noqa: F401 - imported once here, before the children are forked
     import saliency_trust.saliency  # noqa: F401
     import torch
@@ -203,6 +212,7 @@ def main(argv: list[str] | None = None) -> Path:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "model": "monai DenseNet121 (in_channels=1, out_channels=2, random weights), spatial_dims 2 and 3",
         "inputs": {"2d": [1, 1, args.size2d, args.size2d], "3d": [1, 1, args.size3d, args.size3d, args.size3d]},
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "preset": args.preset, "memory_measure": ("CUDA max_memory_allocated above the allocation before the call"
                                                   if args.device.startswith("cuda") else
                                                   "peak RSS of the child process during the call (sampled every "

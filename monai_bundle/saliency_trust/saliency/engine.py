@@ -177,15 +177,18 @@ def _available_host_bytes() -> int:
 def _cpu_row_bytes(model: nn.Module, images: torch.Tensor, engine_dtype: str) -> float:
     """Bytes one row of a chunk needs on the CPU, from a one-row forward pass.
 
-    What autograd saves for the backward pass (each storage once) is the activation memory a row
-    holds; the backward's gradient buffers are about as much again, and the engine keeps a few
-    input-sized tensors per row (point, baseline, interpolated input, its gradient, the sums).
+    What autograd saves for the backward pass (each storage once, the model's own weights left out:
+    they are there whatever the rows) is the activation memory a row holds; the backward's gradient
+    buffers are about as much again, and the engine keeps a few input-sized tensors per row (point,
+    baseline, interpolated input, its gradient, the sums).
     """
     sizes: dict[int, int] = {}
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        sizes[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:
+            sizes[storage.data_ptr()] = storage.nbytes()
         return t
 
     x = images[:1].detach().clone().requires_grad_(True)
