@@ -11,6 +11,8 @@ SLICER510 := $(VENV)/slicer-5.10
 SLICER58 := $(VENV)/slicer-5.8
 MONAILABEL := $(VENV)/monailabel-0.8.5
 EXTRAS := $(VENV)/.test-extras
+# Threads per test process (`make test THREADS=1`): the suite must pass with 1 and with 2.
+THREADS ?= 2
 
 .PHONY: demo test lint bench venv clean
 
@@ -36,7 +38,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(EXTRAS)
 	$(BIN)/ruff check monai_bundle tests bench SaliencyTrust docs
-	SALIENCY_TRUST_REQUIRE_EXTRAS=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -ra --timeout=900 tests
+	SALIENCY_TRUST_REQUIRE_EXTRAS=1 OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q -ra --timeout=900 tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/metrics_bench.py --out bench/results

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from saliency_trust.data.synth import generate
 from saliency_trust.networks import get_network
+from saliency_trust.networks.manifest import write_training_manifest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,6 +29,7 @@ def test_readme_example_runs_and_prints_one_auprc_per_method(tmp_path, monkeypat
     models.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(get_network("densenet121").state_dict(), models / "seed0.pt")
+    write_training_manifest(models, "densenet121", 0, 112, "lung opacity")  # as train.json writes it
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
