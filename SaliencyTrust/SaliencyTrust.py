@@ -1,10 +1,12 @@
-"""SaliencyTrust: saliency maps of a chest X-ray classifier as overlays, with how far each can be trusted.
+"""SaliencyTrust: saliency maps of a chest X-ray or CT classifier as overlays, with how far each can be trusted.
 
 A thin shell over ``SaliencyTrustLib`` (all logic, no Qt): the widget binds its controls to a
 parameter node, snapshots it into a ``controller.Settings`` when Apply is pressed, and lets a
 ``controller.Run`` do the work (the bundle out of process, or the service over HTTP in a worker
 thread that touches no MRML), polled by a timer so the UI stays responsive. The library puts one
-overlay per method and a trust table under the input's study in the subject hierarchy.
+overlay per method and a trust table under the input's study in the subject hierarchy. A CT volume
+(a scalar volume of several slices) goes to a 3-D model: its maps lie over it in all three slice views,
+with an optional volume rendering in the 3-D view.
 """
 
 import contextlib
@@ -65,7 +67,8 @@ class SaliencyTrust(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SaliencyTrust team"]
         self.parent.helpText = _(
-            "Research use only - not for diagnosis. Explains a chest X-ray classifier's prediction with eight "
+            "Research use only - not for diagnosis. Explains a chest X-ray classifier's prediction (or a 3-D "
+            "classifier's on a CT volume: the maps lie over the CT in all three slice views) with eight "
             "saliency methods and shows, beside each map, whether the method passed the trust criteria of Arun et "
             "al. (Radiology: AI 2021) on an assessment data set: it points at the lesion, it changes when the "
             "network's weights are randomized, it agrees with a retrained copy and with a second model. Live "
@@ -125,6 +128,7 @@ class SaliencyTrustParameterNode:
     methods: str = ",".join(_methodNames()[0])  # filled from the method check boxes
     preset: Annotated[str, Choice(list(texts.PRESETS))] = "quick"
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    volumeRendering: bool = False  # a CT volume's map also volume-rendered in the 3-D view
     useServer: bool = False
     serverUrl: str = "http://127.0.0.1:8000"
 
@@ -143,6 +147,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._listedModelDir = None  # the model folder the choices were listed from
         self._listedBundleDir = None  # and the bundle that listed them
         self._haveModels = False
+        self._choices = {}  # the model folder's classifiers as last listed (name -> controller.ModelChoice)
         self._methodBoxes = {}
         self.results = None
 
@@ -185,6 +190,9 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.replicateSelector.connect("currentIndexChanged(int)", self.onReplicateChanged)
         self.ui.methodSelector.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.volumeRenderingCheckBox.connect("toggled(bool)", self.onVolumeRenderingToggled)
+        self.ui.volumeRenderingCheckBox.enabled = False  # until a CT volume's maps are shown
+        self.ui.fitLabel.setVisible(False)
         self.ui.bannerLabel.setVisible(False)
         self.ui.trainingWarningLabel.setVisible(False)
         # The token is a secret: typed here, kept in memory only (never in the scene or the settings).
@@ -279,10 +287,31 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Apply needs an input and a model (local, or the server's), and nothing else running."""
         busy = self.logic is not None and self.logic.busy
         p = self._parameterNode
-        ready = bool(p) and p.inputVolume is not None and (self._haveModels or p.useServer)
+        problem = self._fitProblem()
+        self.ui.fitLabel.setText(problem)
+        self.ui.fitLabel.setVisible(bool(problem))
+        ready = bool(p) and p.inputVolume is not None and (self._haveModels or p.useServer) and not problem
         self.ui.applyButton.enabled = ready and not busy
         self.ui.trainButton.enabled = not busy
         self.ui.cancelButton.enabled = busy and not self.logic.installing
+
+    def _fitProblem(self) -> str:
+        """Why the chosen local model cannot explain the chosen input ('' when it can, or cannot tell yet): a 2-D
+        model and a CT volume, or a 3-D model and a radiograph. Other input problems are said on Apply."""
+        p = self._parameterNode
+        if not p or p.useServer or p.inputVolume is None:
+            return ""
+        choice = self._choices.get(p.arch)
+        if choice is None:
+            return ""
+        try:
+            dimension = inputs.check_input_volume(p.inputVolume)
+        except errors.InputVolumeError:
+            return ""
+        if dimension == choice.dimension:
+            return ""
+        return texts.dimension_mismatch(p.inputVolume.GetName(), p.inputVolume.GetImageData().GetDimensions(),
+                                        p.arch, choice.dimension)
 
     # ---- model folder ---------------------------------------------------------------------
 
@@ -313,6 +342,7 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except errors.SaliencyTrustError as exc:  # the bundle folder holds no bundle: said, not raised in a slot
             choices, message = {}, str(exc)
         self._haveModels = bool(choices)
+        self._choices = choices
         self.ui.modelStatusLabel.setText(message)
         self.ui.modelStatusLabel.setVisible(bool(message))
         self.ui.trainWidget.setVisible(bool(message))
@@ -437,6 +467,8 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             text = _("Models trained in {path}.").format(path=outcome.model_dir)
             self.ui.statusLabel.setText(text + (" " + outcome.note if outcome.note else ""))
             return
+        if self.results is not None:  # an earlier run's volume rendering would stay in the 3-D view
+            scene.show_volume_rendering(self.results, None, _renderingLogic())
         self.results = outcome
         self.showResults()
 
@@ -462,8 +494,18 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.tableView.setMRMLTableNode(r.table_node)
         server = f" ({_('server model')} {self.logic.lastServerModel})" if self.logic.lastServerModel else ""
         self.ui.statusLabel.setText(_("Done in {s} s.").format(s=r.prediction.get("seconds")) + server)
+        volume = _isVolume(r)
+        rendering = _renderingLogic()
+        self.ui.volumeRenderingCheckBox.enabled = volume and rendering is not None
+        self.ui.volumeRenderingCheckBox.toolTip = (
+            _("Volume rendering needs the Volume Rendering module, which this Slicer does not have.")
+            if volume and rendering is None else
+            _("Also show the chosen map of a CT volume in the 3-D view, in the overlay's colours; values below 0.1 "
+              "are transparent."))
         self.onMethodChanged(self.ui.methodSelector.currentIndex)
         slicer.util.resetSliceViews()  # fit the views to the image
+        if volume and r.map_nodes:  # the three views through where the first map points most
+            scene.jump_to_peak(slicer.mrmlScene, next(iter(r.map_nodes.values())))
 
     def onMethodChanged(self, index: int) -> None:
         method = self.ui.methodSelector.itemData(index) if index >= 0 else None
@@ -473,9 +515,33 @@ class SaliencyTrustWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The slider's own value: the parameter node may not have been updated yet.
         self._show(self.ui.methodSelector.currentData, value)
 
+    def onVolumeRenderingToggled(self, checked: bool) -> None:
+        # The check box's own value: the parameter node may not have been updated yet.
+        self._render(self.ui.methodSelector.currentData, checked)
+
     def _show(self, method, opacity: float) -> None:
         if controller.show_method(slicer.mrmlScene, self.results, method, opacity):
             scene.show_legend(self.results, method, slicer.modules.colors.logic())
+            self._render(method, bool(self._parameterNode and self._parameterNode.volumeRendering))
+
+    def _render(self, method, visible: bool) -> None:
+        """The chosen map volume-rendered in the 3-D view (a CT volume's maps only), or every rendering hidden."""
+        if _isVolume(self.results):
+            scene.show_volume_rendering(self.results, method if visible else None, _renderingLogic())
+
+
+def _renderingLogic():
+    """The Volume Rendering module's logic, or None in an application without it."""
+    module = getattr(slicer.modules, "volumerendering", None)
+    return module.logic() if module is not None else None
+
+
+def _isVolume(results) -> bool:
+    """Whether ``results`` are a CT volume's maps (several slices) rather than a radiograph's."""
+    if results is None or not results.map_nodes:
+        return False
+    node = next(iter(results.map_nodes.values()))
+    return node.GetImageData() is not None and node.GetImageData().GetDimensions()[2] > 1
 
 
 class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
@@ -552,10 +618,11 @@ class SaliencyTrustLogic(ScriptedLoadableModuleLogic):
                                   arch=choice.arch if choice else "", replicate=p.replicate, methods=methods,
                                   preset=p.preset)
         server_model = slicer.util.settingsValue("SaliencyTrust/ServerModel", "") or None
+        local = choice is not None and not p.useServer
         return controller.Settings(volume=p.inputVolume, score_node=p.scoreAgainst, request=request,
                                    use_server=p.useServer, server_url=p.serverUrl, token=token or None,
-                                   server_model=server_model,
-                                   training_note=choice.training_note if choice and not p.useServer else "")
+                                   server_model=server_model, training_note=choice.training_note if local else "",
+                                   model_dimension=choice.dimension if local else None, model_name=p.arch)
 
     def start(self, p, token: "str | None" = None) -> None:
         """Check and export the input, then launch the bundle (local) or the upload (server); returns at once."""
@@ -635,9 +702,14 @@ class SaliencyTrustTest(ScriptedLoadableModuleTest):
 
         volume = slicer.util.addVolumeFromArray(np.zeros((5, 16, 16), np.int16), name="CT-like")
         before = slicer.mrmlScene.GetNumberOfNodes()
+        self.assertEqual(inputs.check_input_volume(volume), 3)  # a CT volume: for a 3-D model
         with self.assertRaises(errors.InputVolumeError):
-            inputs.check_input_volume(volume)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+            inputs.check_model_fits(volume, 2, "a 2-D model")
+        colour = slicer.util.addVolumeFromArray(np.zeros((5, 16, 16, 3), np.uint8), name="colour volume",
+                                                nodeClassName="vtkMRMLVectorVolumeNode")
+        with self.assertRaises(errors.InputVolumeError):
+            inputs.check_input_volume(colour)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before + 1)
 
     def test_local_run(self) -> None:
         self.delayDisplay("Fixture models and a SynthCXR study, then the bundle")

@@ -66,3 +66,17 @@ def methods_module(bundle_dir: str | Path | None = None) -> ModuleType:
     """The bundle's table of saliency methods (``METHODS``, ``LABELS``), from the module's own bundle by default."""
     return bundle_module(bundle_dir or find_bundle(MODULE_DIR), METHODS_MODULE,
                          ", so the saliency methods are unknown")
+
+
+def manifest_dimension(manifest) -> int:
+    """A model folder's spatial dimension: 3 when its ``model.json`` gives ``input.size`` as ``[D, H, W]`` (a 3-D
+    network: it explains a CT volume), else 2 (one radiograph)."""
+    size = (getattr(manifest, "input", None) or {}).get("size")
+    return 3 if isinstance(size, (list, tuple)) and len(size) == 3 else 2
+
+
+def model_dimension(model_dir: str | Path, arch: str | None = None, bundle_dir: str | Path | None = None) -> int:
+    """The spatial dimension (2 or 3) of the model in ``model_dir`` (``arch`` picks one of an older flat folder),
+    read with the bundle's own model-folder reader; its errors are the reader's (one sentence)."""
+    module = bundle_module(bundle_dir or find_bundle(MODULE_DIR), MANIFEST_MODULE)
+    return manifest_dimension(module.ModelManifest.open(model_dir, arch or None))

@@ -56,9 +56,15 @@ def server_info(url: str, token: str | None = None, timeout: float = 30.0) -> di
         return json.loads(r.read().decode())
 
 
-def choose_model(info: dict, arch: str | None = None, name: str | None = None) -> str:
+def model_dimension(info: dict, model: str) -> int:
+    """The spatial dimension of the service's model ``model`` (its ``/info`` ``dimension``: 2 or 3)."""
+    return 3 if int((info.get("models") or {}).get(model, {}).get("dimension") or 2) == 3 else 2
+
+
+def choose_model(info: dict, arch: str | None = None, name: str | None = None, dimension: int | None = None) -> str:
     """The service's model name to post to: ``name`` if the server has it, else the one model of
-    architecture ``arch`` (``default`` when several are); a clear error when none fits."""
+    architecture ``arch`` (``default`` when several are), one of the input's ``dimension`` (2: a radiograph,
+    3: a CT volume) first when given; a clear error when none fits."""
     models = info.get("models") or {}
     if not models:
         raise BundleError("The SaliencyTrust server offers no model (its model folder is empty).")
@@ -70,6 +76,8 @@ def choose_model(info: dict, arch: str | None = None, name: str | None = None) -
     if not fits:
         offered = ", ".join(f"{k} ({m.get('architecture')})" for k, m in sorted(models.items()))
         raise BundleError(f"The server has no {arch} model; it offers: {offered}.")
+    if dimension is not None:
+        fits = [k for k in fits if model_dimension(info, k) == dimension] or fits
     return "default" if "default" in fits else fits[0]
 
 

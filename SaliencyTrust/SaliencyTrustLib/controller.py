@@ -35,6 +35,8 @@ class Settings:
     token: str | None = None
     server_model: str | None = None  # the service's model name; None: chosen from /info by architecture
     training_note: str = ""  # a warning about the local model's training data (ModelChoice.training_note)
+    model_dimension: int | None = None  # the local model's: 2 (radiographs) or 3 (CT volumes); None: not checked
+    model_name: str = ""  # the local model's name in its folder (said when it cannot explain the input)
 
 
 class Run:
@@ -57,6 +59,9 @@ class Run:
     def start(self) -> Run:
         """Check and export the input (MRML: on this thread), then launch; returns at once."""
         s = self.settings
+        if s.model_dimension is not None and not s.use_server:  # said before anything is written or started
+            inputs.check_model_fits(s.volume, s.model_dimension, s.model_name or s.request.arch or "chosen")
+        dimension = inputs.check_input_volume(s.volume)
         image, mask = inputs.prepare(s.volume, s.score_node, self.work / "input")
         out = self.work / "output"
         if s.use_server:
@@ -65,11 +70,15 @@ class Run:
             request, url, token, name, cancel, box = s.request, s.server_url, s.token, s.server_model, \
                 self._cancel, self._box
             rid = self.request_id
+            input_name, dims = s.volume.GetName(), tuple(s.volume.GetImageData().GetDimensions())
 
             def call() -> None:  # plain values only: no Qt, no MRML in this thread
                 try:
                     info = client.server_info(url, token)
-                    model = client.choose_model(info, request.arch, name)
+                    model = client.choose_model(info, request.arch, name, dimension=dimension)
+                    served = client.model_dimension(info, model)
+                    if served != dimension:
+                        raise BundleError(texts.dimension_mismatch(input_name, dims, model, served))
                     box["model"] = model
                     box["synthetic"] = bool((info["models"][model].get("training") or {}).get("synthetic"))
                     box["out"] = client.infer(url, model, image, out, request, mask=mask, token=token,
@@ -179,6 +188,7 @@ class ModelChoice:
     arch: str
     replicates: list[int]
     training_note: str = ""  # said over the prediction: e.g. the model learnt from synthetic images
+    dimension: int = 2  # 2: explains one radiograph; 3: explains a CT volume (model.json input.size [D, H, W])
 
 
 def model_choices(model_dir: str | Path, bundle_dir: str | Path | None = None) -> dict[str, ModelChoice]:
@@ -195,7 +205,8 @@ def model_choices(model_dir: str | Path, bundle_dir: str | Path | None = None) -
             note = texts.training_note(found.record())
         except Exception:  # an unreadable record: no note rather than no model
             note = ""
-        out[name] = ModelChoice(str(found.folder), found.network_label, list(found.replicates), note)
+        out[name] = ModelChoice(str(found.folder), found.network_label, list(found.replicates), note,
+                                bundle.manifest_dimension(found))
     return out
 
 
@@ -219,8 +230,15 @@ def no_models_message(model_dir: str | Path, bundle_dir: str | Path | None = Non
 
 def run_local(mrml_scene, volume, request: process.Request, work_dir: str | Path, score_node=None,
               timeout: float | None = None) -> scene.RunOutput:
-    """The whole local flow, blocking (the widget drives the same steps through :class:`Run`)."""
+    """The whole local flow, blocking (the widget drives the same steps through :class:`Run`). A model of the other
+    kind (a 2-D model and a CT volume, or a 3-D model and a radiograph) is refused in one sentence first."""
     work = Path(work_dir)
+    try:
+        dimension = bundle.model_dimension(request.model_dir, request.arch, request.bundle_dir)
+    except Exception:  # an unreadable model folder: the bundle says why in its own sentence
+        dimension = None
+    if dimension is not None:
+        inputs.check_model_fits(volume, dimension, request.arch or Path(request.model_dir).name)
     image, mask = inputs.prepare(volume, score_node, work / "input")
     out = process.run_bundle(request, image, work / "output", mask, timeout=timeout)
     return scene.load_run_output(mrml_scene, volume, out)

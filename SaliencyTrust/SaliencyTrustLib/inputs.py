@@ -1,8 +1,12 @@
 """The scene's input, checked and written for the bundle: the volume and the mask to score against.
 
-A volume loaded from DICOM goes as its own DICOM file without the patient's identifying elements;
-any other volume as NRRD whose header states its intensity range, so the bundle never guesses it.
-The scoring mask (a segmentation or a markups ROI) goes as a label map on the input's grid.
+Two kinds of input: a radiograph (one slice, for a 2-D model) and a CT volume (a scalar volume of
+several slices, for a 3-D model). A radiograph loaded from DICOM goes as its own DICOM file without
+the patient's identifying elements; any other radiograph as NRRD whose header states its intensity
+range, so the bundle never guesses it. A CT volume goes as NRRD with its geometry (Slicer's own
+storage node: IJK-to-RAS written as LPS) and its values as they are in the scene (HU for a CT loaded
+from DICOM: Slicer applies the rescale slope and intercept); the bundle windows them as the model
+says. The scoring mask (a segmentation or a markups ROI) goes as a label map on the input's grid.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from SaliencyTrustLib import texts
 from SaliencyTrustLib.errors import InputVolumeError, SaliencyTrustError
 
 
@@ -20,12 +25,13 @@ def _slicer():
     return slicer
 
 
-def check_input_volume(node) -> None:
-    """Raise :class:`InputVolumeError` unless ``node`` is a non-empty single-slice grayscale scalar volume,
-    or an RGB(A) vector volume (a picture of a radiograph: the bundle reads grey content as luminance and
-    refuses real colour)."""
+def check_input_volume(node) -> int:
+    """The input's dimension, 2 (a radiograph: one slice) or 3 (a CT volume: several slices), or
+    :class:`InputVolumeError` in one sentence: a volume must be a non-empty grayscale scalar volume (one
+    slice or several), or a single-slice RGB(A) vector volume (a picture of a radiograph: the bundle reads
+    grey content as luminance and refuses real colour)."""
     if node is None:
-        raise InputVolumeError("Select an input volume (a chest X-ray loaded from DICOM or a file).")
+        raise InputVolumeError("Select an input volume (a chest X-ray or a CT loaded from DICOM or a file).")
     name = node.GetName() if hasattr(node, "GetName") else str(node)
     cls = node.GetClassName()
     if cls not in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"):
@@ -39,14 +45,29 @@ def check_input_volume(node) -> None:
         raise InputVolumeError(f"'{name}' is empty (dimensions {dims}).")
     components = image.GetNumberOfScalarComponents()
     if cls == "vtkMRMLScalarVolumeNode" and components != 1:
-        raise InputVolumeError(f"'{name}' has {components} components per voxel; a radiograph has one.")
+        raise InputVolumeError(f"'{name}' has {components} components per voxel; a radiograph or a CT has one.")
     if cls == "vtkMRMLVectorVolumeNode" and components not in (3, 4):
         raise InputVolumeError(f"'{name}' has {components} components per voxel; SaliencyTrust reads a grey "
                                "radiograph or an RGB(A) picture of one.")
-    planes = [d for d in dims if d > 1]
-    if len(planes) != 2 or dims[2] != 1:
-        raise InputVolumeError(f"'{name}' is not a 2-D image (dimensions {dims[0]} x {dims[1]} x {dims[2]}); "
-                               "SaliencyTrust explains one radiograph, a single slice.")
+    if dims[0] < 2 or dims[1] < 2:
+        raise InputVolumeError(f"'{name}' is not an image (dimensions {dims[0]} x {dims[1]} x {dims[2]}); "
+                               "SaliencyTrust explains a radiograph (one slice) or a CT volume (several slices).")
+    if dims[2] == 1:
+        return 2
+    if cls == "vtkMRMLVectorVolumeNode":
+        raise InputVolumeError(f"'{name}' is a colour volume of {dims[2]} slices; SaliencyTrust explains a grey "
+                               "radiograph (one slice) or a grayscale CT volume.")
+    return 3
+
+
+def check_model_fits(volume, model_dimension: int, model_name: str) -> int:
+    """:func:`check_input_volume`, then :class:`InputVolumeError` in one sentence when the model is of the other
+    kind (a 2-D model and a CT volume, or a 3-D model and a radiograph); returns the input's dimension."""
+    dimension = check_input_volume(volume)
+    if int(model_dimension) != dimension:
+        raise InputVolumeError(texts.dimension_mismatch(volume.GetName(), volume.GetImageData().GetDimensions(),
+                                                        model_name, int(model_dimension)))
+    return dimension
 
 
 def write_volume(node, path: str | Path) -> Path:
@@ -132,7 +153,8 @@ def score_mask(volume, score_node) -> np.ndarray | None:
     else:
         raise SaliencyTrustError(f"'{score_node.GetName()}' is a {cls}; score against a segmentation or an ROI.")
     if not mask.any():
-        raise SaliencyTrustError(f"'{score_node.GetName()}' covers no pixel of the input image.")
+        what = "voxel of the input volume" if mask.shape[0] > 1 else "pixel of the input image"
+        raise SaliencyTrustError(f"'{score_node.GetName()}' covers no {what}.")
     return mask
 
 
@@ -315,19 +337,22 @@ def deidentified_copy(source: Path, dest: Path) -> Path:
 def prepare(volume, score_node, folder: str | Path) -> tuple[Path, Path | None]:
     """Check the input and write it (and the scoring mask, if any) into ``folder``; returns their paths.
 
-    A volume loaded from DICOM goes as its DICOM file (:func:`source_dicom`), without the patient's
+    A radiograph loaded from DICOM goes as its DICOM file (:func:`source_dicom`), without the patient's
     identifying elements (:func:`deidentified_copy`), which the bundle reads as it read its training data
-    (through the stored range); any other volume as NRRD whose header states its intensity range
-    (:func:`intensity_range`), so the bundle never guesses it from the content.
+    (through the stored range); any other radiograph as NRRD whose header states its intensity range
+    (:func:`intensity_range`), so the bundle never guesses it from the content. A CT volume goes as NRRD
+    with its geometry and values (HU); the bundle windows it as the model says.
     """
-    check_input_volume(volume)
+    dimension = check_input_volume(volume)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mask = score_mask(volume, score_node)
-    source = source_dicom(volume)
+    source = source_dicom(volume) if dimension == 2 else None
     if source is not None:
         image_path = folder / "input.dcm"
         deidentified_copy(source, image_path)
+    elif dimension == 3:
+        image_path = write_volume(volume, folder / "input.nrrd")
     else:
         lo, hi = intensity_range(volume)
         image_path = write_volume(volume, folder / "input.nrrd")

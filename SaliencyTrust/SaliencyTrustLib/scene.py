@@ -2,8 +2,10 @@
 
 The overlays use a perceptual colour map whose low values are transparent, with a colour legend per
 map; an earlier run's nodes for the same input are replaced only once the new run has loaded, so a
-failed load leaves the scene as it was. :func:`render_slice` draws a slice view offscreen through
-Slicer's own slice logic.
+failed load leaves the scene as it was. A map of a CT volume has the CT's grid (the same IJK-to-RAS,
+no resampling) and lies over it in all three slice views; :func:`show_volume_rendering` adds an
+optional volume rendering of it in the 3-D view, with the overlay's colours and transparent floor.
+:func:`render_slice` draws a slice view offscreen through Slicer's own slice logic.
 """
 
 from __future__ import annotations
@@ -211,7 +213,12 @@ def _remove_with_helpers(scene, node) -> None:
     """Remove ``node`` and the display / storage nodes only it used (colour legends included)."""
     helpers = []
     for i in range(node.GetNumberOfDisplayNodes() if hasattr(node, "GetNumberOfDisplayNodes") else 0):
-        helpers.append(node.GetNthDisplayNode(i))
+        display = node.GetNthDisplayNode(i)
+        helpers.append(display)
+        # A volume rendering display node's transfer functions (and cropping ROI, if one was made) are nodes too.
+        for getter in ("GetVolumePropertyNode", "GetShaderPropertyNode", "GetROINode"):
+            if display is not None and hasattr(display, getter):
+                helpers.append(getattr(display, getter)())
     if hasattr(node, "GetStorageNode"):
         helpers.append(node.GetStorageNode())
     scene.RemoveNode(node)
@@ -274,6 +281,8 @@ def load_run_output(scene, input_node, output_dir: str | Path, prefix: str | Non
             node = _load_map(scene, out / rel, f"{prefix} - {names.get(m, m)}")
             added.append(node)
             _match_geometry(node, input_node)
+            if input_node.GetParentTransformNode() is not None:  # where the input is drawn, the map is drawn
+                node.SetAndObserveTransformNodeID(input_node.GetParentTransformNode().GetID())
             node.CreateDefaultDisplayNodes()
             style_overlay(node, color)
             node.SetAttribute("SaliencyTrust.method", m)
@@ -396,3 +405,79 @@ def render_slice(scene, background, foreground, opacity: float = 0.5, size: int 
         for node in (slice_node, comp):
             if node is not None and scene.IsNodePresent(node):
                 scene.RemoveNode(node)
+
+
+#: Volume rendering of a map: opacity at a saliency of 1 (it falls linearly to 0 at OVERLAY_FLOOR), so the CT's
+#: own rendering or the slices stay visible through it.
+RENDERING_MAX_OPACITY = 0.6
+
+
+def style_volume_rendering(display) -> None:
+    """A map's volume rendering in the overlay's colours (inferno on [0, 1]) and with its transparent floor:
+    opacity 0 up to :data:`OVERLAY_FLOOR`, then rising linearly to :data:`RENDERING_MAX_OPACITY` at 1."""
+    import vtk
+
+    colors = vtk.vtkColorTransferFunction()
+    for x, (r, g, b) in INFERNO:
+        colors.AddRGBPoint(x, r, g, b)
+    opacity = vtk.vtkPiecewiseFunction()
+    opacity.AddPoint(0.0, 0.0)
+    opacity.AddPoint(OVERLAY_FLOOR, 0.0)
+    opacity.AddPoint(1.0, RENDERING_MAX_OPACITY)
+    prop = display.GetVolumePropertyNode()
+    prop.SetColor(colors)
+    prop.SetScalarOpacity(opacity)
+    display.SetFollowVolumeDisplayNode(0)  # the slice views' window and threshold must not replace these
+
+
+def show_volume_rendering(results: RunOutput | None, method: str | None, rendering_logic) -> object | None:
+    """Volume-render ``method``'s map in the 3-D views (the other maps' renderings hidden); ``method`` None hides
+    them all. Only for a CT volume's maps (a radiograph's map has one slice: nothing to render).
+
+    ``rendering_logic`` is the Volume Rendering module's logic (``slicer.modules.volumerendering.logic()`` in the
+    application; a ``vtkSlicerVolumeRenderingLogic`` on the scene in tests), or None where the application has no
+    volume rendering (then nothing happens). Returns the shown display node, or None.
+    """
+    if results is None or rendering_logic is None:
+        return None
+    shown = None
+    for m, node in results.map_nodes.items():
+        if node.GetScene() is None or node.GetImageData() is None:
+            continue
+        display = rendering_logic.GetFirstVolumeRenderingDisplayNode(node)
+        if m == method and node.GetImageData().GetDimensions()[2] > 1:
+            if display is None:
+                display = rendering_logic.CreateDefaultVolumeRenderingNodes(node)
+                if display is None:  # no volume rendering display node class in this application
+                    return None
+                style_volume_rendering(display)
+            display.SetVisibility(True)
+            shown = display
+        elif display is not None:
+            display.SetVisibility(False)
+    return shown
+
+
+def map_peak_ras(map_node) -> tuple[float, float, float]:
+    """The RAS position (mm) of the map's highest voxel (the first when several are equally high)."""
+    import vtk
+
+    values = _slicer().util.arrayFromVolume(map_node)
+    k, j, i = np.unravel_index(int(np.argmax(values)), values.shape)
+    m = vtk.vtkMatrix4x4()
+    map_node.GetIJKToRASMatrix(m)
+    ras = m.MultiplyPoint((float(i), float(j), float(k), 1.0))
+    transform = map_node.GetParentTransformNode()
+    if transform is not None:
+        to_world = vtk.vtkGeneralTransform()
+        transform.GetTransformToWorld(to_world)
+        return tuple(float(v) for v in to_world.TransformPoint(ras[:3]))
+    return float(ras[0]), float(ras[1]), float(ras[2])
+
+
+def jump_to_peak(scene, map_node) -> tuple[float, float, float]:
+    """Move every slice view through the map's highest voxel (a CT volume's map: the three views show where the
+    map points); returns that RAS position."""
+    ras = map_peak_ras(map_node)
+    _slicer().vtkMRMLSliceNode.JumpAllSlices(scene, *ras)
+    return ras

@@ -81,6 +81,17 @@ def training_note(record: dict) -> str:
     return ""
 
 
+def dimension_mismatch(input_name: str, dims, model_name: str, model_dimension: int) -> str:
+    """Why a model cannot explain this input, in one sentence: a 2-D model and a CT volume, or a 3-D model and a
+    radiograph. ``dims`` are the input's (I, J, K) dimensions."""
+    size = " x ".join(str(int(d)) for d in dims)
+    if model_dimension == 2:
+        return (f"'{input_name}' is a CT volume ({size} voxels) and the model '{model_name}' is a 2-D model that "
+                "explains one radiograph: choose a 3-D model, or a radiograph.")
+    return (f"'{input_name}' is a 2-D image (one slice, {size}) and the model '{model_name}' is a 3-D model that "
+            "explains a CT volume: choose a 2-D model, or a CT volume.")
+
+
 def trust_word(verdict: dict | None) -> tuple[str, list[str]]:
     """The trust column's text and the criteria failed; n/a never counts as a pass."""
     if not verdict:

@@ -153,7 +153,8 @@ def _node_count(scene) -> int:
 def test_bad_input_volumes_get_clear_messages_and_leave_the_scene_unchanged(scene, tmp_path):
     import vtk
 
-    three_d = slicer.util.addVolumeFromArray(np.zeros((5, 16, 16), np.int16), name="CT")
+    three_d = slicer.util.addVolumeFromArray(np.zeros((5, 16, 16, 3), np.uint8), name="CT",
+                                             nodeClassName="vtkMRMLVectorVolumeNode")  # a grey CT is an input now
     label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     label.SetAndObserveImageData(vtk.vtkImageData())
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
@@ -164,7 +165,7 @@ def test_bad_input_volumes_get_clear_messages_and_leave_the_scene_unchanged(scen
     rgb.SetAndObserveImageData(img)
     before = _node_count(scene)
     req = Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(tmp_path), python=sys.executable)
-    cases = {three_d: "not a 2-D image (dimensions 16 x 16 x 5)", label: "is a label map", empty: "no image data",
+    cases = {three_d: "a colour volume of 5 slices", label: "is a label map", empty: "no image data",
              rgb: "3 components per voxel", None: "Select an input volume"}
     for node, words in cases.items():
         with pytest.raises(InputVolumeError, match=words.replace("(", r"\(").replace(")", r"\)")):

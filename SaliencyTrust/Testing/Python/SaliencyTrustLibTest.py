@@ -22,13 +22,14 @@ class SaliencyTrustLibTest(unittest.TestCase):
                 for name in names:
                     self.assertFalse(name.split(".")[0] in ("qt", "ctk", "PythonQt"), f"{path.name} imports {name}")
 
-    def test_three_d_volume_is_refused(self):
+    def test_a_ct_volume_needs_a_3d_model(self):
         from SaliencyTrustLib import errors, inputs
 
         volume = slicer.util.addVolumeFromArray(np.zeros((4, 8, 8), np.int16))
         before = slicer.mrmlScene.GetNumberOfNodes()
+        self.assertEqual(inputs.check_input_volume(volume), 3)
         with self.assertRaises(errors.InputVolumeError):
-            inputs.check_input_volume(volume)
+            inputs.check_model_fits(volume, 2, "a 2-D model")
         self.assertEqual(before, slicer.mrmlScene.GetNumberOfNodes())
 
 
