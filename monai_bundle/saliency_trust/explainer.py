@@ -28,25 +28,28 @@ import torch
 from torch import nn
 
 from saliency_trust.methods import METHODS
-from saliency_trust.networks.modelfolder import ManifestError, ModelFolder, resize_images
+from saliency_trust.networks.modelfolder import ManifestError, ModelFolder, resize_images, resize_volumes
 from saliency_trust.saliency import Recipe, SegmentCache, explain, predict
 
 #: ``target`` words: the predicted class (the paper's rule), or the folder's finding class.
 TARGETS = ("predicted", "finding")
 
 
-def _images(images: Any) -> torch.Tensor:
-    """Images as ``[B, H, W]``: a tensor or a NumPy array, ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]``."""
+def _images(images: Any, spatial_dims: int = 2) -> torch.Tensor:
+    """Images as ``[B, H, W]``: a tensor or a NumPy array, ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]``; with
+    ``spatial_dims=3`` volumes as ``[B, D, H, W]`` from ``[D, H, W]``, ``[B, D, H, W]`` or ``[B, 1, D, H, W]``."""
     x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected images as a tensor or a NumPy array, got {type(images).__name__}")
-    if x.ndim == 2:
+    nd = spatial_dims
+    if x.ndim == nd:
         x = x[None]
-    elif x.ndim == 4 and x.shape[1] == 1:
+    elif x.ndim == nd + 2 and x.shape[1] == 1:
         x = x[:, 0]
-    if x.ndim != 3:
-        raise ValueError(f"expected grayscale [H, W], [B, H, W] or [B, 1, H, W] images in [0, 1], got "
-                         f"{tuple(x.shape)}")
+    if x.ndim != nd + 1:
+        forms = ("[H, W], [B, H, W] or [B, 1, H, W] images" if nd == 2
+                 else "[D, H, W], [B, D, H, W] or [B, 1, D, H, W] volumes (a 3-D model)")
+        raise ValueError(f"expected grayscale {forms} in [0, 1], got {tuple(x.shape)}")
     return x if x.is_floating_point() else x.float()
 
 
@@ -87,8 +90,9 @@ class Explainer:
         return Explainer(self.folder, net)
 
     def network_input(self, images: Any) -> torch.Tensor:
-        """Images in [0, 1] (any size) -> the network's input ``[B, C, S, S]`` on its device."""
-        return self.folder.network_input(_images(images).to(self.device))
+        """Images in [0, 1] (any size) -> the network's input ``[B, C, S, S]`` (a volume model: volumes windowed to
+        [0, 1] -> ``[B, C, D, H, W]``) on its device."""
+        return self.folder.network_input(_images(images, self.folder.spatial_dims).to(self.device))
 
     def probabilities(self, images: Any) -> torch.Tensor:
         """Softmax of the network's logits for ``images`` in [0, 1], ``[B, classes]``."""
@@ -142,7 +146,9 @@ class Explainer:
                  grid: str = "input", segment_cache: SegmentCache | None = None,
                  **overrides: Any) -> dict[str, torch.Tensor]:
         """Saliency maps of ``images`` (grayscale in [0, 1] as the readers give them: ``[H, W]``, ``[B, H, W]``
-        or ``[B, 1, H, W]``, tensor or NumPy, any size), one ``[B, H, W]`` map in [0, 1] per method.
+        or ``[B, 1, H, W]``, tensor or NumPy, any size), one ``[B, H, W]`` map in [0, 1] per method. A volume
+        model (``input.size`` ``[D, H, W]``) takes volumes windowed to [0, 1] (``[D, H, W]``, ``[B, D, H, W]`` or
+        ``[B, 1, D, H, W]``) and gives ``[B, D, H, W]`` maps.
 
         The images go through the folder's input mapping (:meth:`network_input`) and are explained with its
         settings (:meth:`explain_input`). ``methods`` None: every method this network can give; asking for
@@ -153,13 +159,15 @@ class Explainer:
         """
         if grid not in ("input", "network"):
             raise ValueError(f"grid must be 'input' or 'network', not {grid!r}")
-        images01 = _images(images)
+        nd = self.folder.spatial_dims
+        images01 = _images(images, nd)
         maps = self.explain_input(self.network_input(images01), methods, target=target, preset=preset,
                                   segment_cache=segment_cache, **overrides)
-        size = tuple(images01.shape[-2:])
-        if grid == "network" or all(tuple(m.shape[-2:]) == size for m in maps.values()):
+        size = tuple(images01.shape[-nd:])
+        if grid == "network" or all(tuple(m.shape[-nd:]) == size for m in maps.values()):
             return maps
-        return {k: resize_images(m, size).clamp(0.0, 1.0) for k, m in maps.items()}
+        resize = resize_volumes if nd == 3 else resize_images
+        return {k: resize(m, size).clamp(0.0, 1.0) for k, m in maps.items()}
 
 
 def explainer(model: str | Path | ModelFolder, replicate: int | None = None, *, arch: str | None = None,

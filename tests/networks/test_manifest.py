@@ -69,6 +69,15 @@ def _cases() -> dict[str, object]:
         "format": changed(("format",), "onnx"),
         "huge size": changed(("input", "size"), 5000),
         "input extra": changed(("input", "spacing"), [1, 1]),
+        "valid volume": changed(("input",), {"size": [32, 48, 48.0], "channels": 1, "normalization": {"range": [-1, 1]},
+                                             "window_hu": [-1000, 400], "spacing_mm": [8, 8.3, 8.3]}),
+        "volume size of two": changed(("input", "size"), [32, 48]),
+        "volume size of four": changed(("input", "size"), [1, 32, 48, 48]),
+        "volume size fraction": changed(("input", "size"), [32, 48.5, 48]),
+        "volume too thin": changed(("input", "size"), [4, 48, 48]),
+        "window of one": changed(("input", "window_hu"), [-1000]),
+        "window as text": changed(("input", "window_hu"), "lung"),
+        "spacing as text": changed(("input", "spacing_mm"), ["1", "1", "1"]),
     })
     return cases
 
@@ -87,7 +96,7 @@ def test_the_validator_agrees_with_jsonschema(case):
 
 
 #: The cases the schema accepts (the other checks of a manifest, and the network's, refuse the "bad:" ones).
-SCHEMA_VALID = {"valid", "valid registry", "valid blocks", "channels 1.0", "bad: bad target arguments",
+SCHEMA_VALID = {"valid", "valid registry", "valid blocks", "valid volume", "channels 1.0", "bad: bad target arguments",
                 "bad: finding class", "bad: mean per channel", "bad: target not importable",
                 "bad: target without channels", "bad: verdict block", "bad: zero std", "window and preset"}
 

@@ -2,7 +2,9 @@
 
 A model folder holds weight files and a manifest ``model.json`` (schema: ``model.schema.json``
 beside this file, :data:`SCHEMA`) that says what the network is (a registry name or a MONAI-style
-``_target_`` with arguments), which file is which replicate, the input size, channels and intensity
+``_target_`` with arguments), which file is which replicate, the input size (an integer for a square
+2-D image; ``[D, H, W]`` for a volume, whose network is 3-D, with the HU window ``window_hu`` that
+maps the CT to [0, 1] and the ``spacing_mm`` it was trained at), channels and intensity
 normalization, the classes and the finding class, the Grad-CAM layer and the randomization blocks
 (head first). Fields the manifest leaves out are filled from :data:`FAMILY_DEFAULTS` by the
 network's class; a network of another family must name them.
@@ -150,7 +152,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "torchvision.models.densenet.DenseNet": {
         "cam_layer": "features", "cam_post_relu": True, "verdict_keep": 2,
         "randomization_blocks": _densenet_blocks("features.", "classifier")},
-    # MONAI DenseNet (DenseNet121 ...): ``class_layers.relu`` is the ReLU module after norm5.
+    # MONAI DenseNet (DenseNet121 ...; 2-D and 3-D alike, ``spatial_dims`` changes no module name):
+    # ``class_layers.relu`` is the ReLU module after norm5.
     "monai.networks.nets.densenet.DenseNet": {
         "cam_layer": "class_layers.relu", "cam_post_relu": False, "verdict_keep": 2,
         "randomization_blocks": _densenet_blocks("features.", "class_layers.out")},
@@ -159,11 +162,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "cam_layer": "layer4", "cam_post_relu": False, "verdict_keep": 2,
         "randomization_blocks": [{"name": "logits", "modules": ["fc"]}, *_blocks("layer4", "layer3", "layer2",
                                                                                   "layer1", ("conv1", "bn1"))]},
+    # MONAI ResNet (resnet10 ... 200, 2-D and 3-D): every block ends with its ``act`` (ReLU by default), so
+    # ``layer4``'s output is post-activation; one block per stage, the stem is conv1 + bn1.
+    "monai.networks.nets.resnet.ResNet": {
+        "cam_layer": "layer4", "cam_post_relu": False, "verdict_keep": 2,
+        "randomization_blocks": [{"name": "logits", "modules": ["fc"]}, *_blocks("layer4", "layer3", "layer2",
+                                                                                  "layer1", ("conv1", "bn1"))]},
     # torchvision EfficientNet (B0-B7, V2): ``features`` ends with conv + BN + SiLU; one block per stage.
     "torchvision.models.efficientnet.EfficientNet": {
         "cam_layer": "features", "cam_post_relu": False, "verdict_keep": 2,
         "randomization_blocks": [{"name": "logits", "modules": ["classifier.1"]}, "features"]},
-    # MONAI EfficientNetBN: the head's swish (``_swish``, also called on the stem: its last call is the head's).
+    # MONAI EfficientNetBN (2-D and 3-D): the head's swish (``_swish``, also called on the stem: its last call is
+    # the head's).
     "monai.networks.nets.efficientnet.EfficientNet": {
         "cam_layer": "_swish", "cam_post_relu": False, "verdict_keep": 2,
         "randomization_blocks": [{"name": "logits", "modules": ["_fc"]},
@@ -458,6 +468,7 @@ class ModelManifest:
             for key in ("channels", "normalization"):
                 if key not in self.input:
                     raise ManifestError(f"{where}: field 'input.{key}' is required for a '_target_' network")
+        self._validate_volume(where)
         norm = self.input.get("normalization", {})
         for key in ("mean", "std"):
             if key in norm and len(norm[key]) not in (1, self.channels):
@@ -479,6 +490,25 @@ class ModelManifest:
             if not path.is_file():
                 raise ManifestError(f"{where}: field '{field_name}' names {path.name} "
                                     f"(replicate {k}), which is not in the folder")
+
+    def _validate_volume(self, where: Path) -> None:
+        """The volume fields: ``window_hu`` (required for a volume, lo < hi) and ``spacing_mm`` (positive) belong
+        to a model whose ``input.size`` is ``[D, H, W]``."""
+        given = [k for k in ("window_hu", "spacing_mm") if k in self.input]
+        if not self.is_volume:
+            if given:
+                raise ManifestError(f"{where}: field 'input.{given[0]}' is for volume models; give 'input.size' as "
+                                    "[D, H, W] (a 3-D network), or leave it out")
+            return
+        if "window_hu" not in self.input:
+            raise ManifestError(f"{where}: field 'input.window_hu' is required for a volume model (input.size "
+                                "[D, H, W]): the HU window [lo, hi] that maps the CT to [0, 1]")
+        lo, hi = self.input["window_hu"]
+        if not lo < hi:
+            raise ManifestError(f"{where}: field 'input.window_hu' is [{lo}, {hi}]; it needs lo < hi (HU)")
+        if any(v <= 0 for v in self.input.get("spacing_mm", [])):
+            raise ManifestError(f"{where}: field 'input.spacing_mm' is {self.input['spacing_mm']}; every spacing "
+                                "must be positive (mm)")
 
     # -- what the manifest says ------------------------------------------------------------------
     @property
@@ -515,10 +545,48 @@ class ModelManifest:
         return self.manifest["input"]
 
     @property
-    def image_size(self) -> int | None:
-        """The input size the network was trained at (None: not recorded, an old folder without record)."""
+    def is_volume(self) -> bool:
+        """Whether the network takes volumes (``input.size`` is ``[D, H, W]``: a 3-D network)."""
+        return isinstance(self.input.get("size"), list)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return 3 if self.is_volume else 2
+
+    @property
+    def input_size(self) -> tuple[int, ...] | None:
+        """The grid the network was trained at: ``(S, S)`` for a 2-D model, ``(D, H, W)`` for a volume model
+        (None: not recorded, an old folder without record)."""
         size = self.input.get("size")
+        if isinstance(size, list):
+            return tuple(int(s) for s in size)
+        return (int(size), int(size)) if size else None
+
+    @property
+    def image_size(self) -> int | None:
+        """The square input size a 2-D network was trained at (None: not recorded, an old folder without record).
+
+        A volume model has no one size: asking for it raises :class:`ManifestError` (use :attr:`input_size`),
+        so no caller silently treats a volume model as a 2-D one.
+        """
+        size = self.input.get("size")
+        if isinstance(size, list):
+            raise ManifestError(f"{self.folder / MANIFEST}: a volume model (input.size {size}) has no square image "
+                                "size; read input_size (D, H, W)")
         return int(size) if size else None
+
+    @property
+    def window_hu(self) -> tuple[float, float] | None:
+        """A volume model's HU window ``(lo, hi)`` (CT -> [0, 1] before the normalization); None for a 2-D model."""
+        w = self.input.get("window_hu")
+        return (float(w[0]), float(w[1])) if w else None
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float] | None:
+        """The voxel spacing ``(z, y, x)`` in mm a volume model was trained at, when recorded."""
+        s = self.input.get("spacing_mm")
+        return (float(s[0]), float(s[1]), float(s[2])) if s else None
 
     @property
     def channels(self) -> int:
@@ -645,10 +713,14 @@ def find_models(root: str | Path, depth: int = 2, *,
 # What training writes
 
 
-def write_training_manifest(folder: str | Path, arch: str, replicate: int, image_size: int, task: str | None,
-                            kind: str = "classifier") -> Path:
+def write_training_manifest(folder: str | Path, arch: str, replicate: int, image_size: int | list[int],
+                            task: str | None, kind: str = "classifier", *, network: dict | None = None,
+                            input_spec: dict | None = None) -> Path:
     """Add replicate ``replicate`` (file :func:`replicate_file`) to the ``model.json`` training writes.
 
+    ``arch`` is a registry name (the network, with the paper's [-1, 1] three-channel input at ``image_size``),
+    or with ``network`` (a ``_target_`` spec) and ``input_spec`` (the whole ``input`` block: a volume model's
+    ``[D, H, W]`` size, channels, normalization, ``window_hu``, ``spacing_mm``) the name training gave it.
     The manifest is rewritten atomically (the engine's writer, with its fault points: this function runs
     in the bundle's training, never in the Slicer module). A manifest whose network or input differs from
     this training's loses its other replicates (they were trained otherwise); the files stay.
@@ -656,9 +728,12 @@ def write_training_manifest(folder: str | Path, arch: str, replicate: int, image
     from saliency_trust.data.imageio import atomic_write_bytes
 
     folder = Path(folder)
+    if (network is None) != (input_spec is None):
+        raise ValueError("give both network and input_spec (a _target_ network and its input block), or neither")
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "name": f"{arch}" + (f" ({task})" if task else ""), "kind": kind,
-        "network": arch, "replicates": {}, "input": {"size": int(image_size), **PAPER_INPUT}}
+        "network": network if network is not None else arch, "replicates": {},
+        "input": dict(input_spec) if input_spec is not None else {"size": int(image_size), **PAPER_INPUT}}
     if kind == "classifier":
         manifest.update(classes=["no finding", task or "finding"], finding_class=1)
         if task:
@@ -674,5 +749,8 @@ def write_training_manifest(folder: str | Path, arch: str, replicate: int, image
             manifest["replicates"] = {k: v for k, v in old.get("replicates", {}).items() if (folder / v).is_file()}
     manifest["replicates"][str(int(replicate))] = replicate_file(replicate)
     manifest["replicates"] = dict(sorted(manifest["replicates"].items(), key=lambda kv: int(kv[0])))
+    problems = sorted(schema_problems(manifest), key=lambda p: (len(p.path), [str(x) for x in p.path]))
+    if problems:  # refused here, at training, not when someone opens the folder later
+        raise ManifestError(f"{path}: training would write an invalid manifest: {_schema_problem(problems[0])}")
     atomic_write_bytes(path, json.dumps(manifest, indent=2).encode())
     return path

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,7 +58,7 @@ __all__ = [
     "ASSESSMENT", "FAMILY_DEFAULTS", "IMAGENET", "KINDS", "LEGACY_FILE", "MANIFEST", "PAPER_INPUT", "REGISTRY_CLASSES",
     "SCHEMA", "SCHEMA_FILE", "SCHEMA_VERSION", "ManifestError", "ModelFolder", "ModelManifest", "assessment_path",
     "expand_blocks", "family_defaults", "file_sha256", "find_models", "legacy_architectures", "record_file",
-    "replicate_file", "resize_images", "training_weights", "write_training_manifest",
+    "replicate_file", "resize_images", "resize_volumes", "training_weights", "write_training_manifest",
 ]
 
 
@@ -73,6 +74,19 @@ def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return images
     x = images if images.is_floating_point() else images.float()
     return F.interpolate(x[:, None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[:, 0]
+
+
+def resize_volumes(volumes: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """``[B, D, H, W]`` volumes resampled to ``size`` as the volume readers resample (extent kept, linear between
+    voxel centres, antialiased when shrinking: :func:`saliency_trust.data.volumes.resample_volume`); the same size
+    is a no-op."""
+    if tuple(volumes.shape[-3:]) == tuple(size):
+        return volumes
+    from saliency_trust.data.volumes import resample_volume
+
+    host = volumes.detach().float().cpu().numpy()
+    out = np.stack([resample_volume(v, tuple(size))[0] for v in host])
+    return torch.from_numpy(out).to(volumes.device)
 
 
 @dataclass
@@ -190,19 +204,20 @@ class ModelFolder(ModelManifest):
                                     f"of the randomization blocks {names}")
         if self._probe is not None:  # one architecture per folder: its replicates and copies need no new probe
             return
-        size = self.image_size or 96
+        grid = self.input_size or (96, 96)
         dev = next((p.device for p in net.parameters()), torch.device("cpu"))
-        x = torch.zeros((2, self.channels, size, size), device=dev, requires_grad=True)
+        x = torch.zeros((2, self.channels, *grid), device=dev, requires_grad=True)
         was = net.training
         net.eval()
         try:
             y = net(x)
         except Exception as exc:
-            raise ManifestError(f"{where}: the network fails on a [2, {self.channels}, {size}, {size}] input "
+            shape = ", ".join(str(n) for n in x.shape)
+            raise ManifestError(f"{where}: the network fails on a [{shape}] input "
                                 f"(fields 'input.size', 'input.channels'): {type(exc).__name__}: {exc}") from None
         finally:
             net.train(was)
-        want = (2, len(self.classes)) if self.kind == "classifier" else (2, 1, size, size)
+        want = (2, len(self.classes)) if self.kind == "classifier" else (2, 1, *grid)
         if not isinstance(y, torch.Tensor):
             raise ManifestError(f"{where}: the network returns a {type(y).__name__}, not a tensor of shape "
                                 f"[B, {want[1]}]")
@@ -234,31 +249,46 @@ class ModelFolder(ModelManifest):
             return {"gbp": why, "ggcam": why}
         return {}
 
+    def _expected(self) -> str:
+        if self.is_volume:
+            return "volumes [B, D, H, W] or [B, 1, D, H, W]"
+        return "grayscale [B, H, W] or [B, 1, H, W] images"
+
     def to_input(self, images01: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] (``[B, H, W]`` or ``[B, 1, H, W]``) at the network's size -> its input ``[B, C, H, W]``
-        (window, channels, normalization; no resize: :meth:`network_input` resizes too)."""
-        x = images01[:, None] if images01.ndim == 3 else images01
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"expected grayscale [B, H, W] or [B, 1, H, W] images, got {tuple(images01.shape)}")
+        """Images in [0, 1] (``[B, H, W]`` or ``[B, 1, H, W]``; a volume model: ``[B, D, H, W]`` or
+        ``[B, 1, D, H, W]``, already windowed to [0, 1] by ``input.window_hu``) at the network's size -> its input
+        ``[B, C, H, W]`` (``[B, C, D, H, W]``): window, channels, normalization; no resize
+        (:meth:`network_input` resizes too)."""
+        nd = self.spatial_dims
+        x = images01[:, None] if images01.ndim == nd + 1 else images01
+        if x.ndim != nd + 2 or x.shape[1] != 1:
+            raise ValueError(f"expected {self._expected()}, got {tuple(images01.shape)}")
         x = x.float() if not x.is_floating_point() else x
         norm = self.normalization
         if "window" in norm:
             lo, hi = norm["window"]
             x = ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
-        x = x.expand(-1, self.channels, -1, -1)
+        x = x.expand(-1, self.channels, *([-1] * nd))
         scale, shift = self._affine()
-        return (x * torch.tensor(scale, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-                + torch.tensor(shift, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)).contiguous()
+        view = (1, -1, *([1] * nd))
+        return (x * torch.tensor(scale, dtype=x.dtype, device=x.device).view(view)
+                + torch.tensor(shift, dtype=x.dtype, device=x.device).view(view)).contiguous()
 
-    def network_input(self, images01: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """Images in [0, 1] as the readers give them (``[B, H, W]`` or ``[B, 1, H, W]``, any size) -> the network's
-        input ``[B, C, S, S]``: resized to ``size`` (default: the size the model was trained at, else the
-        images' own) as the readers resize (:func:`resize_images`), then :meth:`to_input`."""
-        x = images01[:, 0] if images01.ndim == 4 and images01.shape[1] == 1 else images01
-        if x.ndim != 3:
-            raise ValueError(f"expected grayscale [B, H, W] or [B, 1, H, W] images, got {tuple(images01.shape)}")
-        s = size or self.image_size
-        return self.to_input(resize_images(x, (s, s)) if s else x)
+    def network_input(self, images01: torch.Tensor, size: int | tuple[int, ...] | None = None) -> torch.Tensor:
+        """Images in [0, 1] as the readers give them (``[B, H, W]`` or ``[B, 1, H, W]``, any size; a volume model:
+        ``[B, D, H, W]`` or ``[B, 1, D, H, W]`` windowed to [0, 1]) -> the network's input ``[B, C, S, S]``
+        (``[B, C, D, H, W]``): resized to ``size`` (default: the size the model was trained at, else the images'
+        own) as the readers resize (:func:`resize_images`, :func:`resize_volumes`), then :meth:`to_input`."""
+        nd = self.spatial_dims
+        x = images01[:, 0] if images01.ndim == nd + 2 and images01.shape[1] == 1 else images01
+        if x.ndim != nd + 1:
+            raise ValueError(f"expected {self._expected()}, got {tuple(images01.shape)}")
+        grid = (size,) * nd if isinstance(size, int) else tuple(size) if size else self.input_size
+        if grid is not None and len(grid) != nd:
+            raise ValueError(f"size {size!r} is not a {nd}-D grid")
+        if grid is None:
+            return self.to_input(x)
+        return self.to_input(resize_volumes(x, grid) if nd == 3 else resize_images(x, grid))
 
     def _affine(self) -> tuple[list[float], list[float]]:
         """Per channel ``(scale, shift)``: network input = scale * x01 + shift (after any window)."""
