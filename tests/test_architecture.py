@@ -19,11 +19,19 @@ def _edges() -> dict[str, set[str]]:
         here = rel[0].removesuffix(".py")
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("saliency_trust."):
+            if isinstance(node, ast.ImportFrom) and node.level:  # relative: resolve against this file's package
+                base = ["saliency_trust", *rel[:-1]][: len(rel) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] if node.module else [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module == "saliency_trust":
+                names = [f"saliency_trust.{a.name}" for a in node.names]  # from saliency_trust import faults
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("saliency_trust."):
                 names = [node.module]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names if a.name.startswith("saliency_trust.")]
             for name in names:
+                if name.count(".") < 1:
+                    continue
                 there = name.split(".")[1]
                 if there != here:
                     edges.setdefault(here, set()).add(there)

@@ -1,4 +1,8 @@
-"""Every option of an assessment and of an inference, validated and defaulted once (standard library only).
+"""Every option of an assessment and of an inference, validated and defaulted once.
+
+The module imports the standard library only (the Slicer module can load it by path); checking a
+preset's recipe overrides imports :mod:`saliency_trust.saliency.presets` when an
+:class:`AssessmentSettings` is built.
 
 :class:`AssessmentSettings` is what ``configs/trust.json`` builds (a ``_target_`` block) and what
 :func:`~saliency_trust.workflows.assess.run_assessment` runs; :class:`InferenceRequest` is its twin
@@ -34,9 +38,9 @@ MAP_FORMATS = ("nrrd", "nifti")
 
 
 def _frozen(value: Any) -> Any:
-    """A hashable, immutable copy of a JSON-like value (lists become tuples, dicts sorted item tuples)."""
+    """An immutable copy of a JSON-like value: lists become tuples, dicts :class:`_FrozenDict`, all the way down."""
     if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+        return _FrozenDict({str(k): _frozen(v) for k, v in value.items()})
     if isinstance(value, list | tuple):
         return tuple(_frozen(v) for v in value)
     return value
@@ -58,7 +62,7 @@ def _model_ref(value: Any) -> Any:
     if isinstance(value, str | Path):
         return str(value)
     if isinstance(value, Mapping):
-        return _FrozenDict({k: (_model_ref(v) if isinstance(v, str | Path) else _frozen(v)) for k, v in value.items()})
+        return _FrozenDict({k: (str(v) if isinstance(v, str | Path) else _frozen(v)) for k, v in value.items()})
     return value  # a ModelFolder object
 
 
@@ -68,7 +72,7 @@ class _FrozenDict(dict):
     def _refuse(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("settings are frozen; build a new settings object with dataclasses.replace")
 
-    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse  # type: ignore
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted((k, repr(v)) for k, v in self.items())))
@@ -77,6 +81,17 @@ class _FrozenDict(dict):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (``True`` is an int to Python, never a count or a seed here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_bools(obj: Any, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
 
 
 def _check_recipe(preset: str, overrides: Mapping[str, Any]) -> None:
@@ -147,22 +162,24 @@ class AssessmentSettings:
         if self.methods is not None:
             put(self, "methods", tuple(dict.fromkeys([self.methods] if isinstance(self.methods, str)
                                                      else self.methods)))
-        put(self, "recipe_overrides", _FrozenDict(dict(self.recipe_overrides or {})))
+        put(self, "recipe_overrides", _frozen(dict(self.recipe_overrides or {})))
         _check(bool(self.classifiers), "no classifiers to assess")
+        _check(self.methods is None or len(self.methods) > 0, "methods must be None (all) or name at least one")
         _check_methods(self.methods)
+        _check_bools(self, ("include_training_images", "full_cascade", "report", "progress"))
         _check(self.preset in PRESETS, f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
         _check_recipe(self.preset, self.recipe_overrides)
-        _check(isinstance(self.n_images, int) and self.n_images >= 2,
+        _check(_is_int(self.n_images) and self.n_images >= 2,
                f"n_images must be an integer of at least 2, got {self.n_images!r}")
-        _check(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 16),
+        _check(self.image_size is None or (_is_int(self.image_size) and self.image_size >= 16),
                f"image_size must be None or an integer of at least 16 px, got {self.image_size!r}")
         _check(isinstance(self.split, str | Path) and str(self.split) != "",
                f"split must be 'auto', 'test', 'all' or a file of image ids, got {self.split!r}")
         put(self, "split", str(self.split))
-        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        _check(_is_int(self.seed) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
         _check(self.data_range is None or (isinstance(self.data_range, int | float) and self.data_range > 0),
                f"data_range must be None or a positive number, got {self.data_range!r}")
-        _check(isinstance(self.pairs_per_image, int) and self.pairs_per_image >= 1,
+        _check(_is_int(self.pairs_per_image) and self.pairs_per_image >= 1,
                f"pairs_per_image must be a positive integer, got {self.pairs_per_image!r}")
         _check(isinstance(self.agreement_threshold, int | float) and math.isfinite(self.agreement_threshold),
                f"agreement_threshold must be a number, got {self.agreement_threshold!r}")
@@ -172,9 +189,9 @@ class AssessmentSettings:
                f"explain_class must be one of {EXPLAIN_CLASSES}, got {self.explain_class!r}")
         _check(self.randomization_target is None or self.randomization_target in TARGETS,
                f"randomization_target must be one of {TARGETS}, got {self.randomization_target!r}")
-        _check(self.randomize is None or (isinstance(self.randomize, int) and self.randomize >= 0),
+        _check(self.randomize is None or (_is_int(self.randomize) and self.randomize >= 0),
                f"randomize must be None or a non-negative integer, got {self.randomize!r}")
-        _check(isinstance(self.block, int) and self.block >= 1, f"block must be a positive integer, got {self.block!r}")
+        _check(_is_int(self.block) and self.block >= 1, f"block must be a positive integer, got {self.block!r}")
 
     @classmethod
     def from_options(cls, dataset_dir: str | Path, output_dir: str | Path, classifiers: Any,
@@ -268,23 +285,25 @@ class InferenceRequest:
         if self.methods is not None:
             put(self, "methods", tuple(dict.fromkeys([self.methods] if isinstance(self.methods, str)
                                                      else self.methods)))
+        _check(self.methods is None or len(self.methods) > 0, "methods must be None (all) or name at least one")
         _check_methods(self.methods)
+        _check_bools(self, ("accept_any_input", "checks", "cache_networks"))
         _check(self.preset in PRESETS, f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
         _check(self.map_format in MAP_FORMATS, f"map_format must be one of {sorted(MAP_FORMATS)}, "
                                                f"got {self.map_format!r}")
-        _check(self.replicate is None or (isinstance(self.replicate, int) and self.replicate >= 0)
+        _check(self.replicate is None or (_is_int(self.replicate) and self.replicate >= 0)
                or (isinstance(self.replicate, str) and self.replicate.isdigit()),
                f"replicate must be None or a non-negative integer, got {self.replicate!r}")
         if self.replicate is not None:
             put(self, "replicate", int(self.replicate))
-        _check(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 16),
+        _check(self.image_size is None or (_is_int(self.image_size) and self.image_size >= 16),
                f"image_size must be None or an integer of at least 16 px, got {self.image_size!r}")
         if self.intensity_range is not None:
             lo_hi = tuple(float(v) for v in self.intensity_range)
             _check(len(lo_hi) == 2 and all(math.isfinite(v) for v in lo_hi) and lo_hi[0] < lo_hi[1],
                    f"intensity_range must be two finite numbers lo < hi, got {self.intensity_range!r}")
             put(self, "intensity_range", lo_hi)
-        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        _check(_is_int(self.seed) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
 
     def to_config(self) -> dict[str, Any]:
         """The request as JSON (what ``prediction.json`` records of how it was made)."""

@@ -47,15 +47,19 @@ def _plan(tmp_path, **settings) -> Plan:
 def _maps(plan: Plan) -> Maps:
     g = torch.Generator().manual_seed(2)
     masks = plan.cohort.masks.float()
-    # grad: the lesion itself, blurred a little (every replicate and architecture agrees); sg: noise.
+    # grad: the lesion itself, blurred a little, for the primary and the second architecture; the primary's
+    # second replicate gives noise instead (repeatability fails, reproducibility passes). sg: noise everywhere.
     lesion = torch.nn.functional.avg_pool2d(masks[:, None], 3, 1, 1)[:, 0]
     noise = [torch.rand((N, H, H), generator=g) for _ in range(3)]
-    trained = [{"grad": lesion.clone(), "sg": noise[i]} for i in range(3)]
+    trained = [{"grad": lesion.clone(), "sg": noise[0]}, {"grad": torch.rand((N, H, H), generator=g), "sg": noise[1]},
+               {"grad": lesion.clone(), "sg": noise[2]}]
     # Randomization: grad's randomized map still equals the trained one (insensitive: FAIL), sg's is new noise.
     rand_sg = torch.rand((N, H, H), generator=g)
     baseline = {m: random_pair_ssim(trained[0][m], 5, 1.0, 0) for m in METHODS}
-    ssim = {"grad": torch.ones((2, N), dtype=torch.float64),  # just under the random-pair mean:
-            "sg": torch.full((2, N), float(baseline["sg"].mean()) - 0.005, dtype=torch.float64)}
+    # The verdict state is the second row; the first (the head alone randomized) says the opposite.
+    ssim = {"grad": torch.stack([torch.zeros(N, dtype=torch.float64), torch.ones(N, dtype=torch.float64)]),
+            "sg": torch.stack([torch.ones(N, dtype=torch.float64),  # then just under the random-pair mean:
+                               torch.full((N,), float(baseline["sg"].mean()) - 0.005, dtype=torch.float64)])}
     curve = RandomizationCurve(
         states=["logits", "block1"], verdict_state="block1", class_changed=[0, 0], ssim=ssim,
         spearman={m: torch.zeros((2, N), dtype=torch.float64) for m in METHODS},
@@ -79,10 +83,11 @@ def test_score_on_fabricated_maps_decides_each_criterion(tmp_path):
     for m in METHODS:  # the paper's AUPRC: the trapezoid under scikit-learn's precision-recall curve
         curves = [precision_recall_curve(masks[i].ravel(), maps.trained[0][m][i].numpy().ravel()) for i in range(N)]
         assert np.allclose(scores.auprc[m], [auc(r, p) for p, r, _ in curves], atol=1e-6)
-    # Repeatability / reproducibility: identical maps agree (SSIM 1) above chance; independent noise does not.
-    for c in ("repeatability", "reproducibility"):
-        assert v["grad"][c].passed is True and v["sg"][c].passed is False
-    assert np.allclose(scores.repeat["grad"], 1.0) and np.allclose(scores.reprod["grad"], 1.0)
+    # Reproducibility compares the primary with the second architecture: identical maps (SSIM 1) pass; the
+    # primary's two replicates (repeatability) disagree for grad; independent noise never agrees.
+    assert v["grad"]["reproducibility"].passed is True and np.allclose(scores.reprod["grad"], 1.0)
+    assert v["grad"]["repeatability"].passed is False and v["grad"]["repeatability"].decided_by == "chance"
+    assert v["sg"]["repeatability"].passed is False and v["sg"]["reproducibility"].passed is False
     # Randomization: the paper's rule on the verdict state (mean SSIM against the random-pair mean).
     assert v["grad"]["randomization"].passed is False and v["sg"]["randomization"].passed is True
     assert v["grad"]["randomization"].state == "block1" and v["grad"]["randomization"].evidence == "fail"
@@ -117,6 +122,17 @@ def test_settings_refuse_bad_values_once(tmp_path):
     s = AssessmentSettings(**base, recipe_overrides={"sg_samples": 3})
     with pytest.raises(TypeError, match="frozen"):
         s.recipe_overrides["sg_samples"] = 4
+    with pytest.raises(TypeError, match="frozen"):
+        s.recipe_overrides |= {"ig_steps": 2}
+    assert AssessmentSettings(**base, recipe_overrides={"xrai_scales": [50, 100]}).recipe_overrides["xrai_scales"] \
+        == (50, 100)  # nested values are immutable too
+    for bad in ({"seed": True}, {"block": True}, {"methods": ()}, {"report": "no"}):
+        with pytest.raises(ValueError):
+            AssessmentSettings(**{**base, **bad})
+    from saliency_trust.workflows.assess import plan_assessment
+
+    with pytest.raises(TypeError, match="beside an AssessmentSettings"):
+        plan_assessment(s, n_images=2)  # never silently dropped
     assert s.ssim_data_range == 2.0 and s.target_rule == "own"  # the paper preset's defaults
     q = AssessmentSettings(**base, preset="quick", explain_class="finding", randomization_target="own")
     assert q.ssim_data_range == 1.0 and q.own_target == "own" and q.target_rule == "trained"

@@ -535,14 +535,30 @@ def _roles(s: AssessmentSettings, models: list[ModelState]) -> tuple[Roles, dict
                  second_arch=others[0] if others else None), not_run
 
 
+#: Config entries that change no map a step computes (verdict settings; what was asked where the config also holds
+#: what it resolved to; how many replicates are randomized, each replicate's cascade being its own step): left out
+#: of the resume key, so changing one recomputes no map.
+NOT_IN_RESUME_KEY = frozenset({"equivalence_margin", "agreement_threshold", "n_requested", "methods_asked",
+                               "randomize", "randomized_replicates"})
+
+
+def _settings(settings: AssessmentSettings | str | Path, args: tuple, options: dict) -> AssessmentSettings:
+    """The settings object given, or one built from the older call form; options beside an object are refused."""
+    if isinstance(settings, AssessmentSettings):
+        if args or options:
+            raise TypeError(f"options {sorted(options) or list(args)} given beside an AssessmentSettings: set them on "
+                            "it (dataclasses.replace(settings, ...)) instead")
+        return settings
+    return AssessmentSettings.from_options(settings, *args, **options)
+
+
 def plan_assessment(settings: AssessmentSettings | str | Path, *args: Any, **options: Any) -> Plan:
     """Read and choose the data, describe the models and settings; nothing runs a model yet.
 
     ``settings`` is an :class:`~saliency_trust.settings.AssessmentSettings`, or the older call form
     ``plan_assessment(dataset_dir, output_dir, classifiers, localizers, **options)``.
     """
-    s = settings if isinstance(settings, AssessmentSettings) else AssessmentSettings.from_options(settings, *args,
-                                                                                                   **options)
+    s = _settings(settings, args, options)
     entries = model_entries(s.classifiers)
     loc_entries = model_entries(s.localizers, "localizer")
     folders = _distinct(entries)
@@ -584,7 +600,8 @@ def plan_assessment(settings: AssessmentSettings | str | Path, *args: Any, **opt
               "localizers": [{**m.record(), "network": m.arch} for m in localizers],
               "models": {str(f.folder): f.describe() for f in folders}, "explain_settings": probe.explain,
               "code": code_fingerprint()}
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in NOT_IN_RESUME_KEY},
+                                    sort_keys=True).encode()).hexdigest()
     return Plan(settings=s, device=dev, cohort=cohort, models=models, localizers=localizers, roles=roles,
                 methods=methods, not_run=not_run, facts=facts, data=data, config=config, key=key)
 
@@ -1103,8 +1120,7 @@ def run_assessment(settings: AssessmentSettings | str | Path, *args: Any, **opti
     writes.
     """
     t0 = time.time()
-    s = settings if isinstance(settings, AssessmentSettings) else AssessmentSettings.from_options(settings, *args,
-                                                                                                   **options)
+    s = _settings(settings, args, options)
     plan = plan_assessment(s)
     if _world()[0] == 0:
         for folder in (plan.out_dir, plan.out_dir / ".steps", plan.out_dir / "figures"):
