@@ -71,6 +71,9 @@ def methods_module(bundle_dir: str | Path | None = None) -> ModuleType:
 def manifest_dimension(manifest) -> int:
     """A model folder's spatial dimension: 3 when its ``model.json`` gives ``input.size`` as ``[D, H, W]`` (a 3-D
     network: it explains a CT volume), else 2 (one radiograph)."""
+    dims = getattr(manifest, "spatial_dims", None)  # the bundle's reader says it (older bundles: from the size)
+    if dims in (2, 3):
+        return int(dims)
     size = (getattr(manifest, "input", None) or {}).get("size")
     return 3 if isinstance(size, (list, tuple)) and len(size) == 3 else 2
 

@@ -7,8 +7,9 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 * ``GET /info``: models (architecture, replicates, task and classes, training data,
   dataset-level verdicts), methods, presets; a model is a model folder under ``--models-dir``,
   named by its path there (``opacity/densenet121``);
-* ``POST /infer/{model}``: multipart upload ``image`` (DICOM, NIfTI, NRRD or PNG; the type is
-  read from the content, never from the name), optional ``mask``, and form fields ``methods``,
+* ``POST /infer/{model}``: multipart upload ``image`` (DICOM, NIfTI, NRRD or PNG, or for a 3-D model a
+  CT volume: NIfTI, NRRD or a zip of one DICOM series; the type is read from the content, never from
+  the name), optional ``mask`` (on the image's grid), and form fields ``methods``,
   ``preset``, ``replicate``, ``checks``, ``accept_any_input`` (run a DICOM the model was not made
   for: CT, a lateral view, a multi-frame image). Runs the bundle's inference workflow and returns its
   ``prediction.json`` with ``maps`` turned into links under ``/results/{id}/maps/...`` (NIfTI on
@@ -35,9 +36,13 @@ Requests are queued for one worker thread that owns the device and keeps one ins
 network; a request waits at most ``--timeout`` seconds (queue time included) and then gets 504.
 Security: binds to 127.0.0.1 unless told otherwise and refuses a non-loopback address without a
 token; ``SALIENCY_TRUST_TOKEN`` set = every endpoint needs ``Authorization: Bearer <token>``;
-uploads are capped (``--max-upload-mb``); no path is built from user input (result ids and file
+uploads are capped (``--max-upload-mb``); a zip is checked before anything in it is unpacked: its
+member count (at most :data:`MAX_ZIP_MEMBERS`), its declared unpacked size (``--max-unzipped-mb``),
+and every member's name (no absolute path, drive, ``..``, link or encrypted member), and the reader
+unpacks each member under its base name only; no path is built from user input (result ids and file
 names are looked up, not joined); logs carry request ids, sizes and timings, never file names,
-DICOM tags or other identifiers.
+DICOM tags or other identifiers. ``/info`` gives each model's ``dimension``: 2 (it explains one
+radiograph) or 3 (a CT volume).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -77,11 +83,50 @@ log = logging.getLogger("saliency_trust.serve")
 TOKEN_ENV = "SALIENCY_TRUST_TOKEN"
 #: A client's name for its job (``POST /infer``'s ``request_id``, then ``POST /cancel/{request_id}``).
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+#: The most members a zipped DICOM series may hold (the volume reader's slice limit, plus a few other files).
+MAX_ZIP_MEMBERS = 4096 + 64
+#: What a zipped series may unpack to by default (its members' declared sizes, summed), MiB.
+MAX_UNZIPPED_MB = 1024.0
 
 
 # ---------------------------------------------------------------------------------------------
 # Content sniffing
 
+
+def is_zip(head: bytes) -> bool:
+    """Whether an upload starts as a zip file does (a local file header, or the end record of an empty zip)."""
+    return head.startswith((b"PK\x03\x04", b"PK\x05\x06"))
+
+
+def zip_problem(path: Path, *, max_unzipped: int, max_members: int = MAX_ZIP_MEMBERS) -> str | None:
+    """Why an uploaded zip must not be unpacked (one sentence), or None. Read from its central directory only:
+    the member count, the declared unpacked size (the reader stops at each member's declared size, so a
+    member cannot unpack to more), and each member's name (absolute, a drive, ``..``, a link, encrypted)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        return f"not a readable zip file ({exc})"
+    files = [m for m in members if not m.is_dir()]
+    if not files:
+        return "the zip holds no file"
+    if len(members) > max_members:
+        return f"the zip holds {len(members)} entries, over the limit of {max_members} for one series"
+    total = sum(m.file_size for m in files)
+    if total > max_unzipped:
+        return (f"the zip unpacks to {total / 2**20:.0f} MiB, over the limit of {max_unzipped / 2**20:.0f} MiB "
+                "for one series")
+    for m in members:
+        name = m.filename.replace("\\", "/")
+        parts = name.split("/")
+        if (name.startswith("/") or re.match(r"[A-Za-z]:", name) or ".." in parts or "\0" in name
+                or not name.strip("/")):
+            return f"the zip has a member named {m.filename[:80]!r} (an absolute path or one leaving the folder)"
+        if (m.external_attr >> 16) & 0o170000 == 0o120000:
+            return f"the zip member {m.filename[:80]!r} is a link; zip the series' files themselves"
+        if m.flag_bits & 0x1:
+            return f"the zip member {m.filename[:80]!r} is encrypted"
+    return None
 
 
 
@@ -113,8 +158,12 @@ class Model:
                               "failing": r.failing()}
             except ValueError as exc:
                 assessment = {"error": str(exc)}
-        return {"name": self.name, "architecture": self.folder.network_label, "replicates": self.replicates,
-                "image_size": self.folder.image_size, "task": self.folder.task, "classes": self.folder.classes,
+        f = self.folder
+        return {"name": self.name, "architecture": f.network_label, "replicates": self.replicates,
+                # A 3-D model explains a CT volume (input.size [D, H, W], its HU window); a 2-D one a radiograph.
+                "dimension": f.spatial_dims, "image_size": None if f.is_volume else f.image_size,
+                "input_size": list(f.input_size) if f.input_size else None, "window_hu": f.window_hu,
+                "task": self.folder.task, "classes": self.folder.classes,
                 "finding_class": self.folder.finding_class, "manifest": not self.folder.implied,
                 "training": {k: m.get(k) for k in ("n_train", "n_val", "max_epochs", "val_auc", "best_epoch")}
                 | {"dataset": Path(m["dataset_dir"]).name if m.get("dataset_dir") else None,
@@ -155,6 +204,8 @@ class State:
     ttl: float
     max_queue: int
     device: str | None
+    #: what an uploaded zip (a DICOM series) may unpack to, bytes
+    max_unzipped: int = int(MAX_UNZIPPED_MB * 2**20)
     results: dict[str, Result] = field(default_factory=dict)
     #: images uploaded ahead of ``/infer`` the MONAI Label way (``PUT /datastore/``, ``PUT /session/``), by
     #: ``("image", id)`` or ``("session", id)``; they expire like results
@@ -206,7 +257,7 @@ def monai_label_model_info(m: Model) -> dict:
     so it is not offered to the label-map (segmentation) tools of MONAI Label's viewers.
     """
     task = m.folder.task or "finding"
-    return {"type": "others", "labels": list(m.folder.classes or []), "dimension": 2,
+    return {"type": "others", "labels": list(m.folder.classes or []), "dimension": m.folder.spatial_dims,
             "description": f"{m.folder.network_label} ({task}): one saliency map per request (params.method), the "
                            "prediction, live checks and trust verdicts in the reply's params",
             "config": {"methods": ",".join(METHODS), "method": "gradcam", "preset": "quick", "checks": True}}
@@ -366,8 +417,17 @@ def create_app(state: State) -> FastAPI:
         if size == 0:
             raise HTTPException(400, f"{stem} upload is empty")
         kind = sniff(head)
+        if kind is None and stem == "image" and is_zip(head):  # a zipped DICOM series (a 3-D model's input)
+            problem = zip_problem(tmp, max_unzipped=state.max_unzipped)
+            if problem is not None:
+                raise HTTPException(413 if "over the limit" in problem else 422, f"uploaded image: {problem}")
+            path = folder / "image.zip"
+            tmp.replace(path)
+            return path
         if kind is None:
-            raise HTTPException(415, f"{stem} upload is not a DICOM, NIfTI, NRRD or PNG file (checked by content)")
+            what = "a DICOM, NIfTI, NRRD or PNG file, or a zip of a DICOM series" if stem == "image" else \
+                "a NIfTI or NRRD file (or a DICOM or PNG image)"
+            raise HTTPException(415, f"{stem} upload is not {what} (checked by content)")
         path = folder / f"{stem}{SUFFIX[kind]}"
         tmp.replace(path)
         return path
@@ -600,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=64.0)
+    p.add_argument("--max-unzipped-mb", type=float, default=MAX_UNZIPPED_MB,
+                   help="what an uploaded zip of a DICOM series may unpack to")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queue wait included")
     p.add_argument("--ttl", type=float, default=900.0, help="seconds a result stays downloadable")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most")
@@ -617,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
                 "older <arch>_seed<k>.pt files)")
     work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="saliency-trust-serve-"))
     work.mkdir(parents=True, exist_ok=True)
-    state = State(bundle, models, work, token, int(a.max_upload_mb * 2**20), a.timeout, a.ttl, a.max_queue, a.device)
+    state = State(bundle, models, work, token, int(a.max_upload_mb * 2**20), a.timeout, a.ttl, a.max_queue, a.device,
+                  max_unzipped=int(a.max_unzipped_mb * 2**20))
     log.info("serving %d model(s) %s on %s:%d (auth %s)", len(models), sorted(models), a.host, a.port,
              "on" if token else "off")
     import uvicorn

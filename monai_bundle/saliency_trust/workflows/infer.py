@@ -1,6 +1,14 @@
 """One image through the bundle (``configs/inference.json``): prediction, maps on the input grid, live checks.
 
-Input: a DICOM file or a folder holding one DICOM image, NIfTI, NRRD/NHDR, MHA, or PNG/JPEG/TIFF.
+Input for a 2-D model: a DICOM file or a folder holding one DICOM image, NIfTI, NRRD/NHDR, MHA, or
+PNG/JPEG/TIFF. Input for a 3-D model (``model.json`` ``input.size`` ``[D, H, W]``): a CT volume, as
+NIfTI, NRRD or MHA, a DICOM series folder or a zipped DICOM series
+(:func:`~saliency_trust.data.volumes.read_volume`: HU and geometry). A volume is resampled to the
+model's size in HU keeping its extent, then windowed by the model's ``input.window_hu`` (the order
+training used: :func:`~saliency_trust.data.volumes.load_volume_dataset`); its maps are resampled back
+to the input's grid and written with its size, spacing, origin and direction. A 2-D model given a
+volume, or a 3-D model given a 2-D image, is refused in one sentence naming the file, decided from
+the folder listing or the file's header before anything is decoded.
 Outputs under ``output_dir`` (each written atomically):
 
 * ``prediction.json``: class probabilities, the explained class, the model (file hash), the
@@ -39,7 +47,16 @@ import torch
 
 from saliency_trust.data.errors import DataError
 from saliency_trust.data.groundtruth import resize_image
-from saliency_trust.data.imageio import MAP_FORMATS, atomic_write_bytes, read_input, read_mask, write_map
+from saliency_trust.data.imageio import (
+    MAP_FORMATS,
+    VOLUME_SUFFIXES,
+    atomic_write_bytes,
+    is_dicom,
+    read_input,
+    read_mask,
+    suffix,
+    write_map,
+)
 from saliency_trust.data.readers import finding_name
 from saliency_trust.explainer import Explainer
 from saliency_trust.networks import ModelFolder, randomization_states
@@ -79,6 +96,48 @@ def _task(folder: ModelFolder, replicate: int) -> str | None:
         return finding_name(record["dataset_dir"]) if record.get("dataset_dir") else None
     except DataError:
         return None
+
+
+def input_kind(path: str | Path) -> tuple[str, str]:
+    """``("volume", what)`` for a CT volume (a DICOM series folder, a zip, a NIfTI / NRRD / MHA file of several
+    slices), else ``("image", what)``; ``what`` says it in words. Decided from the folder listing or the file's
+    header only: nothing is decoded (the readers then read it, and refuse what is broken, by name)."""
+    path = Path(path)
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                 and (suffix(p) == ".dcm" or is_dicom(p))]
+        return ("volume", f"a DICOM series folder of {len(files)} files") if len(files) > 1 else \
+            ("image", "a folder of one DICOM image")
+    if suffix(path) == ".zip":
+        return "volume", "a zip (a DICOM series)"
+    if suffix(path) in VOLUME_SUFFIXES and path.is_file():
+        import SimpleITK as sitk
+
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            size = list(reader.GetSize())
+        except RuntimeError:
+            return "image", "an image file"  # unreadable: the image reader says why
+        if len(size) >= 3 and size[2] > 1 and all(s == 1 for s in size[3:]):
+            return "volume", "a volume of " + " x ".join(str(s) for s in size[:3]) + " voxels"
+        return "image", "a 2-D image"
+    return "image", "a 2-D image"
+
+
+def _check_input_kind(path: Path, folder: ModelFolder) -> str:
+    """The input's kind (``image`` or ``volume``), or a DataError naming the file when the model is of the other
+    kind: a 2-D model given a volume, a 3-D model given a 2-D image."""
+    kind, what = input_kind(path)
+    if kind == "volume" and not folder.is_volume:
+        raise DataError(str(path), f"{what}, but the model {folder.name} is a 2-D model that explains one "
+                                   "radiograph; give it a radiograph, or use a 3-D model (model.json input.size "
+                                   "[D, H, W])")
+    if kind == "image" and folder.is_volume:
+        raise DataError(str(path), f"{what}, but the model {folder.name} is a 3-D model that explains a CT volume; "
+                                   "give it a NIfTI, NRRD or MHA volume, a DICOM series folder or a zipped series")
+    return kind
 
 
 def _image_size(folder: ModelFolder, image_size: int | None) -> int:
@@ -243,19 +302,89 @@ def _request(image: str | Path, output_dir: str | Path, model_dir: str | Path, *
     return InferenceRequest(image=image, output_dir=output_dir, model_dir=model_dir, **options)
 
 
+@dataclass
+class _Input:
+    """One input read and mapped for the network: what the rest of the run needs, for an image or a volume."""
+
+    x: torch.Tensor  # the network's input [1, C, S, S] or [1, C, D, H, W] (on the CPU)
+    gt: np.ndarray | None  # the mask on the input's grid
+    shape: tuple[int, ...]  # the input's grid ([H, W] or [D, H, W])
+    info: dict  # prediction.json's "input"
+    size: Any  # the network's input size (an int, or [D, H, W])
+    write: Any  # (path, map on the input grid) -> None
+    suffix: str  # the map files' suffix
+
+
+def _image_input(r: InferenceRequest, folder: ModelFolder, notes: list[str]) -> _Input:
+    """A 2-D image read as training reads it, resized to the network's size; maps go back on its grid."""
+    img, ref = read_input(r.image, r.intensity_range, accept_any=r.accept_any_input, notes=notes)
+    gt = read_mask(r.mask, img.shape) if r.mask else None
+    size = _image_size(folder, r.image_size)
+    x = folder.to_input(torch.from_numpy(resize_image(img, (size, size)))[None])
+    info = {"kind": "image", "shape": list(img.shape), "spacing": list(ref.GetSpacing()),
+            "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection()), "notes": notes}
+    return _Input(x, gt, tuple(img.shape), info, size, lambda path, values: write_map(path, values, ref),
+                  MAP_FORMATS[r.map_format])
+
+
+#: The share by which the spacing the network sees may differ from the spacing it was trained at before a note says so.
+SPACING_NOTE_SHARE = 0.2
+
+
+def _volume_input(r: InferenceRequest, folder: ModelFolder, notes: list[str]) -> _Input:
+    """A CT volume in HU (and its geometry), resampled to the model's ``[D, H, W]`` keeping its extent, then
+    windowed by the model's ``window_hu``: the order training used. Maps go back on its own grid and geometry."""
+    from saliency_trust.data.volumes import read_volume, read_volume_mask, resample_volume, window_hu, write_volume
+
+    if r.image_size is not None:
+        raise ValueError(f"image_size is for 2-D models; {folder.name} is a 3-D model of input size "
+                         f"{list(folder.input_size)} (model.json)")
+    hu, geo = read_volume(r.image)
+    gt = read_volume_mask(r.mask, hu.shape, geo) if r.mask else None
+    size = tuple(folder.input_size)
+    resampled, spacing = resample_volume(hu, size, geo.spacing)
+    window = folder.window_hu
+    x = folder.to_input(torch.from_numpy(window_hu(resampled, window))[None])
+    trained = folder.spacing_mm
+    if trained is not None and any(abs(a - b) > SPACING_NOTE_SHARE * b for a, b in zip(spacing, trained, strict=True)):
+        notes.append("the network saw voxels of " + " x ".join(f"{v:.3g}" for v in spacing) + " mm (z, y, x); it was "
+                     "trained at " + " x ".join(f"{v:.3g}" for v in trained) + " mm")
+    info = {"kind": "volume", "shape": list(hu.shape), "spacing": list(geo.spacing), "origin": list(geo.origin),
+            "direction": list(geo.direction), "axes": "[D, H, W] = (z, y, x); spacing (z, y, x) mm, origin and "
+            "direction LPS as ITK",
+            "window_hu": list(window), "hu_range": [float(hu.min()), float(hu.max())],
+            "resampled": {"from": list(hu.shape), "to": list(size), "spacing": list(spacing),
+                          "rule": "extent kept; linear between voxel centres, antialiased when shrinking; HU "
+                                  "resampled, then windowed; maps resampled back to the input grid the same way"},
+            "model_spacing_mm": list(trained) if trained is not None else None, "notes": notes}
+    suffix_ = ".nii.gz" if r.map_format == "nifti" else ".nrrd"
+    return _Input(x, gt, tuple(hu.shape), info, list(size),
+                  lambda path, values: write_volume(path, values.astype(np.float32), geo), suffix_)
+
+
+def _on_grid(m: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """One map ``[1, ...]`` from the network's grid onto the input's, clipped to [0, 1]."""
+    values = m[0].float().cpu().numpy()
+    if len(shape) == 3:
+        from saliency_trust.data.volumes import resample_volume
+
+        return np.clip(resample_volume(values, shape)[0], 0.0, 1.0)
+    return np.clip(resize_image(values, shape), 0.0, 1.0)
+
+
 def _run(r: InferenceRequest, t0: float) -> dict:
     out = r.output_dir
     folder = ModelFolder.open(r.model_dir, r.arch)
     if folder.kind != "classifier":
         raise ValueError(f"{r.model_dir}: a {folder.kind}, not a classifier to explain")
+    _check_input_kind(r.image, folder)  # a volume for a 2-D model, or an image for a 3-D one: one sentence
     replicate = next(iter(folder.replicates)) if r.replicate is None else r.replicate
     weights = folder.weights(replicate)
     notes: list[str] = []
-    img, ref = read_input(r.image, r.intensity_range, accept_any=r.accept_any_input, notes=notes)
-    gt = read_mask(r.mask, img.shape) if r.mask else None
+    given = (_volume_input if folder.is_volume else _image_input)(r, folder, notes)
+    gt = given.gt
     dev = torch.device(r.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    size = _image_size(folder, r.image_size)
-    x = folder.to_input(torch.from_numpy(resize_image(img, (size, size)))[None]).to(dev)
+    x = given.x.to(dev)
     net, weights_sha = _network(folder, replicate, dev, r.cache_networks)
     bound = Explainer(folder, net, replicate)  # the folder's explain settings, checked against the network
     unavailable = bound.unavailable
@@ -271,27 +400,24 @@ def _run(r: InferenceRequest, t0: float) -> dict:
     settings = {**bound.settings, "cam_resize": DISPLAY_CAM_RESIZE}
     maps = bound.explain_input(x, methods, target=target, preset=r.preset, seed=r.seed, cam_resize=DISPLAY_CAM_RESIZE)
 
-    def on_grid(m: torch.Tensor) -> np.ndarray:
-        return np.clip(resize_image(m[0].float().cpu().numpy(), img.shape), 0.0, 1.0)
-
     (out / "maps").mkdir(exist_ok=True)
     files = {}
     grid_maps = {}
     for m in methods:
-        grid_maps[m] = on_grid(maps[m])
-        files[m] = f"maps/{m}{MAP_FORMATS[r.map_format]}"
-        write_map(out / files[m], grid_maps[m], ref)
+        grid_maps[m] = _on_grid(maps[m], given.shape)
+        files[m] = f"maps/{m}{given.suffix}"
+        given.write(out / files[m], grid_maps[m])
 
     explained = _Explained(r, folder, net, replicate, x, maps, target, methods, settings, dev, explain_class,
                            weights_sha)
     live = _live_checks(explained, grid_maps, gt, assessed, full=r.checks) if r.checks or gt is not None else {}
     result = {
         "schema_version": SCHEMA_VERSION,
-        "input": {"shape": list(img.shape), "spacing": list(ref.GetSpacing()),
-                  "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection()), "notes": notes},
+        "input": given.info,
         "model": {"arch": folder.network_label, "name": folder.name, "replicate": replicate, "file": weights.name,
-                  "sha256": weights_sha, "image_size": size, "classes": folder.classes,
-                  "finding_class": folder.finding_class, "implied_manifest": folder.implied},
+                  "sha256": weights_sha, "image_size": given.size, "spatial_dims": 3 if folder.is_volume else 2,
+                  "classes": folder.classes, "finding_class": folder.finding_class,
+                  "implied_manifest": folder.implied},
         "task": _task(folder, replicate),
         "preset": r.preset, "cam_resize": DISPLAY_CAM_RESIZE, "methods": methods, "device": str(dev),
         "probabilities": [float(p) for p in probs], "predicted_class": int(probs.argmax()),
