@@ -32,8 +32,8 @@ def _plan(tmp_path, **settings) -> Plan:
     images = torch.rand((N, H, H), generator=torch.Generator().manual_seed(1))
     cohort = Cohort(ids=[f"img{i}" for i in range(N)], images01=images.numpy(), images=images, masks=masks,
                     prior=masks.double().mean(0), example=0)
-    models = [ModelState(None, 0, "a" * 64, "/w/a0.pt", "net_a"), ModelState(None, 1, "b" * 64, "/w/a1.pt", "net_a"),
-              ModelState(None, 0, "c" * 64, "/w/b0.pt", "net_b")]
+    models = [ModelState(folder=None, replicate=k, sha256=c * 64, path=f"/w/{c}.pt", arch=arch)
+              for k, c, arch in ((0, "a", "net_a"), (1, "b", "net_a"), (0, "c", "net_b"))]
     facts = {"cam_grids": {}, "ground_truth": "masks", "pretrained": {}, "normalization": {}, "ig_baseline": {},
              "primary": "net_a", "second": "net_b", "localizers": [], "finding_class": 1, "trained_on": [],
              "training_images_included": False, "randomize": None, "method_notes": {},
@@ -55,7 +55,7 @@ def _maps(plan: Plan) -> Maps:
                {"grad": lesion.clone(), "sg": noise[2]}]
     # Randomization: grad's randomized map still equals the trained one (insensitive: FAIL), sg's is new noise.
     rand_sg = torch.rand((N, H, H), generator=g)
-    baseline = {m: random_pair_ssim(trained[0][m], 5, 1.0, 0) for m in METHODS}
+    baseline = {m: random_pair_ssim(trained[0][m], 5, data_range=1.0, seed=0) for m in METHODS}
     # The verdict state is the second row; the first (the head alone randomized) says the opposite.
     ssim = {"grad": torch.stack([torch.zeros(N, dtype=torch.float64), torch.ones(N, dtype=torch.float64)]),
             "sg": torch.stack([torch.ones(N, dtype=torch.float64),  # then just under the random-pair mean:

@@ -6,22 +6,25 @@ import torch
 
 
 def average_mask_prior(masks: torch.Tensor) -> torch.Tensor:
-    """The low utility baseline: the mean of the ground-truth masks ``[N, H, W]`` (float64 ``[H, W]``)."""
-    if masks.ndim != 3 or masks.shape[0] == 0:
-        raise ValueError(f"expected a non-empty [N, H, W] stack of masks, got {tuple(masks.shape)}")
+    """The low utility baseline: the mean of the ground-truth masks ``[N, H, W]`` (float64 ``[H, W]``), or of
+    voxel masks ``[N, D, H, W]`` (float64 ``[D, H, W]``): per voxel, the share of masks that cover it."""
+    if masks.ndim not in (3, 4) or masks.shape[0] == 0:
+        raise ValueError(f"expected a non-empty [N, H, W] or [N, D, H, W] stack of masks, got {tuple(masks.shape)}")
     return masks.double().mean(0)
 
 
 def leave_one_out_priors(masks: torch.Tensor) -> torch.Tensor:
-    """For each image, the average-mask prior of all the *other* masks (float64 ``[N, H, W]``)."""
+    """For each image (or volume), the average-mask prior of all the *other* masks (float64, the masks' shape)."""
     n = masks.shape[0]
+    if masks.ndim not in (3, 4):
+        raise ValueError(f"expected an [N, H, W] or [N, D, H, W] stack of masks, got {tuple(masks.shape)}")
     if n < 2:
         raise ValueError("a leave-one-out prior needs at least two masks")
     m = masks.double()
     return (m.sum(0, keepdim=True) - m) / (n - 1)
 
 
-def random_pair_ssim(maps: torch.Tensor, pairs_per_image: int = 50, data_range: float = 1.0,
+def random_pair_ssim(maps: torch.Tensor, pairs_per_image: int = 50, *, data_range: float = 1.0,
                      seed: int = 0, other: torch.Tensor | None = None) -> torch.Tensor:
     """Chance level: SSIM between maps of *different* images (the paper's randomization baseline).
 

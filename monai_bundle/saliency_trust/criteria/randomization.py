@@ -17,7 +17,7 @@ from saliency_trust.saliency import SegmentCache, explain, predict
 from saliency_trust.settings import TARGETS
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RandomizationCurve:
     """One cascade of randomized states compared with the trained maps, per state and image.
 
@@ -160,5 +160,6 @@ def randomization_curves(
         out["verdict_state"] = out["states"][-1]
     out["cascade_mean"] = {m: float(torch.nanmean(torch.nanmean(out["ssim"][m].double(), 1)))
                            if torch.isfinite(out["ssim"][m]).any() else float("nan") for m in methods}
-    out["baseline"] = {m: random_pair_ssim(trained[m], pairs_per_image, data_range, seed) for m in methods}
+    out["baseline"] = {m: random_pair_ssim(trained[m], pairs_per_image, data_range=data_range, seed=seed)
+                       for m in methods}
     return RandomizationCurve(**out, trained_maps=trained)

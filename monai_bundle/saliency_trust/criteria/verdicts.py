@@ -111,7 +111,7 @@ def _base(values: np.ndarray, n_undefined: int, undefined_why: str) -> dict:
             "undefined_why": undefined_why if n_undefined else ""}
 
 
-def utility_verdicts(auprc: dict[str, np.ndarray], prior: np.ndarray, localization: np.ndarray | None = None,
+def utility_verdicts(auprc: dict[str, np.ndarray], prior: np.ndarray, localization: np.ndarray | None = None, *,
                      undefined: dict[str, int] | None = None, alpha: float = ALPHA) -> dict[str, Verdict]:
     """Verdict per method from per-image AUPRCs (NaN = undefined) against the two utility baselines."""
     undefined = undefined or {}

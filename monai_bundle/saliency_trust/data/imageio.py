@@ -87,7 +87,7 @@ def suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def check_size(rows: int, cols: int, path: Path, frames: int = 1, min_side: int = MIN_SIDE) -> None:
+def check_size(rows: int, cols: int, path: Path, *, frames: int = 1, min_side: int = MIN_SIDE) -> None:
     """Refuse an image too small to be a radiograph or too large to read safely (from its header)."""
     if min(rows, cols) < min_side:
         raise DataError(str(path), f"image is {cols}x{rows}; a radiograph needs at least {min_side} px a side")

@@ -333,10 +333,10 @@ def stable_uid(*parts: object) -> str:
 def generate(
     out: str | Path,
     task: str,
+    *,
     n: int,
     size: int = 256,
     seed: int = 0,
-    *,
     shortcut: bool = False,
     shortcut_rate: float = 1.0,
     progress: bool = True,
@@ -416,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shortcut", action="store_true", help="mark training-split positives in a corner")
     p.add_argument("--shortcut-rate", type=float, default=1.0, help="fraction of training positives marked")
     a = p.parse_args(argv)
-    out = generate(a.out, a.task, a.n, a.size, a.seed, shortcut=a.shortcut, shortcut_rate=a.shortcut_rate)
+    out = generate(a.out, a.task, n=a.n, size=a.size, seed=a.seed, shortcut=a.shortcut, shortcut_rate=a.shortcut_rate)
     print(f"wrote {a.n} {a.task} images to {out}")
     return 0
 

@@ -116,7 +116,7 @@ def image_seed(image: torch.Tensor, seed: int, model_key: str = "") -> int:
     return seed_from(content_hash(image), seed, model_key)
 
 
-def smoothing_noise(image: torch.Tensor, samples: int, sigma_frac: float, seed: int,
+def smoothing_noise(image: torch.Tensor, samples: int, sigma_frac: float, seed: int, *,
                     state: Any = None, model_key: str = "") -> torch.Tensor:
     """The ``[samples, C, H, W]`` Gaussian noise SG/SIG add to one ``[C, H, W]`` image.
 

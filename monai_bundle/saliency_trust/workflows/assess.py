@@ -127,7 +127,7 @@ class Steps:
 # Plan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelState:
     """One model state to explain: a replicate of a model folder, with its weights' fingerprint.
 
@@ -144,8 +144,8 @@ class ModelState:
     @classmethod
     def of(cls, folder: ModelFolder, replicate: int) -> ModelState:
         """The state of ``folder``'s ``replicate`` (its weights hashed once)."""
-        return cls(folder, int(replicate), folder.sha256(replicate), str(folder.weights(replicate)),
-                   folder.network_label)
+        return cls(folder=folder, replicate=int(replicate), sha256=folder.sha256(replicate),
+                   path=str(folder.weights(replicate)), arch=folder.network_label)
 
     def record(self) -> dict[str, Any]:
         """What the provenance records of it."""
@@ -154,7 +154,7 @@ class ModelState:
                 "folder": folder}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Cohort:
     """The assessed images: ids, pixels, ground truth and the average-mask prior (tensors on the device)."""
 
@@ -166,7 +166,7 @@ class Cohort:
     example: int  # the image the report draws (the largest lesion: the clearest figure)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Roles:
     """Which model states serve which criterion (indices into :attr:`Plan.models`)."""
 
@@ -175,7 +175,7 @@ class Roles:
     second_arch: int | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan:
     """Everything decided before any model runs: settings, images, model states and their roles, the resume key.
 
@@ -610,7 +610,7 @@ def plan_assessment(settings: AssessmentSettings | str | Path, *args: Any, **opt
 # Maps
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Maps:
     """Every model output the scores need (CPU tensors)."""
 
@@ -734,7 +734,7 @@ def compute_maps(plan: Plan, progress: bool = True) -> Maps:
 # Scores
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Scores:
     """Per-image values behind the verdicts (numpy, NaN = undefined), for the CSV and the figures."""
 
@@ -757,7 +757,8 @@ def _agreement(maps_a: dict, maps_b: dict, plan: Plan) -> tuple[dict, dict, dict
     s = plan.settings
     ssim_v = {m: v.numpy() for m, v in map_agreement(maps_a, maps_b, s.ssim_data_range).items()}
     n = len(plan.ids)
-    chance = {m: per_image_chance(random_pair_ssim(maps_a[m], s.pairs_per_image, s.ssim_data_range, s.seed,
+    chance = {m: per_image_chance(random_pair_ssim(maps_a[m], s.pairs_per_image, data_range=s.ssim_data_range,
+                                                   seed=s.seed,
                                                    other=maps_b[m]), n).numpy() for m in plan.methods}
     undefined = {m: int((blank(maps_a[m]) | blank(maps_b[m])).sum()) for m in plan.methods}
     return ssim_v, chance, undefined
@@ -988,7 +989,7 @@ def score(plan: Plan, maps: Maps, seconds: float = 0.0) -> tuple[Results, Scores
     threshold = plan.settings.agreement_threshold
     uv = utility_verdicts({m: util[m]["auprc"].numpy() for m in methods}, util_prior["auprc"].numpy(),
                           util_loc["auprc"].numpy() if util_loc else None,
-                          {m: util[m]["constant_map"] + util[m]["empty_mask"] for m in methods})
+                          undefined={m: util[m]["constant_map"] + util[m]["empty_mask"] for m in methods})
     rv = agreement_verdicts(ag.repeat, ag.repeat_chance, ag.localizers, "repeatability", threshold=threshold,
                             undefined=ag.repeat_undefined) if ag.repeat else {}
     pv = agreement_verdicts(ag.reprod, ag.reprod_chance, ag.localizers, "reproducibility", threshold=threshold,
@@ -1076,7 +1077,7 @@ def per_image_csv(plan: Plan, maps: Maps, scores: Scores, results: Results) -> s
     return buf.getvalue()
 
 
-def write_outputs(plan: Plan, maps: Maps, scores: Scores, results: Results, report: bool = True) -> None:
+def write_outputs(plan: Plan, maps: Maps, scores: Scores, results: Results, *, report: bool = True) -> None:
     """``results.json``, ``per_image.csv`` and (optionally) the report, each atomically."""
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
