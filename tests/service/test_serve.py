@@ -276,7 +276,7 @@ def test_worker_faults_and_a_full_disk_fail_one_request_and_the_service_goes_on(
                 files = {"image": ("a", trained_bundle["dicom"].read_bytes())}
                 return await client.post("/infer/densenet121", files=files, data={"methods": "grad", "preset": "quick"})
 
-            monkeypatch.setattr(infer, "explain", crash)
+            monkeypatch.setattr(infer, "predict", crash)  # the worker's first use of the network
             r = await post()
             assert r.status_code == 500 and "RuntimeError" in r.json()["detail"], r.text
             assert "illegal memory" not in r.json()["detail"]  # a short reason, not the internals
