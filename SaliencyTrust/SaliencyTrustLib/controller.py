@@ -81,6 +81,7 @@ class Run:
                         raise BundleError(texts.dimension_mismatch(input_name, dims, model, served))
                     box["model"] = model
                     box["synthetic"] = bool((info["models"][model].get("training") or {}).get("synthetic"))
+                    box["dimension"] = served
                     box["out"] = client.infer(url, model, image, out, request, mask=mask, token=token,
                                               cancel=cancel, request_id=rid)
                 except Exception as exc:  # handed to finish() on the caller's thread
@@ -139,7 +140,9 @@ class Run:
                     raise err if isinstance(err, SaliencyTrustError) else BundleError(str(err))
                 self.model_name = self._box.get("model")
                 out = self._box["out"]
-                note = texts.SYNTHETIC_TRAINING_NOTE if self._box.get("synthetic") else ""
+                ct = self._box.get("dimension") == 3
+                note = "" if not self._box.get("synthetic") else (
+                    texts.SYNTHETIC_CT_TRAINING_NOTE if ct else texts.SYNTHETIC_TRAINING_NOTE)
             else:
                 assert self.process is not None, "start() first"
                 out = self.process.result()
@@ -201,12 +204,12 @@ def model_choices(model_dir: str | Path, bundle_dir: str | Path | None = None) -
     for name, found in bundle.find_models(model_dir, bundle_dir).items():
         if isinstance(found, Exception) or found.kind != "classifier":
             continue
+        dimension = bundle.manifest_dimension(found)
         try:
-            note = texts.training_note(found.record())
+            note = texts.training_note(found.record(), dimension)
         except Exception:  # an unreadable record: no note rather than no model
             note = ""
-        out[name] = ModelChoice(str(found.folder), found.network_label, list(found.replicates), note,
-                                bundle.manifest_dimension(found))
+        out[name] = ModelChoice(str(found.folder), found.network_label, list(found.replicates), note, dimension)
     return out
 
 

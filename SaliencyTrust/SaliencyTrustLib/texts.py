@@ -58,8 +58,8 @@ COLUMN_HELP = {
                                "(1 = identical).",
     "randomization_here_ssim": "SSIM between this map and the map of the fully randomized network on this image; "
                                "a trustworthy map should not look like it.",
-    "auprc_here": "How well the map ranks the pixels of the segmentation or ROI you chose (1 = perfectly; the "
-                  "region's share of the image is chance).",
+    "auprc_here": "How well the map ranks the pixels (a CT's voxels) of the segmentation or ROI you chose "
+                  "(1 = perfectly; the region's share of the image is chance).",
     "details": "Each criterion's value, its reference and the number of images it came from.",
 }
 
@@ -67,17 +67,22 @@ RESEARCH_ONLY = "Research use only - not for diagnosis."
 
 SYNTHETIC_TRAINING_NOTE = ("This model was trained on synthetic SynthCXR images, not on patients' radiographs: "
                            "its prediction and maps say nothing clinical about this image.")
+SYNTHETIC_CT_TRAINING_NOTE = ("This model was trained on synthetic SynthCT volumes, not on patients' CT scans: its "
+                              "prediction and maps say nothing clinical about this volume.")
 
 
-def training_note(record: dict) -> str:
-    """A warning when a model's training record says it learnt from synthetic (SynthCXR) images: its own
-    ``synthetic`` flag (written at training, so it survives moving the model or deleting the data), else
-    the SynthCXR marker still lying in the training data folder (records written before the flag)."""
+def training_note(record: dict, dimension: int = 2) -> str:
+    """A warning when a model's training record says it learnt from synthetic images: its own ``synthetic``
+    flag (written at training, so it survives moving the model or deleting the data), else the SynthCXR or
+    SynthCT marker still lying in the training data folder (records written before the flag). ``dimension`` 3:
+    a CT model (the SynthCT sentence)."""
+    data = Path(record["dataset_dir"]) if record.get("dataset_dir") else None
+    ct = dimension == 3 or (data is not None and (data / "synthct.json").is_file())
+    note = SYNTHETIC_CT_TRAINING_NOTE if ct else SYNTHETIC_TRAINING_NOTE
     if record.get("synthetic") is not None:
-        return SYNTHETIC_TRAINING_NOTE if record["synthetic"] else ""
-    data = record.get("dataset_dir")
-    if data and (Path(data) / "synthcxr.json").is_file():
-        return SYNTHETIC_TRAINING_NOTE
+        return note if record["synthetic"] else ""
+    if data is not None and ((data / "synthcxr.json").is_file() or (data / "synthct.json").is_file()):
+        return note
     return ""
 
 
@@ -148,8 +153,13 @@ def assessment_line(prediction: dict) -> str:
     if v.get("error"):
         return f"The trust assessment beside this model could not be read: {v['error']}"
     data = Path(str(v.get("dataset") or "unknown data")).name
-    kind = "synthetic SynthCXR images, not patients" if v.get("synthetic") else "radiographs"
-    return (f"Verdicts from an assessment of {v.get('n_images', '?')} lesion-positive images of '{data}' "
+    if (prediction.get("input") or {}).get("kind") == "volume":
+        kind = "synthetic SynthCT volumes, not patients" if v.get("synthetic") else "CT volumes"
+        items = "volumes"
+    else:
+        kind = "synthetic SynthCXR images, not patients" if v.get("synthetic") else "radiographs"
+        items = "images"
+    return (f"Verdicts from an assessment of {v.get('n_images', '?')} lesion-positive {items} of '{data}' "
             f"({kind}) with the {v.get('preset', '?')} preset.")
 
 

@@ -170,7 +170,8 @@ class Model:
                    # The record's own flag (train.json writes it), else SynthCXR's marker in the data folder:
                    # a client warns over such a model's maps.
                    "synthetic": bool(m["synthetic"]) if m.get("synthetic") is not None else (
-                       bool(m.get("dataset_dir")) and (Path(m["dataset_dir"]) / "synthcxr.json").is_file())},
+                       bool(m.get("dataset_dir")) and any((Path(m["dataset_dir"]) / marker).is_file()
+                                                          for marker in ("synthcxr.json", "synthct.json")))},
                 "verdicts": verdicts, "assessment": assessment}
 
 
@@ -395,8 +396,8 @@ def create_app(state: State) -> FastAPI:
     def info() -> dict:
         """Models, methods and presets this service offers (with the fields MONAI Label's clients read)."""
         models = {k: m.info() | monai_label_model_info(m) for k, m in state.models.items()}
-        return {"name": "SaliencyTrust", "description": "Saliency maps of chest X-ray classifiers and how far each "
-                "can be trusted (Arun et al., Radiology: AI 2021). Research use only.", "version": "1",
+        return {"name": "SaliencyTrust", "description": "Saliency maps of chest X-ray and CT classifiers and how far "
+                "each can be trusted (Arun et al., Radiology: AI 2021). Research use only.", "version": "1",
                 "labels": [], "trainers": {}, "strategies": {}, "scoring": {}, "train_stats": {}, "datastore": {},
                 "models": models, "methods": list(METHODS),
                 "presets": {k: v.name for k, v in PRESETS.items()}, "max_upload_mb": state.max_upload / 2**20,

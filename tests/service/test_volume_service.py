@@ -162,3 +162,37 @@ def test_a_mask_volume_is_scored_and_bad_volume_uploads_are_refused_in_one_sente
     work = served["root"] / "results"
     assert all((p / "out").is_dir() for p in work.iterdir() if p.name != "uploads"), "refused requests leave nothing"
     assert _post(served, served["nifti"].read_bytes()).status_code == 200  # still serving
+
+
+def test_slicers_server_mode_on_a_ct_chooses_the_3d_model_and_lays_its_maps_on_the_ct(served, tmp_path):
+    slicer = pytest.importorskip("slicer")
+    sys.path.insert(0, str(REPO / "SaliencyTrust"))
+    from SaliencyTrustLib import controller
+    from SaliencyTrustLib.errors import BundleError
+    from SaliencyTrustLib.process import Request
+
+    from tests.slicer.test_volume_scene import ijk_to_ras, load_series
+
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    try:
+        ct = load_series(scene, served["series"])
+        req = Request(bundle_dir=str(REPO / "monai_bundle"), model_dir=str(tmp_path), methods=("gradcam",),
+                      preset="quick", checks=False)
+        run = controller.Run(controller.Settings(ct, None, req, use_server=True, server_url=served["url"],
+                                                 token=TOKEN), tmp_path / "srv").start()
+        run._thread.join(300)
+        res = run.finish(scene)
+        assert run.model_name == "ct/ct3d"  # chosen by the input's kind among the server's models
+        node = res.map_nodes["gradcam"]
+        assert node.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions() == (32, 32, 16)
+        np.testing.assert_allclose(ijk_to_ras(node), ijk_to_ras(ct), atol=1e-4)
+        # The server's 2-D model named by the user: refused in one sentence before anything is uploaded.
+        named = controller.Run(controller.Settings(ct, None, req, use_server=True, server_url=served["url"],
+                                                   token=TOKEN, server_model="cxr/tiny"), tmp_path / "srv2").start()
+        named._thread.join(300)
+        with pytest.raises(BundleError, match=r"^'CT' is a CT volume \(32 x 32 x 16 voxels\) and the model "
+                                              r"'cxr/tiny' is a 2-D model"):
+            named.finish(scene)
+    finally:
+        scene.Clear(1)

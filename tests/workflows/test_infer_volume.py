@@ -121,6 +121,11 @@ def test_every_volume_format_gives_the_same_prediction_and_maps(case, tmp_path):
     for name, (p, values) in results.items():
         np.testing.assert_allclose(p, base_p, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(values, base_map, atol=1e-6, err_msg=name)
+    # Stored values without their rescale (no air at -1000): run, and said in the notes.
+    raw = write_volume(tmp_path / "raw.nii.gz", (case["hu"] + 1024).astype(np.uint16), case["geometry"])
+    res = run_inference(raw, tmp_path / "raw", case["models"], methods=["grad"], preset="quick", checks=False,
+                        device="cpu")
+    assert len(res["input"]["notes"]) == 1 and "may not be HU" in res["input"]["notes"][0]
 
 
 def test_a_model_of_the_other_kind_and_bad_volumes_are_refused_by_name(case, tmp_path):

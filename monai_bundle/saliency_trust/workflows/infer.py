@@ -327,6 +327,8 @@ def _image_input(r: InferenceRequest, folder: ModelFolder, notes: list[str]) -> 
                   MAP_FORMATS[r.map_format])
 
 
+#: A volume whose lowest value is above this has no air in it: said in the notes (its values may not be HU).
+NO_AIR_HU = -500.0
 #: The share by which the spacing the network sees may differ from the spacing it was trained at before a note says so.
 SPACING_NOTE_SHARE = 0.2
 
@@ -345,6 +347,9 @@ def _volume_input(r: InferenceRequest, folder: ModelFolder, notes: list[str]) ->
     resampled, spacing = resample_volume(hu, size, geo.spacing)
     window = folder.window_hu
     x = folder.to_input(torch.from_numpy(window_hu(resampled, window))[None])
+    if float(hu.min()) > NO_AIR_HU:  # a CT has air (about -1000 HU) around the body
+        notes.append(f"the volume has no value below {NO_AIR_HU:g} (its lowest is {float(hu.min()):g}): a CT in HU "
+                     "has air at about -1000 HU, so these values may not be HU and the model's window may not fit")
     trained = folder.spacing_mm
     if trained is not None and any(abs(a - b) > SPACING_NOTE_SHARE * b for a, b in zip(spacing, trained, strict=True)):
         notes.append("the network saw voxels of " + " x ".join(f"{v:.3g}" for v in spacing) + " mm (z, y, x); it was "
