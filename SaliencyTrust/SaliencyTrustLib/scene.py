@@ -215,10 +215,12 @@ def _remove_with_helpers(scene, node) -> None:
     for i in range(node.GetNumberOfDisplayNodes() if hasattr(node, "GetNumberOfDisplayNodes") else 0):
         display = node.GetNthDisplayNode(i)
         helpers.append(display)
-        # A volume rendering display node's transfer functions (and cropping ROI, if one was made) are nodes too.
-        for getter in ("GetVolumePropertyNode", "GetShaderPropertyNode", "GetROINode"):
-            if display is not None and hasattr(display, getter):
-                helpers.append(getattr(display, getter)())
+        # A volume rendering display node's property nodes are nodes too: those made for this map's rendering
+        # (tagged when made) go with it; anything the user attached (a preset, a cropping ROI) stays.
+        for getter in ("GetVolumePropertyNode", "GetShaderPropertyNode"):
+            extra = getattr(display, getter)() if display is not None and hasattr(display, getter) else None
+            if extra is not None and extra.GetAttribute(RENDERING_ATTRIBUTE):
+                helpers.append(extra)
     if hasattr(node, "GetStorageNode"):
         helpers.append(node.GetStorageNode())
     scene.RemoveNode(node)
@@ -407,6 +409,9 @@ def render_slice(scene, background, foreground, opacity: float = 0.5, size: int 
                 scene.RemoveNode(node)
 
 
+#: Attribute marking the nodes made for a map's volume rendering (removed with the map).
+RENDERING_ATTRIBUTE = "SaliencyTrust.rendering"
+
 #: Volume rendering of a map: opacity at a saliency of 1 (it falls linearly to 0 at OVERLAY_FLOOR), so the CT's
 #: own rendering or the slices stay visible through it.
 RENDERING_MAX_OPACITY = 0.6
@@ -450,6 +455,9 @@ def show_volume_rendering(results: RunOutput | None, method: str | None, renderi
                 display = rendering_logic.CreateDefaultVolumeRenderingNodes(node)
                 if display is None:  # no volume rendering display node class in this application
                     return None
+                for made in (display.GetVolumePropertyNode(), display.GetShaderPropertyNode()):
+                    if made is not None:
+                        made.SetAttribute(RENDERING_ATTRIBUTE, node.GetID())
                 style_volume_rendering(display)
             display.SetVisibility(True)
             shown = display

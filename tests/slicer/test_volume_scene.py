@@ -238,12 +238,17 @@ def test_maps_lie_over_the_ct_in_all_three_views_and_render_in_3d(views, ct_seri
     assert other.GetVolumeNode() is run.map_nodes["grad"] and not shown.GetVisibility()
     assert scene.show_volume_rendering(run, None, rendering) is None and not other.GetVisibility()
     assert scene.show_volume_rendering(run, "grad", None) is None  # no volume rendering in this application
+    # The user crops the grad rendering with their own ROI: it is theirs and outlives the run.
+    crop = views.AddNewNodeByClass("vtkMRMLMarkupsROINode", "crop")
+    other.SetAndObserveROINodeID(crop.GetID())
     # A second run replaces the first: its map nodes, display nodes, legends, and the renderings' property nodes.
     _fake_run(ct, hu, tmp_path / "out2", geometry, methods=("grad",))
     second = scene.load_run_output(views, ct, tmp_path / "out2")
     scene.show_volume_rendering(second, "grad", rendering)
-    gone = [n for n in (node, shown, prop, other) if views.IsNodePresent(n)]
-    assert gone == []
+    left = [n.GetClassName() for n in (node, shown, prop, other, other.GetVolumePropertyNode())
+            if views.IsNodePresent(n)]
+    assert left == [] and views.IsNodePresent(crop)
+    views.RemoveNode(crop)
     scene._remove_run(views, scene.run_nodes(views, ct))
     left = [views.GetNthNode(i).GetClassName() for i in range(before, views.GetNumberOfNodes())]
     assert sorted(left) == ["vtkMRMLColorTableNode", "vtkMRMLSubjectHierarchyNode"]  # added once, kept
