@@ -28,6 +28,8 @@ Dataset layouts (:func:`load_volume_dataset`)
 (b) ``dicom``: ``labels.csv`` (``id,label``, optional ``mask``: a NIfTI/NRRD mask on the series' grid,
     relative to the root) and one DICOM series folder per case, ``<root>/<id>/``.
 
+Where there is a ``labels.csv``, the cases are the ones it lists.
+
 An optional ``split.csv`` (``id,split``) assigns train/val/test as for 2-D sets. A bad case becomes a
 :class:`DataError` in ``errors`` (naming the file and the problem) and the others load.
 """
@@ -124,8 +126,8 @@ def read_dicom_series(folder: str | Path, modalities: Sequence[str] = ("CT",)) -
     """Read the DICOM series in ``folder`` (one file per slice) as HU ``[D, H, W]`` float32 and its geometry.
 
     Slices are sorted along the slice normal (row x column of ImageOrientationPatient); the geometry comes from
-    ImagePositionPatient, ImageOrientationPatient and PixelSpacing. Hidden files and files with the suffixes of
-    :data:`NOT_SLICES` are skipped. Raises :class:`DataError` naming the file or folder and the problem: an
+    ImagePositionPatient, ImageOrientationPatient and PixelSpacing. Hidden files, DICOMDIR and files with the
+    suffixes of :data:`NOT_SLICES` are skipped. Raises :class:`DataError` naming the file or folder and the problem: an
     unreadable or corrupt file, a file without pixel data, another modality than ``modalities``, a multi-frame
     or colour image, more than one series in the folder, a single slice (a 2-D image), slices that differ in
     size, pixel spacing, orientation or frame of reference, a missing slice or uneven slice positions, two
@@ -134,8 +136,8 @@ def read_dicom_series(folder: str | Path, modalities: Sequence[str] = ("CT",)) -
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(str(folder), "DICOM series folder does not exist")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and suffix(p) not in NOT_SLICES)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and suffix(p) not in NOT_SLICES and p.name.upper() != "DICOMDIR")
     if not files:
         raise DataError(str(folder), "no DICOM files in the series folder")
     if len(files) > MAX_SLICES:
