@@ -710,6 +710,9 @@ def _cases(root: Path, entries, read) -> Iterator[_Case | DataError]:
 
 def _read_msd(root: Path) -> Iterator[_Case | DataError]:
     images, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images.is_dir():
+        yield DataError(str(images), "the Medical Segmentation Decathlon layout needs an imagesTr folder")
+        return
     entries = _labels(root)
     if entries is None:
         names = sorted(p.name for p in images.iterdir() if suffix(p) in (".nii.gz", ".nii") and p.name[0] != ".")
