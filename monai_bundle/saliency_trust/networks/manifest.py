@@ -229,9 +229,6 @@ class SchemaProblem:
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
 #: Keywords that only annotate; every other keyword of the schema must be one :func:`schema_problems` checks.
 _ANNOTATIONS = {"$schema", "$id", "$defs", "title", "description"}
-_CHECKED = {"$ref", "type", "enum", "const", "required", "properties", "additionalProperties", "patternProperties",
-            "oneOf", "not", "minLength", "maxLength", "pattern", "minimum", "maximum", "items", "minItems",
-            "maxItems", "minProperties"}
 
 
 def _is_type(value: Any, name: str) -> bool:
@@ -265,95 +262,145 @@ def _resolve(ref: str, root: dict) -> dict:
     return node
 
 
+@dataclass(frozen=True)
+class _At:
+    """Where a keyword is checked: the root schema (for ``$ref``), the instance's path, the schema holding it."""
+
+    root: dict
+    path: tuple
+    schema: dict
+
+    def problem(self, keyword: str, message: str, detail: Any = None) -> list[SchemaProblem]:
+        return [SchemaProblem(self.path, keyword, message, detail)]
+
+    def sub(self, value: Any, subschema: dict, *key: Any) -> list[SchemaProblem]:
+        return schema_problems(value, subschema, _root=self.root, _path=(*self.path, *key))
+
+
+def _check_ref(instance: Any, rule: str, at: _At) -> list[SchemaProblem]:
+    return at.sub(instance, _resolve(rule, at.root))
+
+
+def _check_type(instance: Any, rule: str, at: _At) -> list[SchemaProblem]:
+    return [] if _is_type(instance, rule) else at.problem("type", f"{instance!r} is not of type {rule!r}")
+
+
+def _check_enum(instance: Any, rule: list, at: _At) -> list[SchemaProblem]:
+    return [] if any(_same(instance, v) for v in rule) else at.problem("enum", f"{instance!r} is not one of {rule!r}")
+
+
+def _check_const(instance: Any, rule: Any, at: _At) -> list[SchemaProblem]:
+    return [] if _same(instance, rule) else at.problem("const", f"{rule!r} was expected")
+
+
+def _check_not(instance: Any, rule: dict, at: _At) -> list[SchemaProblem]:
+    return at.problem("not", f"{instance!r} should not be valid under {rule!r}") if not at.sub(instance, rule) else []
+
+
+def _check_one_of(instance: Any, rule: list, at: _At) -> list[SchemaProblem]:
+    results = [at.sub(instance, branch) for branch in rule]
+    matched = sum(not r for r in results)
+    if matched == 1:
+        return []
+    if matched > 1:
+        return at.problem("oneOf", f"{instance!r} is valid under each of {rule!r}")
+    # One branch of the instance's type: its own problems say more than "none matched".
+    typed = [r for branch, r in zip(rule, results, strict=True)
+             if "type" in branch and _is_type(instance, branch["type"])]
+    return typed[0] if len(typed) == 1 else at.problem("oneOf", f"{instance!r} is not valid under any of the given "
+                                                                "schemas")
+
+
+def _bound(keyword: str, kind: str, fails: Any, says: str) -> Any:
+    """A checker of a size or value bound that applies to instances of JSON type ``kind`` only."""
+
+    def check(instance: Any, rule: Any, at: _At) -> list[SchemaProblem]:
+        if not _is_type(instance, kind) or not fails(instance, rule):
+            return []
+        return at.problem(keyword, says.format(instance=instance, rule=rule))
+
+    return check
+
+
+def _check_pattern(instance: Any, rule: str, at: _At) -> list[SchemaProblem]:
+    if not isinstance(instance, str) or re.search(rule, instance) is not None:
+        return []
+    return at.problem("pattern", f"{instance!r} does not match {rule!r}")
+
+
+def _check_items(instance: Any, rule: dict, at: _At) -> list[SchemaProblem]:
+    if not isinstance(instance, list):
+        return []
+    return [p for i, item in enumerate(instance) for p in at.sub(item, rule, i)]
+
+
+def _check_required(instance: Any, rule: list, at: _At) -> list[SchemaProblem]:
+    if not isinstance(instance, dict):
+        return []
+    return [p for name in rule if name not in instance for p in at.problem("required", f"{name!r} is a required "
+                                                                                       "property", name)]
+
+
+def _check_properties(instance: Any, rule: dict, at: _At) -> list[SchemaProblem]:
+    if not isinstance(instance, dict):
+        return []
+    return [p for name, sub in rule.items() if name in instance for p in at.sub(instance[name], sub, name)]
+
+
+def _check_pattern_properties(instance: Any, rule: dict, at: _At) -> list[SchemaProblem]:
+    if not isinstance(instance, dict):
+        return []
+    return [p for pattern, sub in rule.items() for name, value in instance.items() if re.search(pattern, name)
+            for p in at.sub(value, sub, name)]
+
+
+def _check_additional(instance: Any, rule: bool | dict, at: _At) -> list[SchemaProblem]:
+    if not isinstance(instance, dict):
+        return []
+    known = set(at.schema.get("properties", {}))
+    patterns = list(at.schema.get("patternProperties", {}))
+    extra = [n for n in instance if n not in known and not any(re.search(p, n) for p in patterns)]
+    if rule is False and extra:
+        names = ", ".join(map(repr, extra))
+        return at.problem("additionalProperties", f"Additional properties are not allowed ({names} "
+                                                  f"{'was' if len(extra) == 1 else 'were'} unexpected)", extra)
+    if isinstance(rule, dict):
+        return [p for name in extra for p in at.sub(instance[name], rule, name)]
+    return []
+
+
+#: Each keyword the model.json schema uses, with its check (JSON Schema draft 2020-12's meaning; a size or
+#: value bound applies only to instances of its type, as the draft says).
+_KEYWORDS = {
+    "$ref": _check_ref, "type": _check_type, "enum": _check_enum, "const": _check_const, "not": _check_not,
+    "oneOf": _check_one_of, "pattern": _check_pattern, "items": _check_items, "required": _check_required,
+    "properties": _check_properties, "patternProperties": _check_pattern_properties,
+    "additionalProperties": _check_additional,
+    "minLength": _bound("minLength", "string", lambda v, r: len(v) < r, "{instance!r} is too short"),
+    "maxLength": _bound("maxLength", "string", lambda v, r: len(v) > r, "{instance!r} is too long"),
+    "minimum": _bound("minimum", "number", lambda v, r: v < r, "{instance!r} is less than the minimum of {rule!r}"),
+    "maximum": _bound("maximum", "number", lambda v, r: v > r,
+                      "{instance!r} is greater than the maximum of {rule!r}"),
+    "minItems": _bound("minItems", "array", lambda v, r: len(v) < r, "{instance!r} is too short"),
+    "maxItems": _bound("maxItems", "array", lambda v, r: len(v) > r, "{instance!r} is too long"),
+    "minProperties": _bound("minProperties", "object", lambda v, r: len(v) < r,
+                            "{instance!r} should have at least {rule} properties"),
+}
+
+
 def schema_problems(instance: Any, schema: dict | None = None, *, _root: dict | None = None,
                     _path: tuple = ()) -> list[SchemaProblem]:
     """Every way ``instance`` fails ``schema`` (default :data:`SCHEMA`), as JSON Schema draft 2020-12 would
     report them, for the keywords the model.json schema uses (a schema using another keyword is refused)."""
     schema = SCHEMA if schema is None else schema
-    root = schema if _root is None else _root
+    at = _At(schema if _root is None else _root, _path, schema)
     out: list[SchemaProblem] = []
-
-    def add(keyword: str, message: str, detail: Any = None) -> None:
-        out.append(SchemaProblem(_path, keyword, message, detail))
-
-    def sub(value: Any, subschema: dict, path: tuple) -> list[SchemaProblem]:
-        return schema_problems(value, subschema, _root=root, _path=path)
-
     for key, rule in schema.items():
         if key in _ANNOTATIONS:
             continue
-        if key not in _CHECKED:
+        if key not in _KEYWORDS:
             raise ValueError(f"the schema uses the keyword {key!r}, which this validator does not check")
-        if key == "$ref":
-            out += sub(instance, _resolve(rule, root), _path)
-        elif key == "type" and not _is_type(instance, rule):
-            add(key, f"{instance!r} is not of type {rule!r}")
-        elif key == "enum" and not any(_same(instance, v) for v in rule):
-            add(key, f"{instance!r} is not one of {rule!r}")
-        elif key == "const" and not _same(instance, rule):
-            add(key, f"{rule!r} was expected")
-        elif key == "not" and not sub(instance, rule, _path):
-            add(key, f"{instance!r} should not be valid under {rule!r}")
-        elif key == "oneOf":
-            results = [sub(instance, branch, _path) for branch in rule]
-            matched = sum(not r for r in results)
-            if matched > 1:
-                add(key, f"{instance!r} is valid under each of {rule!r}")
-            elif matched == 0:
-                # One branch of the instance's type: its own problems say more than "none matched".
-                typed = [r for branch, r in zip(rule, results, strict=True)
-                         if "type" in branch and _is_type(instance, branch["type"])]
-                if len(typed) == 1:
-                    out += typed[0]
-                else:
-                    add(key, f"{instance!r} is not valid under any of the given schemas")
-        elif isinstance(instance, str) and key in ("minLength", "maxLength", "pattern"):
-            if key == "minLength" and len(instance) < rule:
-                add(key, f"{instance!r} is too short")
-            elif key == "maxLength" and len(instance) > rule:
-                add(key, f"{instance!r} is too long")
-            elif key == "pattern" and re.search(rule, instance) is None:
-                add(key, f"{instance!r} does not match {rule!r}")
-        elif _is_type(instance, "number") and key in ("minimum", "maximum"):
-            if key == "minimum" and instance < rule:
-                add(key, f"{instance!r} is less than the minimum of {rule!r}")
-            elif key == "maximum" and instance > rule:
-                add(key, f"{instance!r} is greater than the maximum of {rule!r}")
-        elif isinstance(instance, list) and key in ("items", "minItems", "maxItems"):
-            if key == "items":
-                for i, item in enumerate(instance):
-                    out += sub(item, rule, (*_path, i))
-            elif key == "minItems" and len(instance) < rule:
-                add(key, f"{instance!r} is too short")
-            elif key == "maxItems" and len(instance) > rule:
-                add(key, f"{instance!r} is too long")
-        elif isinstance(instance, dict) and key in ("required", "properties", "additionalProperties",
-                                                    "patternProperties", "minProperties"):
-            if key == "required":
-                for name in rule:
-                    if name not in instance:
-                        add(key, f"{name!r} is a required property", name)
-            elif key == "properties":
-                for name, subschema in rule.items():
-                    if name in instance:
-                        out += sub(instance[name], subschema, (*_path, name))
-            elif key == "patternProperties":
-                for pattern, subschema in rule.items():
-                    for name, value in instance.items():
-                        if re.search(pattern, name):
-                            out += sub(value, subschema, (*_path, name))
-            elif key == "minProperties" and len(instance) < rule:
-                add(key, f"{instance!r} should have at least {rule} properties")
-            elif key == "additionalProperties":
-                known = set(schema.get("properties", {}))
-                patterns = list(schema.get("patternProperties", {}))
-                extra = [n for n in instance if n not in known and not any(re.search(p, n) for p in patterns)]
-                if rule is False and extra:
-                    add(key, f"Additional properties are not allowed ({', '.join(map(repr, extra))} "
-                             f"{'was' if len(extra) == 1 else 'were'} unexpected)", extra)
-                elif isinstance(rule, dict):
-                    for name in extra:
-                        out += sub(instance[name], rule, (*_path, name))
+        out += _KEYWORDS[key](instance, rule, at)
     return out
 
 
