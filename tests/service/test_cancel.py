@@ -34,11 +34,11 @@ def test_a_queued_job_never_runs_and_a_running_ones_result_is_dropped(models, tm
     started, release = threading.Event(), threading.Event()
     ran = []
 
-    def job(st, m, rep, image, mask, out, *args, **kwargs):
-        ran.append(image.parent.parent.name)
+    def job(m, request):  # serve._run's signature: the model and the InferenceRequest
+        ran.append(request.image.parent.parent.name)
         started.set()
         release.wait(60)
-        (out / "maps").mkdir(parents=True)
+        (request.output_dir / "maps").mkdir(parents=True)
         return {"maps": {}}
 
     monkeypatch.setattr(serve, "_run", job)
@@ -51,12 +51,21 @@ def test_a_queued_job_never_runs_and_a_running_ones_result_is_dropped(models, tm
                 return client.post("/infer/densenet121", files={"image": ("x", png)},
                                    data={"methods": "grad", "request_id": rid})
 
+            async def until(done, what: str) -> None:
+                # A generous bound that only a failure reaches: the worker raising instead of starting the
+                # job left this loop waiting forever.
+                for _ in range(30000):
+                    if done():
+                        return
+                    if first.done():
+                        pytest.fail(f"the first request ended ({first.result().status_code}) before {what}")
+                    await asyncio.sleep(0.01)
+                pytest.fail(f"never {what}")
+
             first = asyncio.create_task(post("job-a-0001"))
-            while not started.is_set():
-                await asyncio.sleep(0.01)
+            await until(started.is_set, "the worker started the first job")
             second = asyncio.create_task(post("job-b-0001"))
-            while "job-b-0001" not in state.jobs:
-                await asyncio.sleep(0.01)
+            await until(lambda: "job-b-0001" in state.jobs, "the second job was queued")
             # The queued one: cancelled before it runs.
             r = await client.post("/cancel/job-b-0001")
             assert r.status_code == 200 and r.json()["cancelled"], r.text

@@ -191,7 +191,7 @@ class _Explained:
     weights_sha: str  # seeds the randomization as the assessment seeded this replicate
 
 
-def _live_checks(e: _Explained, grid_maps: dict, gt: np.ndarray | None, assessed: Any, *, full: bool) -> dict:
+def _live_checks(e: _Explained, auprc: dict, gt: np.ndarray | None, assessed: Any, *, full: bool) -> dict:
     """This image's checks, scored as the study scores them.
 
     The same functions as the assessment: SSIM through :func:`~saliency_trust.criteria.defined_ssim` and
@@ -199,10 +199,10 @@ def _live_checks(e: _Explained, grid_maps: dict, gt: np.ndarray | None, assessed
     "agrees 1.000" or an AUPRC of about 0.5; the SSIM data range of the ``results.json`` beside the model
     (else the preset's: 2.0 for ``paper``, 1.0 otherwise); randomization at the model's verdict block,
     each randomized state explaining its own prediction when the assessment did (``own``, the paper's
-    pipeline) or the trained class (``trained``). ``full`` False: the AUPRC against ``gt`` only.
+    pipeline) or the trained class (``trained``). ``full`` False: the AUPRC against ``gt`` only. ``auprc`` holds
+    each map's :func:`_auprc` against ``gt`` on the input grid (scored as each map was written, so a CT's maps
+    need not all be held on its grid at once).
     """
-    from saliency_trust.criteria import utility_scores
-
     cfg = assessed.provenance.get("config", {}) if assessed is not None else {}
     if cfg.get("data_range") is not None:
         data_range, source = float(cfg["data_range"]), "the results.json beside the model"
@@ -219,11 +219,16 @@ def _live_checks(e: _Explained, grid_maps: dict, gt: np.ndarray | None, assessed
         live["auprc_why"] = "the mask is empty: nothing to point at"
         live["mask_pixels"] = 0
     elif gt is not None:
-        g = torch.from_numpy(gt)[None]
-        scores = {m: utility_scores(torch.from_numpy(grid_maps[m])[None].double(), g)["auprc"] for m in e.methods}
-        live["auprc"], live["blank"]["auprc"] = _scored(scores)
+        live["auprc"], live["blank"]["auprc"] = _scored({m: auprc[m] for m in e.methods})
         live["mask_pixels"] = int(gt.sum())
     return live
+
+
+def _auprc(grid_map: np.ndarray, gt: np.ndarray) -> torch.Tensor:
+    """AUPRC of one map on the input grid against the mask, per pixel or voxel (the study's utility_scores)."""
+    from saliency_trust.criteria import utility_scores
+
+    return utility_scores(torch.from_numpy(grid_map)[None].double(), torch.from_numpy(gt)[None])["auprc"]
 
 
 def _repeatability_here(e: _Explained, data_range: float, blank: dict) -> dict:
@@ -362,9 +367,8 @@ def _volume_input(r: InferenceRequest, folder: ModelFolder, notes: list[str]) ->
                           "rule": "extent kept; linear between voxel centres, antialiased when shrinking; HU "
                                   "resampled, then windowed; maps resampled back to the input grid the same way"},
             "model_spacing_mm": list(trained) if trained is not None else None, "notes": notes}
-    suffix_ = ".nii.gz" if r.map_format == "nifti" else ".nrrd"
     return _Input(x, gt, tuple(hu.shape), info, list(size),
-                  lambda path, values: write_volume(path, values.astype(np.float32), geo), suffix_)
+                  lambda path, values: write_volume(path, values.astype(np.float32), geo), MAP_FORMATS[r.map_format])
 
 
 def _on_grid(m: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
@@ -407,15 +411,17 @@ def _run(r: InferenceRequest, t0: float) -> dict:
 
     (out / "maps").mkdir(exist_ok=True)
     files = {}
-    grid_maps = {}
+    auprc = {}
     for m in methods:
-        grid_maps[m] = _on_grid(maps[m], given.shape)
+        grid_map = _on_grid(maps[m], given.shape)
         files[m] = f"maps/{m}{given.suffix}"
-        given.write(out / files[m], grid_maps[m])
+        given.write(out / files[m], grid_map)
+        if gt is not None and gt.any():
+            auprc[m] = _auprc(grid_map, gt)
 
     explained = _Explained(r, folder, net, replicate, x, maps, target, methods, settings, dev, explain_class,
                            weights_sha)
-    live = _live_checks(explained, grid_maps, gt, assessed, full=r.checks) if r.checks or gt is not None else {}
+    live = _live_checks(explained, auprc, gt, assessed, full=r.checks) if r.checks or gt is not None else {}
     result = {
         "schema_version": SCHEMA_VERSION,
         "input": given.info,
