@@ -701,15 +701,15 @@ class SaliencyTrustTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         volume = slicer.util.addVolumeFromArray(np.zeros((5, 16, 16), np.int16), name="CT-like")
+        colour = slicer.util.addVolumeFromArray(np.zeros((5, 16, 16, 3), np.uint8), name="colour volume",
+                                                nodeClassName="vtkMRMLVectorVolumeNode")
         before = slicer.mrmlScene.GetNumberOfNodes()
         self.assertEqual(inputs.check_input_volume(volume), 3)  # a CT volume: for a 3-D model
         with self.assertRaises(errors.InputVolumeError):
             inputs.check_model_fits(volume, 2, "a 2-D model")
-        colour = slicer.util.addVolumeFromArray(np.zeros((5, 16, 16, 3), np.uint8), name="colour volume",
-                                                nodeClassName="vtkMRMLVectorVolumeNode")
         with self.assertRaises(errors.InputVolumeError):
             inputs.check_input_volume(colour)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before + 1)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
 
     def test_local_run(self) -> None:
         self.delayDisplay("Fixture models and a SynthCXR study, then the bundle")
