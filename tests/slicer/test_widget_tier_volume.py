@@ -158,3 +158,12 @@ def test_apply_on_a_ct_shows_its_maps_in_the_three_views_and_renders_the_chosen_
         app.check_clean()
     finally:
         app.scene.Clear(1)
+
+
+def test_the_modules_own_self_test_of_bad_inputs_passes_here(app):
+    """SaliencyTrust.py's Reload & Test case for inputs (a CT is a 3-D input, a 2-D model refuses it, a colour
+    volume is refused, the scene is unchanged), run on this scene; the rest of its self-test needs a real Slicer."""
+    case = app.module.SaliencyTrustTest("test_bad_input_leaves_scene_unchanged")
+    case.setUp()
+    case.test_bad_input_leaves_scene_unchanged()
+    app.check_clean()
