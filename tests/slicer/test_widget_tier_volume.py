@@ -105,7 +105,7 @@ def test_apply_on_a_ct_shows_its_maps_in_the_three_views_and_renders_the_chosen_
         ui = app.ui
         ct = load_series(app.scene, setup["series"])
         roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "region")
-        roi.SetCenter(*ct.GetOrigin())
+        roi.SetCenter(*ct.GetOrigin())  # a corner of the CT: the ROI covers part of it, over several slices
         roi.SetSize(300.0, 300.0, 150.0)
         ui.modelPath.setCurrentPath(str(setup["models"]))
         app.pump(lambda: True)
@@ -128,8 +128,17 @@ def test_apply_on_a_ct_shows_its_maps_in_the_three_views_and_renders_the_chosen_
             assert (c.GetBackgroundVolumeID(), c.GetForegroundVolumeID()) == (ct.GetID(), shown.GetID())
         table = ui.tableView.mrmlTableNode()
         assert table is not None and table.GetNumberOfRows() == 2
+        # The ROI's AUPRC per voxel: the engine's, on the map the scene shows and the ROI's voxel mask.
+        import torch
+        from saliency_trust.metrics import auprc as engine_auprc
+        from SaliencyTrustLib import inputs
+
+        mask = inputs.mask_from_roi(ct, roi)
+        assert mask.any() and not mask.all() and mask.any(axis=(1, 2)).sum() > 1
         auprc = app.widget.results.prediction["checks"]["auprc"]
-        assert set(auprc) == {"grad", "gradcam"} and all(0 < v <= 1 for v in auprc.values())
+        for m, node in maps.items():
+            values = torch.from_numpy(slicer.util.arrayFromVolume(node).astype(np.float64))[None]
+            assert auprc[m] == pytest.approx(float(engine_auprc(values, torch.from_numpy(mask)[None])[0]), abs=1e-6)
         # The views went through the shown map's peak (the first map's).
         from SaliencyTrustLib import scene
 
