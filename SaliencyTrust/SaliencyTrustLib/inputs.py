@@ -87,12 +87,21 @@ def mask_from_roi(volume, roi, rows_per_block: int = 256) -> np.ndarray:
 
     Built a block of rows at a time from the affine map voxel -> ROI frame, so a 3000 x 2500
     radiograph needs a few tens of MB (not the gigabytes of a full coordinate grid) on the GUI thread.
+    A volume under a linear transform is placed where the views draw it (the ROI lies in world
+    coordinates); under a non-linear one the mask is refused in one sentence.
     """
     import vtk
 
     m = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(m)
     ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    transform = volume.GetParentTransformNode()
+    if transform is not None:
+        to_world = vtk.vtkMatrix4x4()
+        if not _slicer().vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(transform, None, to_world):
+            raise SaliencyTrustError(f"'{volume.GetName()}' is under a non-linear transform: harden or remove it "
+                                     f"before scoring against the ROI '{roi.GetName()}'.")
+        ijk_to_ras = np.array([[to_world.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ijk_to_ras
     # Into the ROI's own frame (origin at its centre, axes along its sides; it may be rotated).
     o = roi.GetObjectToWorldMatrix()
     world_to_object = np.linalg.inv(np.array([[o.GetElement(r, c) for c in range(4)] for r in range(4)]))

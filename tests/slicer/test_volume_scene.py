@@ -149,6 +149,28 @@ def test_roi_and_segmentation_become_voxel_masks_on_the_ct_grid(views, ct_series
     image, mask_path = inputs.prepare(ct, seg, tmp_path / "in")
     hu, geometry = read_volume(image)
     np.testing.assert_array_equal(read_volume_mask(mask_path, hu.shape, geometry), ct_series["mask"])
+    # The CT moved by a transform: the ROI (in world coordinates) covers the voxels the views draw inside it,
+    # as the segmentation route does (Slicer's export resamples through the transform).
+    transform = views.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    transform.SetMatrixTransformToParent(_vtk_matrix(np.array([[1, 0, 0, 25.0], [0, 1, 0, -12.5], [0, 0, 1, 32.0],
+                                                               [0, 0, 0, 1]])))
+    ct.SetAndObserveTransformNodeID(transform.GetID())
+    moved = views.AddNewNodeByClass("vtkMRMLMarkupsROINode", "moved box")
+    moved.SetAndObserveObjectToNodeMatrix(turn.GetMatrix())
+    moved.SetCenter(*(centre + np.array([25.0, -12.5, 32.0])))
+    moved.SetSize(90.0, 60.0, 70.0)
+    np.testing.assert_array_equal(inputs.mask_from_roi(ct, moved), want)
+    bent = views.AddNewNodeByClass("vtkMRMLGridTransformNode", "bent")
+    transform.SetAndObserveTransformNodeID(bent.GetID())
+    bent_grid = slicer.vtkOrientedGridTransform()
+    field = vtk.vtkImageData()
+    field.SetDimensions(2, 2, 2)
+    field.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    bent_grid.SetDisplacementGridData(field)
+    bent.SetAndObserveTransformToParent(bent_grid)
+    with pytest.raises(SaliencyTrustError, match="'CT' is under a non-linear transform"):
+        inputs.mask_from_roi(ct, moved)
+    ct.SetAndObserveTransformNodeID(None)
     # An ROI outside the volume says "voxel", not "pixel".
     far = views.AddNewNodeByClass("vtkMRMLMarkupsROINode", "far")
     far.SetCenter(5000.0, 5000.0, 5000.0)
