@@ -495,16 +495,19 @@ def create_app(state: State) -> FastAPI:
             else:
                 img_path = await save_upload(image, folder / "in", "image")
             mask_path = await save_upload(mask, folder / "in", "mask") if mask is not None else None
+            try:  # every option checked once, before the request waits in the queue
+                request = InferenceRequest(image=img_path, output_dir=folder / "out", model_dir=m.folder.folder,
+                                           arch=m.folder.arch, replicate=rep, methods=tuple(wanted), preset=preset,
+                                           mask=mask_path, map_format="nifti", device=state.device, checks=checks,
+                                           cache_networks=True, accept_any_input=accept_any)
+            except ValueError as exc:
+                raise HTTPException(422, str(exc).replace(str(m.folder.folder), model)) from None
             with state.lock:
                 if state.pending >= state.max_queue:
                     raise HTTPException(503, f"queue full ({state.max_queue} requests waiting); retry later")
                 state.pending += 1
             waiting = None
             try:
-                request = InferenceRequest(image=img_path, output_dir=folder / "out", model_dir=m.folder.folder,
-                                           arch=m.folder.arch, replicate=rep, methods=tuple(wanted), preset=preset,
-                                           mask=mask_path, map_format="nifti", device=state.device, checks=checks,
-                                           cache_networks=True, accept_any_input=accept_any)
                 running = state.executor.submit(_run, m, request)
                 waiting = asyncio.wrap_future(running)
                 if request_id is not None:

@@ -37,6 +37,18 @@ EQUIVALENCE_MARGIN = 0.05
 MAP_FORMATS = ("nrrd", "nifti")
 
 
+def default_data_range(preset: str) -> float:
+    """SSIM's data range when none is given: 2.0 with the paper preset (what scikit-image <= 0.19 silently used
+    on the paper's float maps), 1.0 otherwise."""
+    return 2.0 if preset == "paper" else 1.0
+
+
+def default_target(preset: str) -> str:
+    """The class a randomized model explains when none is given: its own prediction with the paper preset (the
+    paper's pipeline), the trained model's class otherwise."""
+    return "own" if preset == "paper" else "trained"
+
+
 def _frozen(value: Any) -> Any:
     """An immutable copy of a JSON-like value: lists become tuples, dicts :class:`_FrozenDict`, all the way down."""
     if isinstance(value, Mapping):
@@ -208,14 +220,12 @@ class AssessmentSettings:
     def ssim_data_range(self) -> float:
         """SSIM's data range: given, else 2.0 with the paper preset (what scikit-image <= 0.19 silently used on
         the paper's float maps) and 1.0 otherwise."""
-        if self.data_range is not None:
-            return float(self.data_range)
-        return 2.0 if self.preset == "paper" else 1.0
+        return float(self.data_range) if self.data_range is not None else default_data_range(self.preset)
 
     @property
     def own_target(self) -> str:
         """The randomization target rule as configured: given, else ``own`` with the paper preset, ``trained``."""
-        return self.randomization_target or ("own" if self.preset == "paper" else "trained")
+        return self.randomization_target or default_target(self.preset)
 
     @property
     def target_rule(self) -> str:
@@ -311,4 +321,4 @@ class InferenceRequest:
 
 
 __all__ = ["EQUIVALENCE_MARGIN", "EXPLAIN_CLASSES", "MAP_FORMATS", "PRESETS", "TARGETS", "AssessmentSettings",
-           "InferenceRequest"]
+           "InferenceRequest", "default_data_range", "default_target"]

@@ -62,7 +62,7 @@ from saliency_trust.explainer import Explainer
 from saliency_trust.networks import ModelFolder, randomization_states
 from saliency_trust.results import load_results
 from saliency_trust.saliency import predict
-from saliency_trust.settings import InferenceRequest
+from saliency_trust.settings import InferenceRequest, default_data_range, default_target
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -173,7 +173,7 @@ def _scored(values: dict[str, torch.Tensor]) -> tuple[dict[str, float | None], l
     return out, blank_maps
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Explained:
     """One image explained by one model: what every live check needs."""
 
@@ -207,8 +207,8 @@ def _live_checks(e: _Explained, auprc: dict, gt: np.ndarray | None, assessed: An
     if cfg.get("data_range") is not None:
         data_range, source = float(cfg["data_range"]), "the results.json beside the model"
     else:
-        data_range, source = (2.0 if e.request.preset == "paper" else 1.0), f"the {e.request.preset} preset's default"
-    rule = cfg.get("randomization_target") or ("own" if e.request.preset == "paper" else "trained")
+        data_range, source = default_data_range(e.request.preset), f"the {e.request.preset} preset's default"
+    rule = cfg.get("randomization_target") or default_target(e.request.preset)
     live: dict = {"data_range": data_range, "data_range_source": source, "blank": {}}
     if full:
         live["repeatability"] = _repeatability_here(e, data_range, live["blank"])
@@ -419,8 +419,9 @@ def _run(r: InferenceRequest, t0: float) -> dict:
         if gt is not None and gt.any():
             auprc[m] = _auprc(grid_map, gt)
 
-    explained = _Explained(r, folder, net, replicate, x, maps, target, methods, settings, dev, explain_class,
-                           weights_sha)
+    explained = _Explained(request=r, folder=folder, net=net, replicate=replicate, x=x, maps=maps, target=target,
+                           methods=methods, settings=settings, device=dev, explain_class=explain_class,
+                           weights_sha=weights_sha)
     live = _live_checks(explained, auprc, gt, assessed, full=r.checks) if r.checks or gt is not None else {}
     result = {
         "schema_version": SCHEMA_VERSION,
