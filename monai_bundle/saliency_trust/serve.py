@@ -323,7 +323,7 @@ def _bool(value: Any) -> bool:
     return bool(value)
 
 
-def monai_label_reply(result: dict, out: Path, local: dict[str, str], shape: RequestShape, rid: str) -> Any:
+def monai_label_reply(result: dict, out: Path, local: dict[str, str], *, shape: RequestShape, rid: str) -> Any:
     """The reply MONAI Label gives: multipart of the JSON ``params`` and one map named ``image``
     (``output=all``), or the JSON alone, or the map alone."""
     method = shape.method or result["methods"][0]
@@ -562,7 +562,7 @@ def create_app(state: State) -> FastAPI:
         log.info("request %s: %d methods, %.2f s", rid, len(wanted), time.time() - t0)
         if not shape.monai_label:
             return result
-        return monai_label_reply(result, folder / "out", local, shape, rid)
+        return monai_label_reply(result, folder / "out", local, shape=shape, rid=rid)
 
     @app.post("/cancel/{request_id}")
     async def cancel(request_id: str) -> dict:
