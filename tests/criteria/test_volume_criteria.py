@@ -128,3 +128,16 @@ def test_cascading_randomization_curve_on_a_3d_network_against_skimage():
     for m in methods:
         assert curve.ssim[m].shape == (3, 3) and curve.baseline[m].shape == (3 * 4,)
         assert torch.isfinite(curve.ssim[m]).all(), m  # real 3-D maps, none blank
+
+
+def test_random_pairs_in_chunks_give_the_same_values(monkeypatch):
+    """Pairs compared a few at a time (memory bounded) give exactly the values of one call."""
+    from saliency_trust.criteria import baselines
+
+    maps, _ = _volumes(7)
+    maps[1] = 0.0  # a blank volume: its pairs are NaN either way
+    whole = random_pair_ssim(maps, 5, data_range=1.0, seed=2)
+    monkeypatch.setattr(baselines, "SSIM_CHUNK", 3 * maps[0].numel())  # three pairs per call
+    chunked = random_pair_ssim(maps, 5, data_range=1.0, seed=2)
+    assert torch.equal(torch.isnan(whole), torch.isnan(chunked)) and torch.isnan(whole).any()
+    assert torch.equal(torch.nan_to_num(whole), torch.nan_to_num(chunked))

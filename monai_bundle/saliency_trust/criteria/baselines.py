@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+#: The most map elements (pixels or voxels over all pairs) one SSIM call of :func:`random_pair_ssim` compares.
+SSIM_CHUNK = 2**23
+
 
 def average_mask_prior(masks: torch.Tensor) -> torch.Tensor:
     """The low utility baseline: the mean of the ground-truth masks ``[N, H, W]`` (float64 ``[H, W]``), or of
@@ -45,9 +48,15 @@ def random_pair_ssim(maps: torch.Tensor, pairs_per_image: int = 50, *, data_rang
     g = torch.Generator().manual_seed(seed)
     partner = torch.randint(0, n - 1, (n, pairs_per_image), generator=g)
     partner = partner + (partner >= torch.arange(n)[:, None]).long()  # skip the image itself
-    first = torch.arange(n).repeat_interleave(pairs_per_image)
+    first = torch.arange(n).repeat_interleave(pairs_per_image).to(maps.device)
     second = partner.reshape(-1).to(maps.device)
-    return defined_ssim(maps[first.to(maps.device)], other[second], data_range)
+    # Pairs in chunks of at most SSIM_CHUNK elements: the copies of a chunk's maps and SSIM's five statistics
+    # stay bounded (12 volumes of 32 x 64 x 64 with 20 pairs each would be 1.3 GB of statistics at once).
+    step = max(1, SSIM_CHUNK // max(1, maps[0].numel()))
+    if first.numel() <= step:
+        return defined_ssim(maps[first], other[second], data_range)
+    return torch.cat([defined_ssim(maps[first[i : i + step]], other[second[i : i + step]], data_range)
+                      for i in range(0, first.numel(), step)])
 
 
 def per_image_chance(pair_values: torch.Tensor, n_images: int) -> torch.Tensor:
