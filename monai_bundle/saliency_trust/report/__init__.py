@@ -24,7 +24,7 @@ class ReportInputs:
     """Per-image values and example maps behind the figures (numpy, CPU)."""
 
     ids: list[str]
-    images: np.ndarray  # [N, H, W] in [0, 1]
+    images: np.ndarray  # [N, H, W] in [0, 1] (volumes: [N, D, H, W], every map and mask likewise)
     masks: np.ndarray  # [N, H, W] bool
     methods: list[str]
     auprc: dict[str, np.ndarray]
@@ -46,6 +46,12 @@ class ReportInputs:
     threshold: float = 0.5
     example: int = 0
     state_replicates: dict[str, np.ndarray] = field(default_factory=dict)  # [R, S]: each replicate's curve
+    spacing: tuple[float, float, float] | None = None  # volumes: voxel spacing (z, y, x) mm, for the views' aspect
+
+    @property
+    def volumes(self) -> bool:
+        """Whether the images are volumes ``[N, D, H, W]``."""
+        return self.images.ndim == 4
 
 
 def _atomic(path: Path, data: bytes) -> None:
@@ -66,22 +72,38 @@ def render_figures(inputs: ReportInputs) -> dict[str, bytes]:
 
 def _render_figures(inputs: ReportInputs) -> dict[str, bytes]:
     r, e = inputs, inputs.example
+    if r.volumes:  # each example panel: axial | coronal over sagittal | MIP, through the lesion
+        centre = figures.lesion_centre(r.masks[e])
+
+        def view(v: np.ndarray, kind: str = "map") -> np.ndarray:
+            return figures.volume_mosaic(v, centre, r.spacing, kind=kind)
+    else:
+        def view(v: np.ndarray, kind: str = "map") -> np.ndarray:
+            return v
+    image = view(r.images[e], "image")
+    trained = {m: view(r.trained_maps[m][e]) for m in r.methods}
     out = {
         "utility.png": figures.utility_figure(r.methods, r.auprc, r.auprc_untrained, r.auprc_prior,
-                                              r.auprc_localization, image=r.images[e], mask=r.masks[e],
-                                              maps={m: r.trained_maps[m][e] for m in r.methods},
-                                              example_id=r.ids[e], example=e),
+                                              r.auprc_localization, image=image, mask=view(r.masks[e], "mask"),
+                                              maps=trained, example_id=r.ids[e], example=e),
         "agreement.png": figures.agreement_figure(r.methods, r.repeat, r.reprod, r.agreement_baseline, r.threshold,
                                                   repeat_chance=r.repeat_chance, reprod_chance=r.reprod_chance),
     }
+    if r.volumes:
+        out["volume_views.png"] = figures.volume_views_figure(
+            r.methods, r.images[e], r.masks[e], {m: r.trained_maps[m][e] for m in r.methods}, spacing=r.spacing,
+            example_id=r.ids[e], scores={m: float(r.auprc[m][e]) for m in r.methods})
     if r.states:
         out["randomization.png"] = figures.randomization_figure(r.methods, r.states, r.state_ssim, r.state_baseline,
                                                                 r.verdict_state, r.state_replicates or None)
-        out["randomization_examples.png"] = figures.state_examples_figure(
-            r.methods, r.states, r.images[e], {m: r.trained_maps[m][e] for m in r.methods}, r.state_examples)
+        per_state = ({m: np.stack([view(v) for v in r.state_examples[m]]) for m in r.methods} if r.volumes
+                     else r.state_examples)
+        out["randomization_examples.png"] = figures.state_examples_figure(r.methods, r.states, image, trained,
+                                                                          per_state)
     if r.agreement_examples:
-        out["agreement_examples.png"] = figures.agreement_examples_figure(r.methods, r.images[e],
-                                                                          r.agreement_examples)
+        columns = ({name: {m: view(v) for m, v in col.items()} for name, col in r.agreement_examples.items()}
+                   if r.volumes else r.agreement_examples)
+        out["agreement_examples.png"] = figures.agreement_examples_figure(r.methods, image, columns)
     return out
 
 
@@ -205,8 +227,18 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
     skipped_html = (f"<p class='small'>{len(skipped)} lesion-positive image(s) skipped: "
                     + "; ".join(html.escape(f"{s['id']} ({s['why']})") for s in skipped[:20])
                     + (" ..." if len(skipped) > 20 else "") + "</p>") if skipped else ""
-    synthetic = ("<div class='banner'>Assessed on <b>SynthCXR</b> (generated images), not on patients' "
-                 "radiographs.</div>") if results.synthetic else ""
+    volumes = isinstance(data.get("image_size"), list) or len(data.get("grid") or []) == 3
+    generator = data.get("generator") or ("SynthCT" if volumes else "SynthCXR")
+    synthetic = (f"<div class='banner'>Assessed on <b>{html.escape(generator)}</b> (generated "
+                 f"{'volumes' if volumes else 'images'}), not on patients' "
+                 f"{'scans' if volumes else 'radiographs'}.</div>") if results.synthetic else ""
+    size = data.get("image_size")
+    size_text = (" x ".join(str(n) for n in size) + " voxels" if isinstance(size, list)
+                 else f"{size or 'native'} px")
+    views_note = ("<p class='small'>Volumes: each example panel shows the axial and coronal slices (top) and the "
+                  "sagittal slice and the maximum-intensity projection along z (bottom), the slices through the "
+                  "lesion's centre of mass (or its largest cross-section); the last figure of this section draws "
+                  "them one per panel.</p>") if volumes else ""
     deviations = "".join(f"<li>{html.escape(d)}</li>" for d in results.deviations)
     rand = results.randomization[0] if results.randomization else None
     rand_note = ""
@@ -233,8 +265,8 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>SaliencyTrust report</title><style>{_CSS}</style></head><body>
 <h1>Can these saliency maps be trusted?</h1>
-<p class="small">Dataset <code>{html.escape(data['dataset_dir'])}</code>: {data['n_images']} lesion-positive images
-({html.escape(data['split'])}) at {html.escape(str(data['image_size'] or 'native'))} px
+<p class="small">Dataset <code>{html.escape(data['dataset_dir'])}</code>: {data['n_images']} lesion-positive
+{'volumes' if volumes else 'images'} ({html.escape(data['split'])}) at {html.escape(size_text)}
 ({html.escape(data['image_size_source'])}); methods {', '.join(html.escape(m) for m in results.methods)};
 device {html.escape(prov['device_name'])}; {prov['seconds']} s. Criteria of Arun et al., Radiology: AI 2021.</p>
 {synthetic}{banner}
@@ -254,7 +286,8 @@ evidence status beside it. Hover a cell for its rule in words and the tests. "n/
 on an untrained network, orange the average-mask prior built from the training masks
 (mean {_fmt(b['utility_prior']['mean'])}), green the localization network's output
 (mean {_fmt((b.get('utility_localization') or {}).get('mean'))}). Cyan: ground-truth outline.</p>
-{img('utility.png', 'utility box plots and overlays')}
+{views_note}{img('utility.png', 'utility box plots and overlays')}
+{img('volume_views.png', 'slices through the lesion and maximum-intensity projections of the maps')}
 <h2>2. Sensitivity to model randomization</h2>
 <p>Blocks re-initialized from the top of the network down, one state per block. A trustworthy map changes:
 its SSIM to the trained map should fall below the dashed line (SSIM between maps of different images).</p>

@@ -6,6 +6,11 @@
    random-pair baseline, and one image's maps across the states;
 3. agreement: repeatability and reproducibility SSIM box plots with the threshold and the
    localization-network baseline, and the same image's maps from each replicate / architecture.
+
+Volumes ``[D, H, W]`` are drawn as three orthogonal slices through the lesion and a maximum-intensity
+projection (:func:`lesion_centre`, :func:`volume_views`): in the example grids each panel is a
+:func:`volume_mosaic` (axial | coronal over sagittal | MIP, physical aspect kept), and
+:func:`volume_views_figure` draws the example volume's views one per panel, with titles.
 """
 
 from __future__ import annotations
@@ -224,4 +229,121 @@ def agreement_examples_figure(methods: Sequence[str], image: np.ndarray, columns
                 axes[r][c].text(-0.08, 0.5, m, transform=axes[r][c].transAxes, rotation=90, va="center",
                                 ha="right", fontsize=7)
     fig.subplots_adjust(wspace=0.03, hspace=0.08)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Volumes: three orthogonal slices through the lesion and a maximum-intensity projection
+
+#: The four views of a volume, in the order :func:`volume_views` gives them.
+VIEWS = ("axial", "coronal", "sagittal", "MIP")
+
+
+def lesion_centre(mask: np.ndarray) -> tuple[int, int, int]:
+    """The ``(z, y, x)`` slices a volume's figures cut through: along each axis the slice through the lesion mask's
+    centre of mass, or, where that slice misses the lesion (two lesions apart), the slice with the largest
+    cross-section of it; the volume's centre when the mask is empty."""
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 3:
+        raise ValueError(f"expected a [D, H, W] mask, got shape {m.shape}")
+    if not m.any():
+        return tuple(n // 2 for n in m.shape)  # type: ignore[return-value]
+    centre = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        area = m.sum(axis=other)
+        com = int(round(float((np.arange(m.shape[axis]) * area).sum() / area.sum())))
+        centre.append(com if area[com] > 0 else int(np.argmax(area)))
+    return tuple(centre)  # type: ignore[return-value]
+
+
+def volume_views(volume: np.ndarray, centre: tuple[int, int, int], *, projection: str = "max") -> list[np.ndarray]:
+    """The :data:`VIEWS` of ``volume`` ``[D, H, W]``: the axial (``[H, W]``), coronal (``[D, W]``) and sagittal
+    (``[D, H]``) slices through ``centre``, and the projection along z (``[H, W]``): the maximum (``"max"``,
+    maps and CT) or, for a mask, ``"any"`` (its outline is where the lesion lies in any slice)."""
+    v = np.asarray(volume)
+    z, y, x = centre
+    proj = v.any(axis=0) if projection == "any" else v.max(axis=0)
+    return [v[z], v[:, y, :], v[:, :, x], proj]
+
+
+def _stretch(panel: np.ndarray, rows: float, order: int) -> np.ndarray:
+    """``panel`` with its rows resampled by the factor ``rows`` (z spacing over in-plane spacing)."""
+    if abs(rows - 1.0) < 1e-6:
+        return panel
+    from scipy import ndimage
+
+    n = max(1, int(round(panel.shape[0] * rows)))
+    out = ndimage.zoom(panel.astype(np.float64), (n / panel.shape[0], 1.0), order=order, mode="nearest",
+                       grid_mode=True)
+    return out.astype(panel.dtype) if panel.dtype == bool else out
+
+
+def volume_mosaic(volume: np.ndarray, centre: tuple[int, int, int], spacing: tuple[float, float, float] | None = None,
+                  *, kind: str = "map") -> np.ndarray:
+    """One 2-D picture of a volume: axial | coronal over sagittal | MIP (:func:`volume_views`), the slices through
+    ``centre``, rows of the coronal and sagittal views stretched to the physical aspect (``spacing`` z, y, x mm).
+
+    ``kind``: ``"map"`` (gaps NaN, so an overlay leaves them clear), ``"image"`` (gaps 0) or ``"mask"`` (bool,
+    the projection panel the lesion in any slice). The 2-D figure functions draw it like an image.
+    """
+    if kind not in ("map", "image", "mask"):
+        raise ValueError(f"kind must be 'map', 'image' or 'mask', got {kind!r}")
+    views = volume_views(volume, centre, projection="any" if kind == "mask" else "max")
+    rows = 1.0 if spacing is None else float(spacing[0]) / float(spacing[1])
+    order = 0 if kind == "mask" else 1
+    axial, coronal, sagittal, mip = views[0], _stretch(views[1], rows, order), _stretch(views[2], rows, order), views[3]
+    fill = False if kind == "mask" else (np.nan if kind == "map" else 0.0)
+    dtype = bool if kind == "mask" else np.float64
+    h = max(axial.shape[0], coronal.shape[0]) + 1 + max(sagittal.shape[0], mip.shape[0])
+    w = max(axial.shape[1], sagittal.shape[1]) + 1 + max(coronal.shape[1], mip.shape[1])
+    out = np.full((h, w), fill, dtype=dtype)
+    top = max(axial.shape[0], coronal.shape[0]) + 1
+    left = max(axial.shape[1], sagittal.shape[1]) + 1
+    for panel, (r, c) in zip((axial, coronal, sagittal, mip), ((0, 0), (0, left), (top, 0), (top, left)),
+                             strict=True):
+        out[r : r + panel.shape[0], c : c + panel.shape[1]] = panel
+    return out
+
+
+def volume_views_figure(methods: Sequence[str], image: np.ndarray, mask: np.ndarray, maps: Mapping[str, np.ndarray],
+                        *, spacing: tuple[float, float, float] | None = None, example_id: str = "",
+                        scores: Mapping[str, float] | None = None) -> bytes:
+    """The example volume: one row for the CT with the lesion outline, then one per method, four columns: the axial,
+    coronal and sagittal slices through the lesion (:func:`lesion_centre`) and the maximum-intensity projection
+    of the map along z (the lesion's projection outlined)."""
+    plt = _plt()
+    centre = lesion_centre(mask)
+    aspect = 1.0 if spacing is None else float(spacing[0]) / float(spacing[1])
+    rows = len(methods) + 1
+    d, h, w = np.asarray(image).shape
+    row_height = 1.8 * max(h, d * aspect) / w + 0.15  # inches: four panels of 1.8 in across, the tallest view
+    fig, axes = plt.subplots(rows, 4, figsize=(7.2, row_height * rows + 0.5), squeeze=False)
+    image_views = volume_views(image, centre)
+    mask_views = volume_views(mask, centre, projection="any")
+    for r in range(rows):
+        m = methods[r - 1] if r else None
+        sal_views = volume_views(maps[m], centre) if m else [None] * 4
+        for c, view in enumerate(VIEWS):
+            ax = axes[r][c]
+            background = image_views[c] if c < 3 else image_views[3]
+            ax.imshow(background, cmap="gray", vmin=0, vmax=1, aspect=aspect if c in (1, 2) else 1.0)
+            if sal_views[c] is not None:
+                ax.imshow(sal_views[c], cmap=MAP_CMAP, vmin=0, vmax=1, alpha=0.55 if c < 3 else 0.8,
+                          aspect=aspect if c in (1, 2) else 1.0)
+            _outline(ax, mask_views[c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                where = {"axial": f"z={centre[0]}", "coronal": f"y={centre[1]}", "sagittal": f"x={centre[2]}",
+                         "MIP": "max over z"}[view]
+                ax.set_title(f"{view} ({where})", fontsize=7)
+            if c == 0:
+                label = "CT + lesion" if m is None else METHOD_LABELS.get(m, m)
+                if m is not None and scores and m in scores:
+                    label += f"\nAUPRC {float(scores[m]):.2f}" if np.isfinite(scores[m]) else "\n(blank map)"
+                ax.set_ylabel(label, fontsize=7)
+    fig.suptitle(f"{example_id}: slices through the lesion (cyan outline) and the maps' maximum-intensity "
+                 "projection", fontsize=8)
+    fig.subplots_adjust(wspace=0.04, hspace=0.15, top=1.0 - 0.45 / (row_height * rows + 0.5), bottom=0.01)
     return _png(fig)

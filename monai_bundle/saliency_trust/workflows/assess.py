@@ -159,11 +159,12 @@ class Cohort:
     """The assessed images: ids, pixels, ground truth and the average-mask prior (tensors on the device)."""
 
     ids: list[str]
-    images01: np.ndarray  # [N, H, W] in [0, 1], for figures
+    images01: np.ndarray  # [N, H, W] in [0, 1], for figures (volumes: [N, D, H, W], windowed; likewise below)
     images: torch.Tensor  # [N, H, W] in [0, 1] (each model maps it to its own input)
     masks: torch.Tensor  # [N, H, W] bool
     prior: torch.Tensor  # [H, W] or [N, H, W] (leave-one-out) float64
     example: int  # the image the report draws (the largest lesion: the clearest figure)
+    spacing: tuple[float, float, float] | None = None  # volumes: voxel spacing (z, y, x) mm on the assessed grid
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,6 +289,28 @@ def _select(ds, split: str, dataset_dir: Path, trained_on: Sequence[str] = (),
     return sorted(positives, key=lambda r: r.id), how
 
 
+def _volume_input(folders: Sequence[ModelFolder], localizers: Sequence[ModelFolder],
+                  image_size: int | None) -> tuple[tuple[int, int, int], tuple[float, float], str]:
+    """Volume models: the ``[D, H, W]`` grid and HU window every model (classifiers and localizers) was trained
+    at, from their manifests; the volumes are read once, on that grid and through that window, so models that
+    differ in either are refused (assess them separately)."""
+    flat = [f for f in [*folders, *localizers] if not f.is_volume]
+    if flat:
+        raise ValueError(f"{flat[0].folder}: a 2-D model beside 3-D (volume) models; assess them separately")
+    if image_size is not None:
+        raise ValueError(f"image_size is for 2-D models; the models are 3-D (input.size {list(folders[0].input_size)} "
+                         "in their model.json): leave image_size unset")
+    grids = {str(f.folder): f.input_size for f in [*folders, *localizers]}
+    windows = {str(f.folder): f.window_hu for f in [*folders, *localizers]}
+    if len(set(grids.values())) > 1:
+        raise ValueError(f"the models were trained on different volume grids {grids}; the volumes are read once, on "
+                         "one grid: assess them separately")
+    if len(set(windows.values())) > 1:
+        raise ValueError(f"the models window the CT differently {windows} (input.window_hu); the volumes are read "
+                         "once, through one window: assess them separately")
+    return folders[0].input_size, folders[0].window_hu, "the models' manifests (model.json)"
+
+
 def _image_size(folders: Sequence[ModelFolder], image_size: int | None) -> tuple[int | None, str]:
     """The size the classifiers were trained at (manifest or training record), checked against ``image_size``."""
     recorded = {str(f.folder if not f.implied else f.weights()): f.image_size for f in folders}
@@ -350,17 +373,19 @@ def _architecture(net: torch.nn.Module) -> tuple:
     return tuple((k, tuple(v.shape)) for k, v in net.state_dict().items())
 
 
-def _cam_grid(folder: ModelFolder, net: torch.nn.Module, size: int | tuple[int, int]) -> list[int] | None:
-    """The Grad-CAM layer's spatial grid at ``size`` px (one forward pass on a blank image)."""
+def _cam_grid(folder: ModelFolder, net: torch.nn.Module, size: int | tuple[int, ...]) -> list[int] | None:
+    """The Grad-CAM layer's spatial grid at ``size`` px, or voxels ``(D, H, W)`` (one forward pass on a blank
+    image or volume)."""
     layer = folder.explain_settings(net).get("cam_layer") if folder.format != "torchscript" else None
     if not layer:
         return None
-    h, w = (size, size) if isinstance(size, int) else size
+    grid = (size, size) if isinstance(size, int) else tuple(size)
     seen: list = []
-    handle = net.get_submodule(layer).register_forward_hook(lambda _m, _i, o: seen.append(tuple(o.shape[-2:])))
+    handle = net.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, o: seen.append(tuple(o.shape[-len(grid):])))
     try:
         with torch.no_grad():
-            net.eval()(torch.zeros(1, folder.channels, h, w))
+            net.eval()(torch.zeros(1, folder.channels, *grid))
     finally:
         handle.remove()
     return list(seen[-1]) if seen else None
@@ -475,11 +500,35 @@ def _device(device: str | None) -> torch.device:
     return torch.device(device or "cpu")
 
 
-def _cohort(s: AssessmentSettings, size: int | None, trained_on: list[str], dev: torch.device
-            ) -> tuple[Cohort, Any, dict]:
-    """Read the dataset at ``size``, choose the images (``split``), build the prior; returns the cohort, the
-    dataset and what ``results.json``'s ``data`` says of the choice."""
-    ds = load_dataset(s.dataset_dir, image_size=size)
+def _read(s: AssessmentSettings, size: int | tuple[int, int, int] | None,
+          window_hu: tuple[float, float] | None) -> tuple[Any, Callable[[Any], np.ndarray]]:
+    """The dataset at ``size`` and how to take a record's ``[H, W]`` image (or ``[D, H, W]`` volume) in [0, 1]:
+    a 2-D layout through :func:`~saliency_trust.data.load_dataset`, volumes (``size`` a ``(D, H, W)`` grid)
+    through :func:`~saliency_trust.data.load_volume_dataset`, resampled to the grid and windowed to [0, 1]."""
+    if isinstance(size, tuple) and len(size) == 3:
+        from saliency_trust.data import DataError, load_volume_dataset
+
+        try:
+            ds = load_volume_dataset(s.dataset_dir, size=size, window_hu=window_hu)
+        except DataError as err:  # not a volume layout: say so with the folder's name
+            raise ValueError(f"{err} (the models are 3-D: the dataset must hold volumes)") from None
+        return ds, lambda r: r.image[0]
+    return load_dataset(s.dataset_dir, image_size=size), lambda r: r.image
+
+
+def _spacing(records: Sequence[Any]) -> tuple[float, float, float] | None:
+    """The voxel spacing (z, y, x) mm the assessed volumes share on the assessed grid (None: they differ)."""
+    spacings = {tuple(round(float(v), 6) for v in r.spacing) for r in records}
+    return spacings.pop() if len(spacings) == 1 else None
+
+
+def _cohort(s: AssessmentSettings, size: int | tuple[int, int, int] | None, trained_on: list[str], dev: torch.device,
+            window_hu: tuple[float, float] | None = None) -> tuple[Cohort, Any, dict]:
+    """Read the dataset at ``size`` (volumes: a ``(D, H, W)`` grid through ``window_hu``), choose the images
+    (``split``), build the prior; returns the cohort, the dataset and what ``results.json``'s ``data`` says of
+    the choice."""
+    ds, pixels = _read(s, size, window_hu)
+    volumes = isinstance(size, tuple) and len(size) == 3
     chosen, how = _select(ds, s.split, s.dataset_dir, trained_on, s.include_training_images)
     skipped = [{"id": r.id, "why": "lesion-positive but has no ground-truth mask or box"}
                for r in chosen if r.mask is None or not r.mask.any()]
@@ -489,7 +538,7 @@ def _cohort(s: AssessmentSettings, size: int | None, trained_on: list[str], dev:
     if len(positives) < 2:
         raise ValueError(f"{s.dataset_dir}: need at least two lesion-positive images with ground truth to assess, "
                          f"found {len(positives)} ({how}; {len(skipped)} without ground truth)")
-    shapes = {r.image.shape for r in positives}
+    shapes = {pixels(r).shape for r in positives}
     if len(shapes) > 1:
         raise ValueError(f"{s.dataset_dir}: images come in several sizes {sorted(shapes)}; give image_size")
     assessed = {r.id for r in positives}
@@ -502,17 +551,23 @@ def _cohort(s: AssessmentSettings, size: int | None, trained_on: list[str], dev:
     else:
         prior = leave_one_out_priors(masks)
         prior_source = "leave-one-out mean of the other assessed images' masks (no training masks in the dataset)"
-    images01 = np.stack([r.image for r in positives])
+    images01 = np.stack([pixels(r) for r in positives])
     cohort = Cohort(ids=[r.id for r in positives], images01=images01, images=torch.tensor(images01).to(dev),
                     masks=masks.to(dev), prior=prior.to(dev),
-                    example=int(np.argmax([r.mask.sum() for r in positives])))
+                    example=int(np.argmax([r.mask.sum() for r in positives])),
+                    spacing=_spacing(positives) if volumes else None)
     data = {"dataset_dir": str(s.dataset_dir.resolve()), "layout": ds.layout, "split_rule": s.split, "split": how,
             "trained_on_this_dataset": trained_on, "include_training_images": bool(s.include_training_images),
             "n_positive_found": len(chosen), "n_images": len(positives), "n_requested": s.n_images,
             "ids": cohort.ids, "skipped": skipped,
             "load_errors": [{"source": e.source, "problem": e.problem} for e in ds.errors],
-            "grid": list(positives[0].image.shape), "ground_truth": _ground_truth_kind(ds),
-            "synthetic": (s.dataset_dir / "synthcxr.json").is_file(), "prior": prior_source}
+            "grid": list(images01.shape[1:]), "ground_truth": "masks" if volumes else _ground_truth_kind(ds),
+            "synthetic": (s.dataset_dir / ("synthct.json" if volumes else "synthcxr.json")).is_file(),
+            "prior": prior_source}
+    if volumes:
+        data.update(spatial_dims=3, window_hu=list(window_hu) if window_hu else None,
+                    spacing_mm=list(cohort.spacing) if cohort.spacing else None,
+                    generator="SynthCT" if data["synthetic"] else None)
     return cohort, ds, data
 
 
@@ -562,17 +617,22 @@ def plan_assessment(settings: AssessmentSettings | str | Path, *args: Any, **opt
     entries = model_entries(s.classifiers)
     loc_entries = model_entries(s.localizers, "localizer")
     folders = _distinct(entries)
-    size, size_source = _image_size(folders, s.image_size)
+    window = None
+    if any(f.is_volume for f in folders) or any(f.is_volume for f, _ in loc_entries):
+        size, window, size_source = _volume_input(folders, _distinct(loc_entries), s.image_size)
+    else:
+        size, size_source = _image_size(folders, s.image_size)
     for f, _ in loc_entries:
-        if size and f.image_size and f.image_size != size:
+        if size and not f.is_volume and f.image_size and f.image_size != size:
             raise ValueError(f"{f.folder}: the localization network was trained at {f.image_size} px and the "
                              f"classifiers at {size} px; give a localizer trained at {size} px")
     probe = _probe(folders)
     methods, dropped, notes = _methods(s.methods, probe)
     dev = _device(s.device)
     trained_on = _trained_on(list(entries) + list(loc_entries), s.dataset_dir)
-    cohort, ds, data = _cohort(s, size, trained_on, dev)
-    data.update(image_size=size, image_size_source=size_source, methods_left_out=dropped, method_notes=notes)
+    cohort, ds, data = _cohort(s, size, trained_on, dev, window)
+    recorded_size = list(size) if isinstance(size, tuple) else size
+    data.update(image_size=recorded_size, image_size_source=size_source, methods_left_out=dropped, method_notes=notes)
     models = [ModelState.of(f, k) for f, k in entries]
     localizers = [ModelState.of(f, k) for f, k in loc_entries]
     roles, not_run = _roles(s, models)
@@ -594,7 +654,9 @@ def plan_assessment(settings: AssessmentSettings | str | Path, *args: Any, **opt
         "randomize": s.randomize,
         "method_notes": notes, "verdict_block_source": probe.sources,
     }
-    config = {**s.to_config(), "image_size": size, "n_images": len(cohort.ids), "ids": cohort.ids,
+    if isinstance(size, tuple):  # volumes: the networks as model.json builds them (the deviations name them)
+        facts["networks"] = {f.network_label: f.network for f in folders}
+    config = {**s.to_config(), "image_size": recorded_size, "n_images": len(cohort.ids), "ids": cohort.ids,
               "methods": methods, "randomized_replicates": len(roles.randomized),
               "classifiers": [{k: str(v) for k, v in m.record().items()} for m in models],
               "localizers": [{**m.record(), "network": m.arch} for m in localizers],
@@ -785,8 +847,12 @@ PAPER = {"image_size": 320, "randomized_replicates": 3, "primary": "inception_v3
 def deviations(plan: Plan) -> list[str]:
     """Every way this run differs from the paper's experiment, in sentences, derived from the plan (also in
     the report). Each line appears exactly when its condition holds; ``tests/workflows`` checks both ways."""
-    return (_recipe_deviations(plan) + _randomization_deviations(plan) + _model_deviations(plan)
-            + _data_deviations(plan))
+    return (_recipe_deviations(plan) + _volume_deviations(plan) + _randomization_deviations(plan)
+            + _model_deviations(plan) + _data_deviations(plan))
+
+
+def _is_volume(plan: Plan) -> bool:
+    return len(plan.data["grid"]) == 3
 
 
 def _recipe_deviations(plan: Plan) -> list[str]:
@@ -796,12 +862,14 @@ def _recipe_deviations(plan: Plan) -> list[str]:
     if s.preset != "paper" or s.overrides:
         out.append(f"Saliency recipe '{s.preset}'" + (f" with overrides {s.overrides}" if s.overrides else "")
                    + ": fewer integration steps / noise samples than the paper's; a demonstration, not its numbers.")
-    h, w = plan.data["grid"]
-    if (h, w) != (PAPER["image_size"], PAPER["image_size"]):
+    if _is_volume(plan):
+        pass  # the grid, Grad-CAM's and XRAI's volume forms: _volume_deviations
+    elif tuple(plan.data["grid"]) != (PAPER["image_size"], PAPER["image_size"]):
+        h, w = plan.data["grid"]
         grids = "; ".join(f"{name} {g[0]} x {g[1]}" for name, g in f["cam_grids"].items() if g)
         out.append(f"Images at {h if h == w else f'{h} x {w}'} px; the paper used 320 px"
                    + (f". Grad-CAM grid at this size: {grids} (InceptionV3 at 320 px: 8 x 8)" if grids else "") + ".")
-    if recipe.cam_resize != "tf1_legacy":
+    if recipe.cam_resize != "tf1_legacy" and not _is_volume(plan):
         out.append("Grad-CAM upsampled with half-pixel centres; the paper's TF1 code used the legacy resize "
                    "(about half a feature cell up and left).")
     if s.ssim_data_range != PAPER["data_range"]:
@@ -814,6 +882,34 @@ def _recipe_deviations(plan: Plan) -> list[str]:
                "the paper drew fresh noise per call. Either way no two models share noise.")
     out.append("XRAI maps: absolute value before the paper's 99th-percentile clip (the paper's own grayscale "
                "helper crashes on XRAI's 2-D output, so its exact post-processing is unknown).")
+    return out
+
+
+def _volume_deviations(plan: Plan) -> list[str]:
+    """Volumes: the study itself (3-D CT, not the paper's 2-D radiographs), the grid and window, Grad-CAM's and
+    XRAI's volume forms, the 3-D networks, the metrics on voxels, synthetic CT. Nothing for 2-D images."""
+    if not _is_volume(plan):
+        return []
+    s, f, d = plan.settings, plan.facts, plan.data
+    out = []
+    size = " x ".join(str(n) for n in d["grid"])
+    spacing = f" at {' x '.join(f'{v:g}' for v in d['spacing_mm'])} mm (z, y, x)" if d.get("spacing_mm") else ""
+    window = f", CT windowed to {d['window_hu']} HU (model.json's input.window_hu)" if d.get("window_hu") else ""
+    grids = "; ".join(f"{name} {' x '.join(str(n) for n in g)}" for name, g in f["cam_grids"].items() if g)
+    out.append(f"Volumes of {size} voxels{spacing}{window}; the paper's study was 2-D chest radiographs at 320 px"
+               + (f". Grad-CAM grid at this size: {grids} (InceptionV3 at 320 px: 8 x 8)" if grids else "") + ".")
+    from saliency_trust.saliency.explain import volume_deviations
+
+    out += volume_deviations(get_recipe(s.preset, **s.overrides), plan.methods)
+    nets = "; ".join(f"{name} ({', '.join(f'{k} {v}' for k, v in spec.items() if k != '_target_')})"
+                     if isinstance(spec, dict) else str(spec) for name, spec in f.get("networks", {}).items())
+    out.append(f"3-D networks: {nets}; the paper's classifiers (InceptionV3, DenseNet121) were 2-D.")
+    out.append("On volumes SSIM uses a 7 x 7 x 7 uniform window (scikit-image's default on 3-D arrays), AUPRC ranks "
+               "every voxel and the average-mask prior is per voxel; the paper's were per pixel with a 7 x 7 window.")
+    if d.get("synthetic"):
+        out.append(f"Assessed on {d.get('generator') or 'synthetic'} volumes: generated chest CT whose only class "
+                   "signal is the lesion (voxel masks exact); the paper assessed real radiographs (RSNA pneumonia, "
+                   "SIIM-ACR pneumothorax).")
     return out
 
 
@@ -934,7 +1030,7 @@ def _utility(plan: Plan, maps: Maps) -> tuple[dict, dict, dict, dict | None]:
         untrained = {m: {"auprc": torch.full((n,), torch.nan, dtype=torch.float64), "constant_map": 0}
                      for m in methods}
     prior = plan.cohort.prior.cpu()
-    prior_maps = prior.expand_as(masks).contiguous() if prior.ndim == 2 else prior
+    prior_maps = prior.expand_as(masks).contiguous() if prior.ndim == masks.ndim - 1 else prior
     return util, untrained, utility_scores(prior_maps, masks), (utility_scores(maps.localizers[0], masks)
                                                                if maps.localizers else None)
 
@@ -1090,6 +1186,7 @@ def write_outputs(plan: Plan, maps: Maps, scores: Scores, results: Results, *, r
         columns = {f"{m.arch} #{m.replicate}": maps.trained[i] for i, m in enumerate(plan.models)}
         inputs = ReportInputs(
             ids=plan.ids, images=cohort.images01, masks=cohort.masks.cpu().numpy().astype(bool), methods=methods,
+            spacing=cohort.spacing,
             auprc=scores.auprc, auprc_untrained=scores.auprc_untrained, auprc_prior=scores.auprc_prior,
             auprc_localization=scores.auprc_localization,
             trained_maps={m: maps.trained[0][m].numpy() for m in methods},
