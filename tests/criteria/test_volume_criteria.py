@@ -116,6 +116,7 @@ def test_cascading_randomization_curve_on_a_3d_network_against_skimage():
     trained = explain(net, x, methods, **kw)
     targets = net(x).argmax(1)
     for s, (name, state) in enumerate(randomization_states(net, blocks, seed=7)):
+        assert name == curve.states[s]
         maps = explain(state, x, methods, targets=targets, **kw)
         for m in methods:
             assert curve.examples[m].shape == (3, 1, 8, 10, 12)

@@ -317,8 +317,9 @@ def volume_views_figure(methods: Sequence[str], image: np.ndarray, mask: np.ndar
     aspect = 1.0 if spacing is None else float(spacing[0]) / float(spacing[1])
     rows = len(methods) + 1
     d, h, w = np.asarray(image).shape
-    row_height = 1.8 * max(h, d * aspect) / w + 0.15  # inches: four panels of 1.8 in across, the tallest view
-    fig, axes = plt.subplots(rows, 4, figsize=(7.2, row_height * rows + 0.5), squeeze=False)
+    row_height = 1.55 * max(h, d * aspect) / w + 0.2  # inches: four panels of about 1.55 in across, the tallest
+    height = row_height * rows + 0.7
+    fig, axes = plt.subplots(rows, 4, figsize=(7.2, height), squeeze=False)
     image_views = volume_views(image, centre)
     mask_views = volume_views(mask, centre, projection="any")
     for r in range(rows):
@@ -345,5 +346,5 @@ def volume_views_figure(methods: Sequence[str], image: np.ndarray, mask: np.ndar
                 ax.set_ylabel(label, fontsize=7)
     fig.suptitle(f"{example_id}: slices through the lesion (cyan outline) and the maps' maximum-intensity "
                  "projection", fontsize=8)
-    fig.subplots_adjust(wspace=0.04, hspace=0.15, top=1.0 - 0.45 / (row_height * rows + 0.5), bottom=0.01)
+    fig.subplots_adjust(wspace=0.04, hspace=0.15, top=1.0 - 0.6 / height, bottom=0.01)
     return _png(fig)
