@@ -1,9 +1,11 @@
-# SaliencyTrust: two commands. `make demo` runs the study on SynthCXR; `make test` runs the suite.
+# SaliencyTrust: `make demo` runs the study on SynthCXR; `make demo-ct` the same four criteria on volumes (SynthCT,
+# 3-D classifiers); `make test` runs the suite.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
+DEMO_CT_DIR ?= demo_ct_out
 # Test-only packages, each in its own folder (never in the venv, whose versions they would replace):
 # what Slicer ships (5.10: pydicom 2.4.4, numpy 2.0.2, scipy 1.13.1; 5.8: numpy 1.26.4) for the
 # module's Slicer-side paths, and MONAI Label's own client (monailabel 0.8.5 without its dependencies).
@@ -14,7 +16,7 @@ EXTRAS := $(VENV)/.test-extras
 # Threads per test process (`make test THREADS=1`): the suite must pass with 1 and with 2.
 THREADS ?= 2
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo demo-ct test lint bench venv clean
 
 venv: $(STAMP)
 
@@ -36,6 +38,9 @@ $(EXTRAS): $(STAMP) Makefile
 demo: $(STAMP)
 	$(BIN)/python -m saliency_trust.workflows.demo --out $(DEMO_DIR)
 
+demo-ct: $(STAMP)
+	$(BIN)/python -m saliency_trust.workflows.demo_ct --out $(DEMO_CT_DIR)
+
 test: $(STAMP) $(EXTRAS)
 	$(BIN)/ruff check monai_bundle tests bench SaliencyTrust docs
 	SALIENCY_TRUST_REQUIRE_EXTRAS=1 OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q -ra --timeout=900 tests
@@ -45,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/saliency_bench.py --out bench/results
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR)
+	rm -rf $(VENV) $(DEMO_DIR) $(DEMO_CT_DIR)

@@ -13,6 +13,11 @@ DenseNet121: ``classifier``, ``denseblock4`` (+ ``norm5``), ``transition3`` ... 
 
 ``resnet50`` and ``efficientnet_b0`` (torchvision) are there for models people bring (a model
 folder's ``network`` field); the bundle's own study trains the paper's two.
+
+Volumes: :data:`VOLUME_NETWORKS` names the 3-D networks the bundle trains on CT (``configs/train_ct.json``),
+each a MONAI ``_target_`` spec that training writes into the model folder's ``model.json`` as it is, so
+a folder never depends on this table: a narrow 3-D DenseNet121 (the primary), a small 3-D ResNet (the
+second architecture, ReLUs for guided backprop) and a 3-D U-Net (the localization baseline).
 """
 
 from __future__ import annotations
@@ -89,6 +94,44 @@ _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "efficientnet_b0": _efficientnet_b0,
     "unet": _unet,
 }
+
+
+#: The 3-D networks of the bundle's CT study, as MONAI ``_target_`` specs (one input channel: the windowed CT).
+#: Narrow so that they train on two CPU cores in minutes: DenseNet121 keeps its 121-layer topology (blocks
+#: 6/12/24/16, the family's Grad-CAM layer and randomization blocks) with 16 initial features and growth rate 8
+#: (the paper's: 64 and 32); the ResNet is ResNet-10's layout (one basic block per stage) at a quarter of its
+#: widths, its stem striding z too (``conv1_t_stride`` 2, kernel 3), so both divide every axis by 32.
+VOLUME_NETWORKS: dict[str, dict] = {
+    "densenet121_3d": {"_target_": "monai.networks.nets.DenseNet121", "spatial_dims": 3, "in_channels": 1,
+                       "out_channels": 2, "init_features": 16, "growth_rate": 8},
+    "resnet10_3d": {"_target_": "monai.networks.nets.ResNet", "block": "basic", "layers": [1, 1, 1, 1],
+                    "block_inplanes": [16, 32, 64, 128], "spatial_dims": 3, "n_input_channels": 1, "num_classes": 2,
+                    "conv1_t_size": 3, "conv1_t_stride": 2},
+    "unet_3d": {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 1,
+                "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1, "norm": "batch"},
+}
+
+
+def volume_network_spec(name: str) -> dict:
+    """A copy of :data:`VOLUME_NETWORKS` ``[name]`` (what training writes as ``model.json``'s ``network``)."""
+    if name not in VOLUME_NETWORKS:
+        raise ValueError(f"unknown 3-D network {name!r}; choose one of {sorted(VOLUME_NETWORKS)}")
+    import copy
+
+    return copy.deepcopy(VOLUME_NETWORKS[name])
+
+
+def build_spec(spec: dict) -> nn.Module:
+    """The network a MONAI ``_target_`` spec describes (``monai.networks.nets`` classes only: the specs training
+    writes; a model folder's own ``network`` goes through :class:`~saliency_trust.networks.ModelFolder`'s checks)."""
+    import importlib
+
+    target = str(spec["_target_"])
+    module_name, _, attr = target.rpartition(".")
+    if module_name != "monai.networks.nets":
+        raise ValueError(f"build_spec builds monai.networks.nets classes, not {target!r}")
+    cls = getattr(importlib.import_module(module_name), attr)
+    return cls(**{k: v for k, v in spec.items() if k != "_target_"})
 
 
 def get_network(name: str, num_classes: int = 2, pretrained: str | Path | None = None) -> nn.Module:

@@ -97,7 +97,7 @@ def verdict_lines(results: Results) -> list[str]:
                 comp = v.comparisons.get(v.decided_by) if v.decided_by else None
                 ref = comp.get("reference_mean") if comp else v.reference
                 num = f"{v.value:.2f}" + (f"/{ref:.2f}" if ref is not None else "") + f" n={v.n}"
-            cells.append(f"{word + ' ' + num:>{width}}")
+            cells.append(" " + f"{word + ' ' + num:>{width - 1}}")  # a cell wider than the column stays apart
         lines.append(f"  {m:<9}" + "".join(cells))
     lines.append("  (" + "; ".join(f"{c}: {CRITERION_TITLES[c].lower()}" for c in CRITERIA) + ")")
     lines.append("  (FAIL(x): the comparison that decided it -- prior: average-mask prior, loc: localization network, "
