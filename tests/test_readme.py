@@ -29,7 +29,7 @@ def test_readme_example_runs_and_prints_one_auprc_per_method(tmp_path, monkeypat
     models.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(get_network("densenet121").state_dict(), models / "seed0.pt")
-    write_training_manifest(models, "densenet121", 0, 112, "lung opacity")  # as train.json writes it
+    write_training_manifest(models, "densenet121", 0, 112, task="lung opacity")  # as train.json writes it
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

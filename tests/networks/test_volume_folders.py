@@ -202,14 +202,14 @@ def test_training_writes_a_volume_manifest(tmp_path):
     for k in (0, 1):
         torch.manual_seed(k)
         torch.save(ModelFolder(folder, _manifest())._construct().state_dict(), folder / f"seed{k}.pt")
-        write_training_manifest(folder, "densenet121_3d", k, VOLUME_INPUT["size"], "nodule", network=DN3,
+        write_training_manifest(folder, "densenet121_3d", k, VOLUME_INPUT["size"], task="nodule", network=DN3,
                                 input_spec=VOLUME_INPUT)
     opened = ModelFolder.open(folder)
     assert opened.is_volume and opened.network == DN3 and list(opened.replicates) == [0, 1]
     assert opened.task == "nodule" and opened.window_hu == (-1000.0, 400.0)
     opened.load(1)
     with pytest.raises(ManifestError, match="training would write an invalid manifest: field 'input.size'"):
-        write_training_manifest(folder, "densenet121_3d", 2, [32, 32], "nodule", network=DN3,
+        write_training_manifest(folder, "densenet121_3d", 2, [32, 32], task="nodule", network=DN3,
                                 input_spec={**VOLUME_INPUT, "size": [32, 32]})
     with pytest.raises(ValueError, match="give both network and input_spec"):
-        write_training_manifest(folder, "x", 0, 64, None, network=DN3)
+        write_training_manifest(folder, "x", 0, 64, task=None, network=DN3)

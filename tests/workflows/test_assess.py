@@ -121,8 +121,8 @@ def test_trust_config_runs_through_monai_bundle(setup, tmp_path):
         weights = Path(training_weights(models, arch, seed))
         weights.parent.mkdir(parents=True, exist_ok=True)
         torch.save(get_network(arch).state_dict(), weights)
-        write_training_manifest(weights.parent, arch, seed, 96, "lung opacity",
-                                "localizer" if arch == "unet" else "classifier")
+        write_training_manifest(weights.parent, arch, seed, 96, task="lung opacity",
+                                kind="localizer" if arch == "unet" else "classifier")
     cfg = REPO / "monai_bundle" / "configs"
     r = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg / "trust.json"),

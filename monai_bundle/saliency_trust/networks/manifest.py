@@ -760,8 +760,8 @@ def find_models(root: str | Path, depth: int = 2, *,
 # What training writes
 
 
-def write_training_manifest(folder: str | Path, arch: str, replicate: int, image_size: int | list[int],
-                            task: str | None, kind: str = "classifier", *, network: dict | None = None,
+def write_training_manifest(folder: str | Path, arch: str, replicate: int, image_size: int | list[int], *,
+                            task: str | None, kind: str = "classifier", network: dict | None = None,
                             input_spec: dict | None = None) -> Path:
     """Add replicate ``replicate`` (file :func:`replicate_file`) to the ``model.json`` training writes.
 

@@ -84,10 +84,12 @@ def _render_figures(inputs: ReportInputs) -> dict[str, bytes]:
     trained = {m: view(r.trained_maps[m][e]) for m in r.methods}
     out = {
         "utility.png": figures.utility_figure(r.methods, r.auprc, r.auprc_untrained, r.auprc_prior,
-                                              r.auprc_localization, image=image, mask=view(r.masks[e], "mask"),
-                                              maps=trained, example_id=r.ids[e], example=e),
-        "agreement.png": figures.agreement_figure(r.methods, r.repeat, r.reprod, r.agreement_baseline, r.threshold,
-                                                  repeat_chance=r.repeat_chance, reprod_chance=r.reprod_chance),
+                                              localization=r.auprc_localization, image=image,
+                                              mask=view(r.masks[e], "mask"), maps=trained, example_id=r.ids[e],
+                                              example=e),
+        "agreement.png": figures.agreement_figure(r.methods, r.repeat, r.reprod, baseline=r.agreement_baseline,
+                                                  threshold=r.threshold, repeat_chance=r.repeat_chance,
+                                                  reprod_chance=r.reprod_chance),
     }
     if r.volumes:
         out["volume_views.png"] = figures.volume_views_figure(
@@ -95,11 +97,12 @@ def _render_figures(inputs: ReportInputs) -> dict[str, bytes]:
             example_id=r.ids[e], scores={m: float(r.auprc[m][e]) for m in r.methods})
     if r.states:
         out["randomization.png"] = figures.randomization_figure(r.methods, r.states, r.state_ssim, r.state_baseline,
-                                                                r.verdict_state, r.state_replicates or None)
+                                                                verdict_state=r.verdict_state,
+                                                                replicates=r.state_replicates or None)
         per_state = ({m: np.stack([view(v) for v in r.state_examples[m]]) for m in r.methods} if r.volumes
                      else r.state_examples)
         out["randomization_examples.png"] = figures.state_examples_figure(r.methods, r.states, image, trained,
-                                                                          per_state)
+                                                                          per_state=per_state)
     if r.agreement_examples:
         columns = ({name: {m: view(v) for m, v in col.items()} for name, col in r.agreement_examples.items()}
                    if r.volumes else r.agreement_examples)

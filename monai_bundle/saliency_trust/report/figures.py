@@ -73,7 +73,7 @@ def _overlay(ax, image: np.ndarray, sal: np.ndarray | None, mask: np.ndarray | N
 
 
 def utility_figure(methods: Sequence[str], auprc: Mapping[str, np.ndarray], untrained: Mapping[str, np.ndarray],
-                   prior: np.ndarray, localization: np.ndarray | None, *, image: np.ndarray, mask: np.ndarray,
+                   prior: np.ndarray, *, localization: np.ndarray | None, image: np.ndarray, mask: np.ndarray,
                    maps: Mapping[str, np.ndarray], example_id: str, example: int = 0) -> bytes:
     """Box plots of per-image AUPRC per method with both baselines, and overlays of image ``example``."""
     plt = _plt()
@@ -109,7 +109,7 @@ def utility_figure(methods: Sequence[str], auprc: Mapping[str, np.ndarray], untr
 
 
 def randomization_figure(methods: Sequence[str], states: Sequence[str], ssim: Mapping[str, np.ndarray],
-                         baseline: Mapping[str, float], verdict_state: str | None = None,
+                         baseline: Mapping[str, float], *, verdict_state: str | None = None,
                          replicates: Mapping[str, np.ndarray] | None = None) -> bytes:
     """Mean SSIM to the trained map per cascading state, with the baseline.
 
@@ -160,7 +160,7 @@ def randomization_figure(methods: Sequence[str], states: Sequence[str], ssim: Ma
 
 
 def state_examples_figure(methods: Sequence[str], states: Sequence[str], image: np.ndarray,
-                          trained: Mapping[str, np.ndarray], per_state: Mapping[str, np.ndarray]) -> bytes:
+                          trained: Mapping[str, np.ndarray], *, per_state: Mapping[str, np.ndarray]) -> bytes:
     """One image's map per method (rows) for the trained model and each randomized state (columns)."""
     plt = _plt()
     cols = len(states) + 1
@@ -180,8 +180,8 @@ def state_examples_figure(methods: Sequence[str], states: Sequence[str], image: 
     return _png(fig)
 
 
-def agreement_figure(methods: Sequence[str], repeat: Mapping[str, np.ndarray], reprod: Mapping[str, np.ndarray],
-                     baseline: np.ndarray | None, threshold: float, *,
+def agreement_figure(methods: Sequence[str], repeat: Mapping[str, np.ndarray], reprod: Mapping[str, np.ndarray], *,
+                     baseline: np.ndarray | None, threshold: float,
                      repeat_chance: Mapping[str, np.ndarray] | None = None,
                      reprod_chance: Mapping[str, np.ndarray] | None = None) -> bytes:
     """Repeatability and reproducibility SSIM box plots with chance, the U-Net baseline and the 0.5 line."""

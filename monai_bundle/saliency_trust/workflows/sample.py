@@ -53,7 +53,7 @@ def make_fixture_models(out: str | Path, size: int = 64, seeds: tuple[int, ...] 
         record = {"arch": arch, "seed": seed, "image_size": size, "task": "lung opacity", "untrained": True,
                   "sha256": sha, "model_file": weights.name}
         atomic_write_bytes(record_file(weights), json.dumps(record, indent=2).encode())
-        write_training_manifest(weights.parent, arch, seed, size, "lung opacity")
+        write_training_manifest(weights.parent, arch, seed, size, task="lung opacity")
     return Path(out) / arch
 
 

@@ -49,6 +49,7 @@ def data_list(
     dataset_dir: str | Path,
     split: str,
     image_size: int | None = None,
+    *,
     with_mask: bool = False,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
@@ -91,6 +92,7 @@ def volume_data_list(
     split: str,
     size: list[int] | tuple[int, int, int],
     window_hu: list[float] | tuple[float, float],
+    *,
     with_mask: bool = False,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
@@ -266,7 +268,7 @@ class BestModelSaver:
                     size = self.info["image_size"]
                     write_training_manifest(self.model_file.parent, self.info["arch"], int(self.info.get("seed", 0)),
                                             list(size) if isinstance(size, list | tuple) else int(size),
-                                            self.info.get("task"), self.info.get("kind", "classifier"),
+                                            task=self.info.get("task"), kind=self.info.get("kind", "classifier"),
                                             network=self.info.get("network"), input_spec=self.info.get("input"))
                     self._listed = True
         log.info("epoch %d: %s = %.4f (best %.4f at epoch %d)", epoch, self.metric, value, self.best, self.best_epoch)
