@@ -43,7 +43,7 @@ demo-ct: $(STAMP)
 
 test: $(STAMP) $(EXTRAS)
 	$(BIN)/ruff check monai_bundle tests bench SaliencyTrust docs
-	SALIENCY_TRUST_REQUIRE_EXTRAS=1 OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q -ra --timeout=900 tests
+	SALIENCY_TRUST_REQUIRE_EXTRAS=1 OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q -ra --timeout=900 --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/metrics_bench.py --out bench/results
