@@ -18,13 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from saliency_trust.networks.modelfolder import record_file, training_weights
-from saliency_trust.results import Results
-from saliency_trust.workflows.demo import BUNDLE, IMAGES, verdict_lines
+if TYPE_CHECKING:
+    from saliency_trust.results import Results
+
+#: Lesion-positive test volumes assessed: the 2-D demo's count and reason (``saliency_trust.workflows.demo.IMAGES``:
+#: Holm across 8 methods with the exact Wilcoxon needs at least 8).
+IMAGES = 12
+#: Set before torch is imported (libgomp reads it once): waiting worker threads sleep instead of spinning. On a
+#: 2-core machine where another process is busy, spinning made every parallel region wait for a descheduled
+#: thread: a 3-D DenseNet121 pass took 634-2177 ms per volume on 2 spinning threads against 44 ms passive and
+#: 43 ms on one thread (measured 2026-12-02 beside a running test suite); this demo took 18 min so, 5 min alone.
+WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
 
 #: The lesion: consolidation (an irregular region of one lung filled to soft-tissue density). Measured at
 #: 32 x 64 x 64 with 100 volumes (70 for training), 10 epochs of the narrow DenseNet121: held-out AUC 0.90 for
@@ -55,6 +66,9 @@ DEMO_CT_RECIPE = {"sg_samples": 3, "sig_samples": 2, "sig_steps": 3, "ig_steps":
 def train(configs: list[str], **overrides) -> dict:
     """Run ``train.json`` with the override configs ``configs`` on top, in this process; returns the metrics file."""
     from monai.bundle import run
+
+    from saliency_trust.networks.modelfolder import record_file, training_weights
+    from saliency_trust.workflows.demo import BUNDLE
 
     files = [str(BUNDLE / "configs" / "train.json")] + [str(BUNDLE / "configs" / c) for c in configs]
     run(config_file=files, logging_file=str(BUNDLE / "configs" / "logging.conf"),
@@ -128,7 +142,10 @@ def _f(v: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CT demo; returns 0 unless something failed (``--strict``: also when a classifier misses the bar)."""
+    if "torch" not in sys.modules:  # a fresh process (the command line): set it before torch loads
+        os.environ.setdefault(*WAIT_POLICY)
     from saliency_trust.data.synthct import generate_ct
+    from saliency_trust.workflows.demo import verdict_lines
 
     a = _parser().parse_args(argv)
     logging.getLogger("ignite").setLevel(logging.WARNING)
