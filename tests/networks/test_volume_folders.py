@@ -213,3 +213,22 @@ def test_training_writes_a_volume_manifest(tmp_path):
                                 input_spec={**VOLUME_INPUT, "size": [32, 32]})
     with pytest.raises(ValueError, match="give both network and input_spec"):
         write_training_manifest(folder, "x", 0, 64, task=None, network=DN3)
+
+
+def test_guided_backprop_through_monai_resnet_3d_inplace_relus_equals_captum():
+    """MONAI's 3-D ResNet applies in-place ReLU modules (the second architecture of the CT study): the guided
+    gradient through them is Captum's GuidedBackprop on the same network, not the plain gradient."""
+    captum = pytest.importorskip("captum.attr")
+    from monai.networks.nets import ResNet
+
+    torch.manual_seed(0)
+    net = ResNet("basic", [1, 1, 1, 1], [4, 8, 16, 32], spatial_dims=3, n_input_channels=1, num_classes=2,
+                 conv1_t_size=3, conv1_t_stride=2).double().eval()
+    assert any(isinstance(m, torch.nn.ReLU) and m.inplace for m in net.modules())
+    x = torch.randn(2, 1, 16, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = net(x).argmax(1)
+    ours = explain(net, x, ["gbp"], targets=target, raw=True, cam_layer="layer4")["gbp"]
+    ref = captum.GuidedBackprop(net).attribute(x.clone().requires_grad_(True), target=target).detach()
+    plain = explain(net, x, ["grad"], targets=target, raw=True, cam_layer="layer4")["grad"]
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(ours, plain)
